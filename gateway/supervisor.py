@@ -1,0 +1,113 @@
+"""Runs one local engine as a child process and keeps it running.
+
+The child is `engine_command --listen unix://<tmpdir>/engine.sock <engine_args>`, in its own
+session (so a Ctrl-C at the terminal reaches the gateway only, and the gateway decides when the
+child stops). When it exits unexpectedly, `on_exit` is told at once (the gateway marks the
+engine down and fails its in-flight requests) and it is restarted after a backoff. After
+`max_quick_failures` quick failures in a row, `on_give_up` is told and the gateway exits
+non-zero. `stop` sends SIGTERM, then SIGKILL after `terminate_timeout_s`, and reaps the child.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+
+from gateway.config import SpawnConfig
+
+logger = logging.getLogger(__name__)
+
+
+class EngineSupervisor:
+    def __init__(
+        self,
+        config: SpawnConfig,
+        on_exit: Callable[[str], None],
+        on_give_up: Callable[[str], None],
+    ) -> None:
+        self._config = config
+        self._on_exit = on_exit
+        self._on_give_up = on_give_up
+        self._dir = tempfile.mkdtemp(prefix="tandem-gateway-")
+        self._socket_path = os.path.join(self._dir, "engine.sock")
+        self.address = f"unix://{self._socket_path}"
+        self._process: asyncio.subprocess.Process | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        """The running child's pid, if any."""
+        process = self._process
+        return process.pid if process is not None and process.returncode is None else None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._supervise(), name="engine supervisor")
+
+    async def stop(self) -> None:
+        """Stops supervising, terminates the child and waits for it."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self._terminate()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    async def _supervise(self) -> None:
+        loop = asyncio.get_running_loop()
+        backoff = self._config.restart_backoff_s
+        num_quick_failures = 0
+        while True:
+            started = loop.time()
+            reason = await self._run_once()
+            uptime = loop.time() - started
+            reason = f"{reason} after {uptime:.1f} s"
+            self._on_exit(reason)
+            if uptime >= self._config.stable_after_s:
+                num_quick_failures, backoff = 0, self._config.restart_backoff_s
+            else:
+                num_quick_failures += 1
+            if num_quick_failures >= self._config.max_quick_failures:
+                logger.error("%s; giving up after %d quick failures", reason, num_quick_failures)
+                self._on_give_up(f"{reason}; gave up after {num_quick_failures} quick failures")
+                return
+            logger.warning("%s; restarting it in %.1f s", reason, backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(2 * backoff, self._config.max_restart_backoff_s)
+
+    async def _run_once(self) -> str:
+        """Starts the child and waits for it to exit; returns why it ended."""
+        argv = [*self._config.engine_command, "--listen", self.address,
+                *self._config.engine_args]
+        _remove_stale_socket(self._socket_path)
+        logger.info("starting engine: %s", " ".join(argv))
+        try:
+            self._process = await asyncio.create_subprocess_exec(*argv, start_new_session=True)
+        except OSError as exc:
+            return f"engine could not be started ({exc})"
+        returncode = await self._process.wait()
+        return f"engine process {self._process.pid} exited with code {returncode}"
+
+    async def _terminate(self) -> None:
+        process = self._process
+        if process is None or process.returncode is not None:
+            return
+        logger.info("stopping engine process %d", process.pid)
+        with contextlib.suppress(ProcessLookupError):
+            process.terminate()
+        try:
+            await asyncio.wait_for(process.wait(), self._config.terminate_timeout_s)
+        except TimeoutError:
+            logger.warning("engine process %d ignored SIGTERM; killing it", process.pid)
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await process.wait()
+
+
+def _remove_stale_socket(path: str) -> None:
+    """Removes the socket file a dead child may have left behind."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)

@@ -1,0 +1,137 @@
+"""Attention over the paged KV cache, behind one small interface.
+
+The model calls ``backend.forward(layer, q, k, v, meta)``; the backend writes the
+new keys and values into the cache and attends over each row's whole context.
+:class:`TorchPagedAttention` is the portable reference (CPU and GPU, plain torch
+ops, CUDA-graph safe for a fixed shape); faster kernels implement the same
+interface.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclasses.dataclass
+class AttentionMetadata:
+    """Where each token of the batch goes and what it may attend to.
+
+    Rows are requests; row ``b`` owns tokens ``[query_start[b], query_start[b+1])``.
+    ``max_query_len`` and ``max_context_len`` are host-side integers that size
+    the padded work; they must bound the real values.
+    """
+
+    positions: torch.Tensor  # [num_tokens] int64, absolute position of each token
+    slot_mapping: torch.Tensor  # [num_tokens] int64, KV cache slot of each token
+    query_start: torch.Tensor  # [num_rows + 1] int64
+    context_lens: torch.Tensor  # [num_rows] int64, cached + new tokens per row
+    block_tables: torch.Tensor  # [num_rows, max_blocks] int64
+    token_rows: torch.Tensor  # [num_tokens] int64, row of each token
+    max_query_len: int
+    max_context_len: int
+
+    @property
+    def num_rows(self) -> int:
+        return self.context_lens.shape[0]
+
+
+class AttentionBackend(Protocol):
+    def forward(
+        self,
+        layer: int,
+        q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+        k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        v: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+        ...
+
+
+class KVCache:
+    """The paged cache: per layer, keys and values of ``num_blocks`` blocks."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        shape = (num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim)
+        self.data = torch.zeros(shape, dtype=dtype, device=device)
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+
+    @staticmethod
+    def bytes_per_block(num_layers, block_size, num_kv_heads, head_dim, dtype) -> int:
+        return 2 * num_layers * block_size * num_kv_heads * head_dim * dtype.itemsize
+
+    def keys(self, layer: int) -> torch.Tensor:  # [num_blocks, block_size, kv_heads, head_dim]
+        return self.data[layer, 0]
+
+    def values(self, layer: int) -> torch.Tensor:
+        return self.data[layer, 1]
+
+
+class TorchPagedAttention:
+    """Reference paged attention: gather each row's context, pad, and run SDPA."""
+
+    def __init__(self, cache: KVCache, scale: float) -> None:
+        self.cache = cache
+        self.scale = scale
+
+    def forward(self, layer, q, k, v, meta: AttentionMetadata) -> torch.Tensor:
+        key_cache, value_cache = self.cache.keys(layer), self.cache.values(layer)
+        _write_cache(key_cache, value_cache, k, v, meta.slot_mapping)
+        keys = _gather_context(key_cache, meta)  # [rows, ctx, kv_heads, dim]
+        values = _gather_context(value_cache, meta)
+        q_pad, offsets = _pad_queries(q, meta)  # [rows, max_q, heads, dim]
+        mask = _context_mask(meta, offsets, keys.shape[1])  # [rows, 1, max_q, ctx]
+        out = F.scaled_dot_product_attention(
+            q_pad.transpose(1, 2),
+            keys.transpose(1, 2),
+            values.transpose(1, 2),
+            attn_mask=mask,
+            scale=self.scale,
+            enable_gqa=q.shape[1] != k.shape[1],
+        )  # [rows, heads, max_q, dim]
+        return out.transpose(1, 2)[meta.token_rows, offsets]
+
+
+def _write_cache(key_cache, value_cache, k, v, slot_mapping) -> None:
+    flat_k = key_cache.view(-1, *key_cache.shape[2:])
+    flat_v = value_cache.view(-1, *value_cache.shape[2:])
+    flat_k.index_copy_(0, slot_mapping, k.to(flat_k.dtype))
+    flat_v.index_copy_(0, slot_mapping, v.to(flat_v.dtype))
+
+
+def _gather_context(cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    block_size = cache.shape[1]
+    num_blocks = -(-meta.max_context_len // block_size)
+    blocks = meta.block_tables[:, :num_blocks]  # [rows, num_blocks]
+    gathered = cache[blocks]  # [rows, num_blocks, block_size, kv_heads, dim]
+    return gathered.flatten(1, 2)
+
+
+def _pad_queries(q: torch.Tensor, meta: AttentionMetadata):
+    offsets = torch.arange(q.shape[0], device=q.device) - meta.query_start[meta.token_rows]
+    q_pad = q.new_zeros(meta.num_rows, meta.max_query_len, *q.shape[1:])
+    q_pad[meta.token_rows, offsets] = q
+    return q_pad, offsets
+
+
+def _context_mask(meta: AttentionMetadata, offsets: torch.Tensor, ctx: int) -> torch.Tensor:
+    # Padded query slots attend to key 0 only, so that no row is fully masked.
+    query_pos = torch.zeros(
+        meta.num_rows, meta.max_query_len, dtype=torch.long, device=offsets.device
+    )
+    query_pos[meta.token_rows, offsets] = meta.positions
+    key_pos = torch.arange(ctx, device=offsets.device)
+    return (key_pos[None, None, :] <= query_pos[:, :, None]).unsqueeze(1)

@@ -1,0 +1,91 @@
+"""Per-row sampling: greedy, temperature, top-k, top-p, with reproducible seeds.
+
+Randomness is counter-based: the noise for row ``b`` is a hash of
+``(seed[b], position of the token being sampled, vocabulary index)``. A request's
+tokens therefore depend only on its own seed and context, never on which other
+requests share the batch or on how often it was preempted and recomputed. The
+draw is the Gumbel-max trick: ``argmax(logits / T + Gumbel noise)`` samples from
+``softmax(logits / T)`` over the tokens that survive top-k and top-p.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+_M1 = 0x9E3779B97F4A7C15 - (1 << 64)  # as signed int64
+_M2 = 0xBF58476D1CE4E5B9 - (1 << 64)
+_M3 = 0x94D049BB133111EB - (1 << 64)
+
+
+@dataclasses.dataclass
+class SamplingBatch:
+    temperature: torch.Tensor  # [rows] float32, 0 = greedy
+    top_p: torch.Tensor  # [rows] float32, 1 = off
+    top_k: torch.Tensor  # [rows] int64, 0 = off
+    seed: torch.Tensor  # [rows] int64
+    position: torch.Tensor  # [rows] int64, position of the token being sampled
+    num_top_logprobs: int  # largest top-N any row wants (0: none)
+    want_logprobs: bool
+    all_greedy: bool  # host-side flags, so that the device is never asked
+    any_truncation: bool
+
+
+@dataclasses.dataclass
+class SamplerOutput:
+    token_ids: torch.Tensor  # [rows] int64
+    logprobs: torch.Tensor | None  # [rows] float32, of the sampled token
+    top_ids: torch.Tensor | None  # [rows, n] int64
+    top_logprobs: torch.Tensor | None  # [rows, n] float32
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finalizer on int64 (shifts masked to act as logical shifts)."""
+    x = x ^ ((x >> 30) & ((1 << 34) - 1))
+    x = x * _M2
+    x = x ^ ((x >> 27) & ((1 << 37) - 1))
+    x = x * _M3
+    return x ^ ((x >> 31) & ((1 << 33) - 1))
+
+
+def uniform_noise(seed: torch.Tensor, position: torch.Tensor, vocab: int) -> torch.Tensor:
+    """[rows, vocab] float32 in (0, 1), a pure function of (seed, position, index)."""
+    index = torch.arange(vocab, device=seed.device, dtype=torch.int64)
+    key = _mix(seed * _M1 + position * _M2)  # [rows]
+    bits = _mix(key[:, None] + index[None, :] * _M1)
+    return (((bits >> 40) & 0xFFFFFF).to(torch.float32) + 0.5) / float(1 << 24)
+
+
+def _truncate(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Set the logits outside each row's top-k / top-p set to -inf."""
+    vocab = logits.shape[-1]
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    rank = torch.arange(vocab, device=logits.device)[None, :]
+    k = torch.where(top_k > 0, top_k.clamp(max=vocab), vocab)
+    drop = rank >= k[:, None]
+    probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
+    before = probs.cumsum(dim=-1) - probs  # mass of the more likely tokens
+    drop |= (before >= top_p[:, None]) & (top_p[:, None] < 1)  # keeps the top token
+    dropped = torch.zeros_like(drop).scatter(-1, order, drop)
+    return logits.masked_fill(dropped, float("-inf"))
+
+
+def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+    """logits: [rows, vocab] float32."""
+    sampled = logits.argmax(-1)
+    if not batch.all_greedy:
+        greedy = batch.temperature <= 0
+        scaled = logits / torch.where(greedy, 1.0, batch.temperature)[:, None]
+        if batch.any_truncation:
+            scaled = _truncate(scaled, batch.top_k, batch.top_p)
+        noise = uniform_noise(batch.seed, batch.position, logits.shape[-1])
+        drawn = (scaled - torch.log(-torch.log(noise))).argmax(-1)
+        sampled = torch.where(greedy, sampled, drawn)
+    out = SamplerOutput(sampled, None, None, None)
+    if batch.want_logprobs or batch.num_top_logprobs:
+        logprobs = logits.log_softmax(dim=-1)
+        out.logprobs = logprobs.gather(-1, sampled[:, None]).squeeze(-1)
+        if batch.num_top_logprobs:
+            out.top_logprobs, out.top_ids = logprobs.topk(batch.num_top_logprobs, dim=-1)
+    return out

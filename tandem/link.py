@@ -1,0 +1,92 @@
+"""The doorbell between tokenizer_svc and gpu_worker: small fixed-size messages.
+
+Batches travel through the shared slots (:mod:`tandem.slots`); this link only
+says *which* batch is where. It is a Unix ``SOCK_SEQPACKET`` socket pair, so each
+message arrives whole, and a dead peer shows up as end-of-file.
+
+Every message is one :data:`MESSAGE` struct: ``kind, slot, seq, arg``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import socket
+import struct
+
+MESSAGE = struct.Struct("<iiqq")
+# Room for a trailing payload (e.g. CUDA IPC event handles) after the header.
+MAX_MESSAGE_BYTES = 4096
+
+
+class Kind(enum.IntEnum):
+    # tokenizer_svc -> gpu_worker
+    RUN = 1  # run batch `seq`, whose inputs are in `slot`
+    SHUTDOWN = 2  # finish what is in flight, then exit
+    # gpu_worker -> tokenizer_svc
+    READY = 10  # model loaded and warmed up; `arg` = number of KV blocks
+    DONE = 11  # outputs of batch `seq` are in `slot`
+    ENQUEUED = 12  # batch `seq` is enqueued on the device; its events are recorded
+    FAILED = 13  # fatal error; the payload is the message; the worker exits
+
+
+@dataclasses.dataclass(frozen=True)
+class Message:
+    kind: Kind
+    slot: int = 0
+    seq: int = 0
+    arg: int = 0
+    payload: bytes = b""
+
+    def encode(self) -> bytes:
+        return MESSAGE.pack(int(self.kind), self.slot, self.seq, self.arg) + self.payload
+
+    @classmethod
+    def decode(cls, data: bytes) -> Message:
+        kind, slot, seq, arg = MESSAGE.unpack_from(data)
+        return cls(Kind(kind), slot, seq, arg, bytes(data[MESSAGE.size :]))
+
+
+class PeerGone(ConnectionError):
+    """The process at the other end of the link has exited."""
+
+
+class Link:
+    """One end of the doorbell socket."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    @classmethod
+    def pair(cls) -> tuple[Link, Link]:
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        return cls(a), cls(b)
+
+    @classmethod
+    def from_fd(cls, fd: int) -> Link:
+        return cls(socket.socket(fileno=fd))
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def send(self, message: Message) -> None:
+        try:
+            self.sock.sendall(message.encode())
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            raise PeerGone("the peer closed the link") from exc
+
+    def recv(self, timeout: float | None = None) -> Message:
+        """Wait for the next message; raises ``TimeoutError`` or :class:`PeerGone`."""
+        self.sock.settimeout(timeout)
+        try:
+            data = self.sock.recv(MAX_MESSAGE_BYTES)
+        except TimeoutError:
+            raise
+        except (ConnectionResetError, OSError) as exc:
+            raise PeerGone(str(exc)) from exc
+        if not data:
+            raise PeerGone("the peer closed the link")
+        return Message.decode(data)
+
+    def close(self) -> None:
+        self.sock.close()

@@ -1,0 +1,65 @@
+"""Session fixtures: the whole service on loopback, in async and sync mode, and
+Hugging Face ``generate()`` on the same weights as the reference.
+
+TANDEM_TEST_MODEL / TANDEM_TEST_DEVICE pick another model or device (the GPU
+script runs these tests on CUDA with them)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tandem import models
+from tests.e2e.service import Service
+
+MODEL = os.environ.get("TANDEM_TEST_MODEL", "embedded")
+DEVICE = os.environ.get("TANDEM_TEST_DEVICE", "cpu")
+BASE_ARGS = ["--model", MODEL, "--device", DEVICE, "--dtype", "float32",
+             "--max-num-seqs", "16", "--max-num-batched-tokens", "256", "--kv-cache-gib", "0.25"]
+
+
+def _start(request, args, name):
+    service = Service(BASE_ARGS + args, name)
+    request.addfinalizer(service.stop)
+    service.wait_serving()
+    return service
+
+
+@pytest.fixture(scope="session")
+def model_folder():
+    return models.resolve_model(MODEL, models.default_cache_dir()).folder
+
+
+@pytest.fixture(scope="session")
+def async_service(request, model_folder):
+    return _start(request, [], "async")
+
+
+@pytest.fixture(scope="session")
+def sync_service(request, model_folder):
+    return _start(request, ["--sync"], "sync")
+
+
+@pytest.fixture(scope="session")
+def tight_service(request, model_folder):
+    """A KV cache so small that concurrent requests must be preempted and recomputed."""
+    return _start(request, ["--num-kv-blocks", "20", "--block-size", "8"], "tight")
+
+
+@pytest.fixture(scope="session")
+def hf_model(model_folder):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = models.resolve_model(MODEL, models.default_cache_dir())
+    if source.random_weights:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(source.folder)
+        model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+        model.load_state_dict(models.random_state_dict(config, torch.float32, DEVICE), strict=False)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=torch.float32)
+    model = model.to(DEVICE).eval()
+    return model, AutoTokenizer.from_pretrained(source.folder)

@@ -1,0 +1,331 @@
+"""The gateway in-process, in front of a fake engine on loopback, through real gRPC."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from gateway.server import build_server
+from gateway_fakes import (
+    MODEL_INFO,
+    NOT_SERVING,
+    SERVING,
+    fast_config,
+    gateway_with_engine,
+    running_gateway,
+    start_fake_engine,
+    wait_for_status,
+    wait_until,
+)
+from tandem.v1 import generation_pb2 as pb
+
+pytestmark = pytest.mark.timeout(30)
+
+GOOD = pb.GenerateRequest(text="Say hello", request_id="client-1")
+
+
+def run(coro) -> None:
+    asyncio.run(asyncio.wait_for(coro, timeout=20))
+
+
+async def rpc_error(awaitable) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await awaitable
+    return caught.value
+
+
+async def stream_error(call) -> tuple[list, grpc.aio.AioRpcError]:
+    received = []
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for chunk in call:
+            received.append(chunk)
+    return received, caught.value
+
+
+def test_unary_generate_accumulates_the_stream() -> None:
+    async def body() -> None:
+        async with gateway_with_engine() as (_, client, engine):
+            response = await client.stub.Generate(GOOD)
+            assert response.text == "Hello world"
+            assert list(response.token_ids) == [11, 12, 13, 14]
+            assert [lp.token_id for lp in response.logprobs] == [11, 12, 13, 14]
+            assert [lp.logprob for lp in response.logprobs] == [-0.5, -0.25, -0.125, -1.0]
+            assert response.finish_reason == pb.FINISH_REASON_STOP
+            assert (response.usage.prompt_tokens, response.usage.completion_tokens) == (5, 4)
+            assert response.timing.total_seconds == pytest.approx(0.05)
+            assert response.request_id == "client-1"
+            sent = engine.engine.requests[0]
+            assert sent.request.text == "Say hello"
+            assert sent.request.request_id == "client-1"
+            assert sent.request_id and sent.request_id != "client-1"
+
+    run(body())
+
+
+def test_request_ids_are_made_up_and_unique_per_engine() -> None:
+    async def body() -> None:
+        async with gateway_with_engine() as (_, client, engine):
+            anonymous = await client.stub.Generate(pb.GenerateRequest(text="x"))
+            assert len(anonymous.request_id) == 32
+            int(anonymous.request_id, 16)
+            await client.stub.Generate(GOOD)
+            await client.stub.Generate(GOOD)
+            internal_ids = [r.request_id for r in engine.engine.requests]
+            assert len(set(internal_ids)) == 3
+
+    run(body())
+
+
+def test_streaming_relays_deltas_in_order() -> None:
+    async def body() -> None:
+        async with gateway_with_engine() as (_, client, _engine):
+            chunks = [c async for c in client.stub.GenerateStream(GOOD)]
+            assert [c.text for c in chunks] == ["Hel", "lo", " world"]
+            assert [list(c.token_ids) for c in chunks] == [[11], [12, 13], [14]]
+            assert all(c.request_id == "client-1" for c in chunks)
+            assert [c.finish_reason for c in chunks] == [0, 0, pb.FINISH_REASON_STOP]
+            assert chunks[-1].usage.completion_tokens == 4
+
+    run(body())
+
+
+def test_client_cancelling_a_stream_cancels_the_engine_stream() -> None:
+    async def body() -> None:
+        async with gateway_with_engine() as (server, client, engine):
+            engine.engine.hang = True
+            call = client.stub.GenerateStream(GOOD)
+            assert (await call.read()).text == "Hel"
+            assert (await call.read()).text == "lo"
+            assert server.pool.engines[0].num_in_flight == 1
+            call.cancel()
+            await asyncio.wait_for(engine.engine.cancelled.wait(), timeout=3)
+            await wait_until(lambda: server.pool.engines[0].num_in_flight == 0)
+            # The gateway still serves the next request.
+            engine.engine.hang = False
+            assert (await client.stub.Generate(GOOD)).text == "Hello world"
+
+    run(body())
+
+
+def test_client_deadline_is_relayed_and_cancels_the_engine_call() -> None:
+    async def body() -> None:
+        async with gateway_with_engine() as (_, client, engine):
+            engine.engine.hang = True
+            error = await rpc_error(client.stub.Generate(GOOD, timeout=0.5))
+            assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            remaining = engine.engine.time_remaining[0]
+            assert remaining is not None and 0 < remaining <= 0.55  # clocks differ slightly
+            await asyncio.wait_for(engine.engine.cancelled.wait(), timeout=3)
+
+    run(body())
+
+
+def test_default_timeout_applies_without_a_client_deadline() -> None:
+    async def body() -> None:
+        async with gateway_with_engine(default_timeout_s=0.3) as (_, client, engine):
+            engine.engine.hang = True
+            error = await rpc_error(client.stub.Generate(GOOD))
+            assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert 0 < engine.engine.time_remaining[0] <= 0.35
+
+    run(body())
+
+
+def test_engine_errors_are_relayed_with_code_and_message() -> None:
+    async def body() -> None:
+        async with gateway_with_engine() as (_, client, engine):
+            message = "prompt: 3000 tokens do not fit the context of 2048 tokens"
+            engine.engine.error = (grpc.StatusCode.INVALID_ARGUMENT, message)
+            error = await rpc_error(client.stub.Generate(GOOD))
+            assert (error.code(), error.details()) == (grpc.StatusCode.INVALID_ARGUMENT, message)
+            _, error = await stream_error(client.stub.GenerateStream(GOOD))
+            assert (error.code(), error.details()) == (grpc.StatusCode.INVALID_ARGUMENT, message)
+            engine.engine.error = (grpc.StatusCode.RESOURCE_EXHAUSTED, "queue is full")
+            error = await rpc_error(client.stub.Tokenize(pb.TokenizeRequest(text="x")))
+            assert (error.code(), error.details()) == (grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                                      "queue is full")
+
+    run(body())
+
+
+def test_health_follows_the_engine() -> None:
+    async def body() -> None:
+        async with gateway_with_engine(is_serving=False, wait_ready=False) as (_, client, engine):
+            await asyncio.sleep(0.2)  # a few health polls
+            assert await client.health_status("") == NOT_SERVING
+            assert await client.health_status("tandem.v1.Generation") == NOT_SERVING
+            await engine.set_serving(True)
+            await wait_for_status(client, SERVING)
+            assert await client.health_status("tandem.v1.Generation") == SERVING
+            await engine.set_serving(False)
+            await wait_for_status(client, NOT_SERVING, service="tandem.v1.Generation")
+            error = await rpc_error(client.health_status("no.such.Service"))
+            assert error.code() == grpc.StatusCode.NOT_FOUND
+
+    run(body())
+
+
+def test_no_engine_ready_is_unavailable() -> None:
+    async def body() -> None:
+        async with gateway_with_engine(is_serving=False, wait_ready=False) as (_, client, _e):
+            expected = (grpc.StatusCode.UNAVAILABLE, "no engine is ready (model still loading?)")
+            error = await rpc_error(client.stub.Generate(GOOD))
+            assert (error.code(), error.details()) == expected
+            _, error = await stream_error(client.stub.GenerateStream(GOOD))
+            assert (error.code(), error.details()) == expected
+            error = await rpc_error(client.stub.GetModelInfo(pb.GetModelInfoRequest()))
+            assert (error.code(), error.details()) == expected
+
+    run(body())
+
+
+def test_unreachable_engine_is_unavailable() -> None:
+    async def body() -> None:
+        async with gateway_with_engine() as (server, client, engine):
+            await engine.server.stop(0)  # dies between two health polls
+            error = await rpc_error(client.stub.Generate(GOOD))
+            assert error.code() == grpc.StatusCode.UNAVAILABLE
+            await wait_for_status(client, NOT_SERVING)
+            assert not server.pool.is_ready
+
+    run(body())
+
+
+def test_engine_marked_down_fails_its_streams_with_unavailable() -> None:
+    async def body() -> None:
+        async with gateway_with_engine() as (server, client, engine):
+            engine.engine.hang = True
+            call = client.stub.GenerateStream(GOOD)
+            assert (await call.read()).text == "Hel"
+            assert (await call.read()).text == "lo"
+            server.pool.engines[0].mark_down("engine process exited with code -9")
+            error = await rpc_error(call.read())
+            assert error.code() == grpc.StatusCode.UNAVAILABLE
+            assert "went away" in error.details() and "code -9" in error.details()
+            await asyncio.wait_for(engine.engine.cancelled.wait(), timeout=3)
+
+    run(body())
+
+
+def test_reflection_lists_the_services() -> None:
+    async def body() -> None:
+        async with gateway_with_engine() as (_, client, _engine):
+            stub = reflection_pb2_grpc.ServerReflectionStub(client.channel)
+            request = reflection_pb2.ServerReflectionRequest(list_services="")
+            responses = [r async for r in stub.ServerReflectionInfo(iter([request]))]
+            names = {s.name for s in responses[0].list_services_response.service}
+            assert {"tandem.v1.Generation", "grpc.health.v1.Health",
+                    "grpc.reflection.v1alpha.ServerReflection"} <= names
+            symbol = reflection_pb2.ServerReflectionRequest(
+                file_containing_symbol="tandem.v1.Generation")
+            responses = [r async for r in stub.ServerReflectionInfo(iter([symbol]))]
+            assert responses[0].file_descriptor_response.file_descriptor_proto
+
+    run(body())
+
+
+def test_bad_input_is_invalid_argument_and_the_next_request_works() -> None:
+    async def body() -> None:
+        async with gateway_with_engine() as (_, client, engine):
+            bad = pb.GenerateRequest(text="hi", sampling=pb.SamplingParams(top_p=1.5))
+            error = await rpc_error(client.stub.Generate(bad))
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert error.details() == "sampling.top_p: must lie in (0, 1], got 1.5"
+            bad_ids = pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 1000]))
+            _, error = await stream_error(client.stub.GenerateStream(bad_ids))
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert error.details().startswith("token_ids.ids[1]: token id 1000")
+            assert engine.engine.requests == []  # never reached the engine
+            assert (await client.stub.Generate(GOOD)).text == "Hello world"
+
+    run(body())
+
+
+def test_tokenize_and_model_info() -> None:
+    async def body() -> None:
+        async with gateway_with_engine() as (_, client, engine):
+            response = await client.stub.Tokenize(pb.TokenizeRequest(text="hello"))
+            assert list(response.token_ids) == [7, 8] and list(response.tokens) == ["he", "llo"]
+            assert engine.engine.tokenize_requests[0].text == "hello"
+            error = await rpc_error(client.stub.Tokenize(pb.TokenizeRequest()))
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert await client.stub.GetModelInfo(pb.GetModelInfoRequest()) == MODEL_INFO
+
+    run(body())
+
+
+def test_stream_without_finish_reason_is_internal() -> None:
+    async def body() -> None:
+        async with gateway_with_engine() as (_, client, engine):
+            engine.engine.chunks = engine.engine.chunks[:1]
+            error = await rpc_error(client.stub.Generate(GOOD))
+            assert error.code() == grpc.StatusCode.INTERNAL
+            assert "without a finish_reason" in error.details()
+
+    run(body())
+
+
+def test_unexpected_errors_are_internal_with_a_short_message(monkeypatch) -> None:
+    from gateway.relay import Relay
+
+    def broken(self):
+        raise KeyError("boom")
+
+    monkeypatch.setattr(Relay, "model_info", broken)
+
+    async def body() -> None:
+        async with gateway_with_engine() as (_, client, _engine):
+            error = await rpc_error(client.stub.GetModelInfo(pb.GetModelInfoRequest()))
+            assert error.code() == grpc.StatusCode.INTERNAL
+            assert error.details() == "internal error in the gateway (req_id=-)"
+            assert "boom" not in error.details()
+
+    run(body())
+
+
+def test_requests_over_the_size_limit_are_refused() -> None:
+    async def body() -> None:
+        async with gateway_with_engine(max_request_bytes=1024) as (_, client, engine):
+            error = await rpc_error(client.stub.Generate(pb.GenerateRequest(text="x" * 2000)))
+            assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert engine.engine.requests == []
+            assert (await client.stub.Generate(GOOD)).text == "Hello world"
+
+    run(body())
+
+
+def test_routes_to_the_least_loaded_ready_engine() -> None:
+    async def body() -> None:
+        first, second = await start_fake_engine(), await start_fake_engine()
+        idle = await start_fake_engine(is_serving=False)
+        addresses = (first.address, second.address, idle.address)
+        try:
+            async with running_gateway(fast_config(addresses)) as (server, client):
+                await wait_until(lambda: sum(e.is_ready for e in server.pool.engines) == 2)
+                first.engine.hang = second.engine.hang = True
+                calls = [client.stub.GenerateStream(GOOD) for _ in range(4)]
+                for call in calls:
+                    await call.read()
+                assert (len(first.engine.requests), len(second.engine.requests)) == (2, 2)
+                assert idle.engine.requests == []
+                for call in calls:
+                    call.cancel()
+                await wait_until(lambda: first.engine.num_active + second.engine.num_active == 0)
+        finally:
+            for engine in (first, second, idle):
+                await engine.server.stop(0)
+
+    run(body())
+
+
+def test_a_port_in_use_is_an_error() -> None:
+    async def body() -> None:
+        async with gateway_with_engine(wait_ready=False) as (server, _client, engine):
+            config = fast_config((engine.address,), listen=f"127.0.0.1:{server.port}")
+            with pytest.raises(RuntimeError, match="cannot listen on 127.0.0.1"):
+                await build_server(config)
+
+    run(body())

@@ -1,0 +1,177 @@
+"""Scheduler, block manager and placeholder bookkeeping: plain Python, no torch."""
+
+import sys
+
+import pytest
+
+from tokenizer_svc.block_manager import BlockManager
+from tokenizer_svc.request import Request, SamplingOptions, Status
+from tokenizer_svc.scheduler import Scheduler, SchedulerLimits
+
+
+def make_request(req_id, prompt_len, max_tokens=4):
+    return Request(req_id, list(range(100, 100 + prompt_len)), SamplingOptions(max_tokens),
+                   arrival=0.0)
+
+
+def make_scheduler(num_blocks=16, block_size=4, max_seqs=8, max_tokens=64, watermark=0):
+    blocks = BlockManager(num_blocks, block_size)
+    return Scheduler(SchedulerLimits(max_seqs, max_tokens, watermark), blocks)
+
+
+def apply_outputs(plan, token=7):
+    """What the engine does with a finished batch: resolve each sampling row's token."""
+    for r, row in enumerate(plan.rows):
+        if row.samples and row.req.status != Status.FINISHED:
+            assert row.req.pending.popleft() == (plan.seq, r)
+            row.req.output_ids.append(token)
+
+
+def test_no_torch_imported():
+    assert "torch" not in sys.modules
+
+
+def test_block_manager_allocates_and_frees():
+    bm = BlockManager(num_blocks=4, block_size=4)
+    assert bm.blocks_needed("a", 5) == 2
+    table = bm.allocate("a", 5)
+    assert len(table) == 2 and bm.num_free == 2
+    assert bm.slot("a", 5) == table[1] * 4 + 1
+    assert bm.allocate("a", 8) == table and bm.num_free == 2  # still fits in 2 blocks
+    assert not bm.can_allocate("b", 9)
+    with pytest.raises(MemoryError):
+        bm.allocate("b", 9)
+    assert bm.free("a") == 2 and bm.num_free == 4 and bm.usage == 0.0
+
+
+def test_prefill_then_decode_with_placeholders():
+    s = make_scheduler()
+    req = make_request("a", prompt_len=6)
+    s.add(req)
+    p1 = s.schedule()
+    (row,) = p1.rows
+    assert (row.start, row.num_tokens, row.samples) == (0, 6, True)
+    assert row.token_ids == req.prompt_ids and row.placeholders == []
+    assert list(req.pending) == [(1, 0)]
+    # Batch 1 is still running: batch 2 decodes the token it has not sampled yet.
+    p2 = s.schedule()
+    (row,) = p2.rows
+    assert (row.start, row.num_tokens, row.token_ids) == (6, 1, [-1])
+    assert row.placeholders == [(0, 0)] and p2.prev_seq == 1
+    apply_outputs(p1)
+    p3 = s.schedule()
+    assert p3.rows[0].placeholders == [(0, 0)] and p3.prev_seq == 2
+    apply_outputs(p2)
+    apply_outputs(p3)
+    assert req.output_ids == [7, 7, 7]
+
+
+def test_sync_mode_never_needs_placeholders():
+    s = make_scheduler()
+    s.add(make_request("a", 5))
+    s.add(make_request("b", 3))
+    for _ in range(4):
+        plan = s.schedule()
+        assert plan.num_placeholders == 0 and plan.prev_seq == 0
+        apply_outputs(plan)
+
+
+def test_chunked_prefill_shares_the_token_budget():
+    s = make_scheduler(num_blocks=64, max_tokens=8)
+    s.add(make_request("a", 20))
+    s.add(make_request("b", 2))
+    plan = s.schedule()
+    assert [(r.req.req_id, r.num_tokens, r.samples) for r in plan.rows] == [("a", 8, False)]
+    apply_outputs(plan)
+    plan = s.schedule()
+    assert [(r.req.req_id, r.start, r.num_tokens) for r in plan.rows] == [("a", 8, 8)]
+    apply_outputs(plan)
+    plan = s.schedule()
+    assert [(r.req.req_id, r.num_tokens, r.samples) for r in plan.rows] == [
+        ("a", 4, True), ("b", 2, True)]
+
+
+def test_decodes_go_before_new_prefills():
+    s = make_scheduler(num_blocks=64, max_tokens=8)
+    s.add(make_request("a", 4))
+    apply_outputs(s.schedule())
+    s.add(make_request("b", 30))
+    plan = s.schedule()
+    assert [(r.req.req_id, r.num_tokens) for r in plan.rows] == [("a", 1), ("b", 7)]
+
+
+def test_max_tokens_stops_scheduling_before_the_last_token_arrives():
+    s = make_scheduler()
+    req = make_request("a", 3, max_tokens=2)
+    s.add(req)
+    p1, p2 = s.schedule(), s.schedule()
+    assert p1.rows[0].samples and p2.rows[0].samples
+    assert not req.wants_more_tokens and s.schedule() is None
+
+
+def test_preemption_frees_blocks_and_recomputes():
+    s = make_scheduler(num_blocks=4, block_size=4, max_tokens=64)
+    a, b = make_request("a", 4, max_tokens=8), make_request("b", 4, max_tokens=8)
+    s.add(a)
+    s.add(b)
+    plan = s.schedule()  # both prefilled: 2 blocks used, 2 free
+    apply_outputs(plan)
+    plan = s.schedule()  # each decodes position 4: a new block each, 0 free
+    apply_outputs(plan)
+    assert s.blocks.num_free == 0
+    for _ in range(3):
+        apply_outputs(s.schedule())
+    # a needs a third block at position 8: b (the latest) is preempted
+    plan = s.schedule()
+    assert [r.req.req_id for r in plan.rows] == ["a"]
+    assert b.status == Status.WAITING and b.num_computed == 0 and s.num_preemptions == 1
+    assert s.blocks.table("b") == []
+    apply_outputs(plan)
+
+
+def test_preempted_request_with_token_in_flight_resumes_with_placeholder():
+    s = make_scheduler(num_blocks=3, block_size=4, max_tokens=64)
+    a, b = make_request("a", 4, max_tokens=8), make_request("b", 3, max_tokens=8)
+    s.add(a)
+    s.add(b)
+    p1 = s.schedule()  # a: 1 block, b: 1 block; both sample
+    p2 = s.schedule()  # a decodes pos 4 (new block, 0 free); b decodes pos 3 (fits)
+    assert {r.req.req_id for r in p2.rows} == {"a", "b"}
+    apply_outputs(p1)
+    p3 = s.schedule()  # a fits (pos 5), b needs a block at pos 4: b is preempted
+    assert [r.req.req_id for r in p3.rows] == ["a"] and b.status == Status.WAITING
+    assert len(b.pending) == 1  # b's token from batch 2 is still in flight
+    apply_outputs(p2)
+    assert len(b.pending) == 0 and len(b.output_ids) == 2
+    # b can return once a finishes and frees its blocks
+    s.finish(a)
+    p4 = s.schedule()
+    (row,) = p4.rows
+    assert row.req is b and row.start == 0 and row.num_tokens == 5 and row.samples
+    assert row.token_ids == b.prompt_ids + b.output_ids and row.placeholders == []
+
+
+def test_finish_frees_blocks_immediately():
+    s = make_scheduler()
+    req = make_request("a", 9)
+    s.add(req)
+    s.schedule()
+    assert s.blocks.num_free == 16 - 3
+    s.finish(req)
+    assert s.blocks.num_free == 16 and req not in s.running and req.status == Status.FINISHED
+
+
+def test_waits_for_blocks_instead_of_failing():
+    s = make_scheduler(num_blocks=2, block_size=4, max_tokens=64)
+    a, b = make_request("a", 8), make_request("b", 4)
+    s.add(a)
+    s.add(b)
+    plan = s.schedule()
+    assert [r.req.req_id for r in plan.rows] == ["a"] and list(s.waiting) == [b]
+
+
+def test_row_limit():
+    s = make_scheduler(num_blocks=64, max_seqs=2, max_tokens=64)
+    for i in range(3):
+        s.add(make_request(str(i), 2))
+    assert len(s.schedule().rows) == 2 and len(s.waiting) == 1

@@ -1,0 +1,124 @@
+"""``python -m tokenizer_svc --listen ADDR [options]``: one engine.
+
+Tokenizes, schedules and streams; starts and supervises its gpu_worker. Serves
+``tandem.internal.v1.Engine`` (for gateways) and health, NOT_SERVING until the
+worker has warmed up. Exits 1 if the worker dies, so that its own supervisor
+(the gateway, or Kubernetes) can restart the pair.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from tandem import models
+from tandem import slots as S
+from tokenizer_svc.block_manager import BlockManager
+from tokenizer_svc.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from tokenizer_svc.engine import Engine
+from tokenizer_svc.output_processor import OutputProcessor
+from tokenizer_svc.scheduler import Scheduler, SchedulerLimits
+from tokenizer_svc.server import EngineServicer, set_health, start_server
+from tokenizer_svc.tokenization import ModelTokenizer
+from tokenizer_svc.worker_client import WorkerClient
+
+log = logging.getLogger("tokenizer_svc")
+
+
+def parse_args(argv: list[str]) -> EngineConfig:
+    p = argparse.ArgumentParser(prog="tokenizer_svc", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--listen", required=True, help="unix:///path.sock or host:port")
+    p.add_argument("--model", default="embedded",
+                   help="'embedded' (default), 'random:<preset>' or a Hugging Face folder")
+    p.add_argument("--cache-dir", type=Path, default=None, help="converted models (TANDEM_CACHE)")
+    p.add_argument("--device", default="auto", help="worker device: auto, cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, ...")
+    p.add_argument("--seed", type=int, default=0, help="weights of random presets")
+    p.add_argument("--sync", action="store_true", help="no overlap: the benchmark baseline")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--num-kv-blocks", type=int, default=None)
+    p.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache size on the CPU")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--default-max-tokens", type=int, default=256)
+    a = p.parse_args(argv)
+    return EngineConfig(
+        listen=a.listen,
+        model=ModelConfig(a.model, a.cache_dir or models.default_cache_dir(), a.device, a.dtype,
+                          a.seed),
+        cache=CacheConfig(a.block_size, a.num_kv_blocks, a.kv_cache_gib,
+                          a.gpu_memory_utilization),
+        scheduler=SchedulerConfig(a.max_num_seqs, a.max_num_batched_tokens, a.max_model_len,
+                                  a.default_max_tokens, overlap=not a.sync),
+    )
+
+
+def slot_layout(cfg: EngineConfig, max_context: int) -> S.SlotLayout:
+    sched = cfg.scheduler
+    shape = S.SlotShape(max_num_tokens=sched.max_num_batched_tokens,
+                        max_num_rows=sched.max_num_seqs,
+                        max_blocks_per_row=-(-max_context // cfg.cache.block_size),
+                        max_top_logprobs=sched.max_top_logprobs)
+    return S.SlotLayout(shape, cfg.num_slots)
+
+
+def build_engine(cfg: EngineConfig, tok: ModelTokenizer, worker: WorkerClient,
+                 segment: S.SlotSegment) -> Engine:
+    sched = cfg.scheduler
+    blocks = BlockManager(worker.num_blocks, cfg.cache.block_size)
+    scheduler = Scheduler(SchedulerLimits(sched.max_num_seqs, sched.max_num_batched_tokens),
+                          blocks)
+    outputs = OutputProcessor(tok.tokenizer, tok.eos_token_ids, tok.max_context)
+    return Engine(scheduler, outputs, worker, segment, overlap=sched.overlap)
+
+
+async def serve(cfg: EngineConfig) -> int:
+    source = models.resolve_model(cfg.model.spec, cfg.model.cache_dir)
+    tok = ModelTokenizer(source.folder, cfg.scheduler.max_model_len)
+    servicer = EngineServicer(cfg, tok, source.name)
+    server, health_servicer = await start_server(cfg, servicer)
+    segment = S.SlotSegment(slot_layout(cfg, tok.max_context), create=True)
+    worker = WorkerClient(cfg, segment)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    engine = None
+    try:
+        await loop.run_in_executor(None, worker.start)
+        engine = build_engine(cfg, tok, worker, segment)
+        engine.on_fatal = lambda exc: loop.call_soon_threadsafe(stopping.set)
+        servicer.engine, servicer.device, servicer.dtype = engine, worker.device, worker.dtype
+        engine.start()
+        await set_health(health_servicer, True)
+        log.info("serving %s (%s mode)", source.name, "async" if cfg.scheduler.overlap else "sync")
+        await stopping.wait()
+        return 1 if engine.fatal is not None else 0
+    finally:
+        await set_health(health_servicer, False)
+        await server.stop(grace=1.0)
+        if engine is not None:
+            engine.stop()
+        worker.stop()
+        segment.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s tokenizer_svc %(message)s")
+    cfg = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        return asyncio.run(serve(cfg))
+    except Exception:  # noqa: BLE001 - any fatal error: report and exit non-zero
+        log.exception("tokenizer_svc failed")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

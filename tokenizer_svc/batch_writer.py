@@ -1,0 +1,44 @@
+"""Writes a :class:`BatchPlan` into a shared-memory slot (the fixed layout of
+:mod:`tandem.slots`), ready for the worker to copy to the device."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tandem import slots as S
+from tokenizer_svc.block_manager import BlockManager
+from tokenizer_svc.scheduler import BatchPlan
+
+
+def write_plan(view: S.SlotView, plan: BatchPlan, blocks: BlockManager) -> None:
+    bs = blocks.block_size
+    t = k = 0
+    max_ctx = max_q = top_n = 0
+    want_logprobs = False
+    view.query_start[0] = 0
+    for r, row in enumerate(plan.rows):
+        n, end = row.num_tokens, row.start + row.num_tokens
+        table = np.asarray(blocks.table(row.req.req_id), dtype=np.int32)
+        positions = np.arange(row.start, end, dtype=np.int32)
+        view.input_ids[t : t + n] = row.token_ids
+        view.positions[t : t + n] = positions
+        view.slot_mapping[t : t + n] = table[positions // bs] * bs + positions % bs
+        for offset, src_row in row.placeholders:
+            view.placeholder_pos[k], view.placeholder_src[k] = t + offset, src_row
+            k += 1
+        view.block_tables[r, : len(table)] = table
+        t += n
+        view.query_start[r + 1] = t
+        view.context_lens[r] = end
+        opts = row.req.options
+        view.temperature[r], view.top_p[r], view.top_k[r] = opts.temperature, opts.top_p, opts.top_k
+        view.seed[r] = opts.seed
+        view.num_top_logprobs[r] = opts.top_logprobs if opts.logprobs else 0
+        want_logprobs |= opts.logprobs
+        top_n = max(top_n, int(view.num_top_logprobs[r]))
+        max_ctx, max_q = max(max_ctx, end), max(max_q, n)
+    h = view.header
+    h[S.H_NUM_TOKENS], h[S.H_NUM_ROWS], h[S.H_NUM_PLACEHOLDERS] = t, len(plan.rows), k
+    h[S.H_PREV_SEQ], h[S.H_MAX_QUERY_LEN], h[S.H_MAX_CONTEXT_LEN] = plan.prev_seq, max_q, max_ctx
+    h[S.H_NUM_TOP_LOGPROBS], h[S.H_WANT_LOGPROBS] = top_n, int(want_logprobs)
+    h[S.H_SEQ] = plan.seq  # last: the header's seq names a complete batch

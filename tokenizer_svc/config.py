@@ -1,0 +1,61 @@
+"""tokenizer_svc's configuration: frozen dataclasses built once in ``__main__``."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    spec: str = "embedded"  # "embedded", "random:<preset>" or a Hugging Face folder
+    cache_dir: Path = Path("~/.cache/tandem").expanduser()
+    device: str = "auto"  # the worker's device: "auto", "cpu", "cuda", "cuda:1"
+    dtype: str = "auto"
+    seed: int = 0  # weights of random presets
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16
+    num_blocks: int | None = None  # None: the worker sizes the cache from memory
+    kv_cache_gib: float = 1.0  # on the CPU
+    gpu_memory_utilization: float = 0.85
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or (self.num_blocks is not None and self.num_blocks < 1):
+            raise ValueError("--block-size and --num-kv-blocks must be positive")
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None  # None: the model's, capped at 8192
+    default_max_tokens: int = 256
+    max_top_logprobs: int = 20
+    overlap: bool = True  # False: --sync, wait for batch N before preparing N+1
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError("need --max-num-seqs >= 1 and --max-num-batched-tokens >= it")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError("--max-model-len must be at least 2")
+        if self.default_max_tokens < 1:
+            raise ValueError("--default-max-tokens must be positive")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    listen: str  # e.g. "unix:///tmp/tandem/engine.sock" or "127.0.0.1:6000"
+    model: ModelConfig = ModelConfig()
+    cache: CacheConfig = CacheConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    num_slots: int = 2
+    worker_start_timeout: float = 900.0  # seconds for the worker to load and warm up
+
+    def __post_init__(self) -> None:
+        if not self.listen:
+            raise ValueError("--listen is required")
+        if self.num_slots < 2:
+            raise ValueError("num_slots must be at least 2 (one filling, one in flight)")

@@ -1,0 +1,89 @@
+"""Protobuf at the edge: public request → internal types, internal output → protobuf."""
+
+from __future__ import annotations
+
+import random
+
+from tandem.v1 import generation_pb2 as pb
+from tokenizer_svc.request import FinishReason, RequestOutput, SamplingOptions
+from tokenizer_svc.tokenization import ModelTokenizer
+
+_FINISH = {
+    FinishReason.STOP: pb.FINISH_REASON_STOP,
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+}
+
+
+class InvalidRequest(ValueError):
+    """A request the engine cannot run; the message names the field and the limit."""
+
+
+def prompt_ids(request: pb.GenerateRequest | pb.TokenizeRequest, tok: ModelTokenizer):
+    """The prompt's token ids, tokenized as the request's input kind says."""
+    kind = request.WhichOneof("input")
+    if kind == "text":
+        if not request.text:
+            raise InvalidRequest("text: the prompt is empty")
+        return tok.encode_text(request.text)
+    if kind == "token_ids":
+        ids = list(request.token_ids.ids)
+        bad = [i for i in ids if not 0 <= i < tok.vocab_size]
+        if not ids or bad:
+            raise InvalidRequest(
+                f"token_ids: {'empty' if not ids else f'id {bad[0]}'}; ids must lie in "
+                f"[0, {tok.vocab_size})")
+        return ids
+    if kind == "messages":
+        messages = [{"role": m.role, "content": m.content} for m in request.messages.messages]
+        if not messages:
+            raise InvalidRequest("messages: at least one message is required")
+        return tok.encode_chat(messages)
+    raise InvalidRequest("input: one of text, token_ids or messages is required")
+
+
+def sampling_options(sp: pb.SamplingParams, num_prompt: int, max_context: int,
+                     default_max_tokens: int) -> SamplingOptions:
+    """Checks what needs the prompt's length and fills in the defaults."""
+    room = max_context - num_prompt
+    if room < 1:
+        raise InvalidRequest(
+            f"prompt: {num_prompt} tokens leave no room to generate in the context of "
+            f"{max_context} tokens (max_context_tokens)")
+    if sp.max_tokens > room:
+        raise InvalidRequest(
+            f"sampling.max_tokens: the prompt's {num_prompt} tokens plus max_tokens "
+            f"{sp.max_tokens} exceed the context of {max_context} tokens")
+    return SamplingOptions(
+        max_tokens=sp.max_tokens or min(default_max_tokens, room),
+        temperature=sp.temperature if sp.HasField("temperature") else 1.0,
+        top_p=sp.top_p if sp.HasField("top_p") else 1.0,
+        top_k=sp.top_k,
+        seed=_seed(sp.seed) if sp.HasField("seed") else random.getrandbits(63),
+        stop=tuple(sp.stop),
+        stop_token_ids=frozenset(sp.stop_token_ids),
+        ignore_eos=sp.ignore_eos,
+        logprobs=sp.logprobs,
+        top_logprobs=sp.top_logprobs if sp.logprobs else 0,
+    )
+
+
+def _seed(seed: int) -> int:
+    """A uint64 seed as the int64 the sampler hashes."""
+    return seed - (1 << 64) if seed >= 1 << 63 else seed
+
+
+def output_to_pb(out: RequestOutput, request_id: str) -> pb.GenerateStreamResponse:
+    msg = pb.GenerateStreamResponse(text=out.text, token_ids=out.token_ids,
+                                    request_id=request_id)
+    for lp in out.logprobs:
+        entry = msg.logprobs.add(token_id=lp.token_id, logprob=lp.logprob)
+        for token_id, logprob in lp.top:
+            entry.top.add(token_id=token_id, logprob=logprob)
+    if out.finish_reason is not None:
+        msg.finish_reason = _FINISH.get(out.finish_reason, pb.FINISH_REASON_UNSPECIFIED)
+        msg.usage.prompt_tokens = out.prompt_tokens
+        msg.usage.completion_tokens = out.completion_tokens
+        msg.timing.queue_seconds = out.queue_seconds
+        msg.timing.first_token_seconds = out.first_token_seconds
+        msg.timing.total_seconds = out.total_seconds
+    return msg

@@ -1,0 +1,161 @@
+"""The engine loop: schedule batch N+1 while the worker runs batch N.
+
+Runs on its own thread. The gRPC side talks to it only through
+:meth:`Engine.add_request` and :meth:`Engine.abort` (a thread-safe inbox), and
+hears back through each request's sink. One iteration, in async mode::
+
+    plan N+1 (placeholders for what N has not sampled yet) → write slot → doorbell
+    wait for batch N's outputs → apply them (append, stop rules, stream deltas)
+
+In sync mode (``--sync``) the engine waits for each batch before planning the
+next, so no placeholder is ever needed: the benchmark's baseline.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+
+from tandem import slots as S
+from tokenizer_svc.batch_writer import write_plan
+from tokenizer_svc.output_processor import OutputProcessor
+from tokenizer_svc.request import FinishReason, Request, RequestOutput, Status, TokenLogprob
+from tokenizer_svc.scheduler import BatchPlan, Scheduler
+from tokenizer_svc.worker_client import WorkerClient
+
+log = logging.getLogger("tokenizer_svc.engine")
+Sink = Callable[[RequestOutput], None]
+
+
+class Engine:
+    def __init__(self, scheduler: Scheduler, outputs: OutputProcessor, worker: WorkerClient,
+                 segment: S.SlotSegment, overlap: bool) -> None:
+        self.scheduler = scheduler
+        self.outputs = outputs
+        self.worker = worker
+        self.segment = segment
+        self.overlap = overlap
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.sinks: dict[str, Sink] = {}
+        self.requests: dict[str, Request] = {}
+        self.in_flight: deque[BatchPlan] = deque()
+        self.num_batches = 0
+        self.num_finished = 0
+        self.fatal: Exception | None = None
+        self.on_fatal: Callable[[Exception], None] = lambda exc: None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+
+    # --- the gRPC side (any thread) ---
+    def start(self) -> None:
+        self._thread.start()
+
+    def add_request(self, req: Request, sink: Sink) -> None:
+        self.inbox.put(("add", req, sink))
+
+    def abort(self, req_id: str) -> None:
+        self.inbox.put(("abort", req_id, None))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.inbox.put(("wake", None, None))
+        self._thread.join(timeout=30)
+
+    # --- the loop (engine thread) ---
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._step()
+        except Exception as exc:  # noqa: BLE001 - fatal: fail everything, tell the server
+            log.exception("engine failed")
+            self.fatal = exc
+            self._fail_all(f"engine failed: {exc}")
+            self.on_fatal(exc)
+
+    def _step(self) -> None:
+        self._drain_inbox(block=not self.in_flight and not self.scheduler.has_work)
+        plan = None
+        if self.overlap or not self.in_flight:
+            plan = self.scheduler.schedule() if self.scheduler.has_work else None
+        if plan is not None:
+            self._submit(plan)
+        elif not self.in_flight:  # work that cannot run yet: wait for news, not spin
+            time.sleep(0.005)
+        if len(self.in_flight) > (1 if self.overlap and plan is not None else 0):
+            self._complete(self.in_flight.popleft())
+
+    def _drain_inbox(self, block: bool) -> None:
+        while True:
+            try:
+                kind, item, sink = self.inbox.get(block=block, timeout=None)
+            except queue.Empty:
+                return
+            block = False
+            if kind == "add":
+                self.requests[item.req_id], self.sinks[item.req_id] = item, sink
+                self.outputs.add(item)
+                self.scheduler.add(item)
+            elif kind == "abort":
+                self._abort(item)
+
+    def _abort(self, req_id: str) -> None:
+        req = self.requests.pop(req_id, None)
+        if req is None:
+            return
+        req.finish_reason = FinishReason.ABORTED
+        self.scheduler.finish(req)
+        self.outputs.discard(req)
+        self.sinks.pop(req_id, None)
+        self.num_finished += 1
+
+    def _submit(self, plan: BatchPlan) -> None:
+        now = time.monotonic()
+        for row in plan.rows:
+            if row.req.first_scheduled is None:
+                row.req.first_scheduled = now
+        slot = plan.seq % self.segment.layout.num_slots
+        write_plan(self.segment.slots[slot], plan, self.scheduler.blocks)
+        self.worker.submit(slot, plan.seq)
+        self.in_flight.append(plan)
+        self.num_batches += 1
+
+    def _complete(self, plan: BatchPlan) -> None:
+        self.worker.wait(plan.seq)
+        view = self.segment.slots[plan.seq % self.segment.layout.num_slots]
+        sampled = view.sampled_ids[: len(plan.rows)].tolist()
+        for r, row in enumerate(plan.rows):
+            req = row.req
+            if not row.samples or req.status == Status.FINISHED:
+                continue
+            req.pending.popleft()
+            out = self.outputs.apply(req, sampled[r], _logprob(view, r, req, sampled[r]))
+            if req.finish_reason is not None:
+                self._retire(req)
+            sink = self.sinks.get(req.req_id)
+            if sink is not None:
+                sink(out)
+            if req.finish_reason is not None:
+                self.sinks.pop(req.req_id, None)
+
+    def _retire(self, req: Request) -> None:
+        self.scheduler.finish(req)
+        self.requests.pop(req.req_id, None)
+        self.num_finished += 1
+
+    def _fail_all(self, message: str) -> None:
+        for req_id, sink in list(self.sinks.items()):
+            sink(RequestOutput(req_id, finish_reason=FinishReason.ABORTED, error=message))
+        self.sinks.clear()
+        self.requests.clear()
+
+
+def _logprob(view: S.SlotView, row: int, req: Request, token_id: int) -> TokenLogprob | None:
+    if not req.options.logprobs:
+        return None
+    n = req.options.top_logprobs
+    top = list(zip(view.top_ids[row, :n].tolist(), view.top_logprobs[row, :n].tolist()))
+    return TokenLogprob(token_id, float(view.logprobs[row]), top)

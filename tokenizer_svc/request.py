@@ -1,0 +1,109 @@
+"""Per-request state inside the engine, and what the engine streams back. No torch."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections import deque
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"  # queued for its (re)prefill; holds no KV blocks
+    RUNNING = "running"  # holds KV blocks; scheduled every step until done
+    FINISHED = "finished"
+
+
+class FinishReason(enum.Enum):
+    STOP = "stop"  # EOS, a stop token or a stop string
+    LENGTH = "length"  # max_tokens or the end of the context
+    ABORTED = "aborted"  # cancelled by the client, or the engine failed
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingOptions:
+    """A request's sampling parameters, validated and with defaults filled in."""
+
+    max_tokens: int
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+    stop_token_ids: frozenset[int] = frozenset()
+    ignore_eos: bool = False
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+
+@dataclasses.dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    """What one step produced for one request (a diff, not the whole state)."""
+
+    req_id: str
+    text: str = ""
+    token_ids: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    queue_seconds: float = 0.0
+    first_token_seconds: float = 0.0
+    total_seconds: float = 0.0
+    error: str | None = None  # set when the engine failed the request
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    """A request as the scheduler sees it.
+
+    ``num_computed`` counts the tokens whose KV has been written or is being
+    written by a scheduled batch. ``pending`` holds, for each sampled token still
+    in flight, the ``(batch seq, row)`` that will produce it: such a token is
+    already part of the sequence (``num_total``) but its id is not known yet, so
+    a batch that needs it as input carries a placeholder.
+    """
+
+    req_id: str
+    prompt_ids: list[int]
+    options: SamplingOptions
+    arrival: float
+    output_ids: list[int] = dataclasses.field(default_factory=list)
+    num_computed: int = 0
+    pending: deque[tuple[int, int]] = dataclasses.field(default_factory=deque)
+    status: Status = Status.WAITING
+    finish_reason: FinishReason | None = None
+    first_scheduled: float | None = None
+    first_token: float | None = None
+
+    @property
+    def num_known(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def num_total(self) -> int:
+        return self.num_known + len(self.pending)
+
+    @property
+    def wants_more_tokens(self) -> bool:
+        """True while the scheduler should still produce samples for it."""
+        n = len(self.output_ids) + len(self.pending)
+        return self.status != Status.FINISHED and n < self.options.max_tokens
+
+    def token_at(self, position: int) -> int:
+        n = len(self.prompt_ids)
+        return self.prompt_ids[position] if position < n else self.output_ids[position - n]
+
+    def known_ids(self, start: int, stop: int) -> list[int]:
+        """Token ids in ``[start, min(stop, num_known))``."""
+        n = len(self.prompt_ids)
+        stop = min(stop, self.num_known)
+        if stop <= n:
+            return self.prompt_ids[start:stop]
+        return self.prompt_ids[start:n] + self.output_ids[max(start - n, 0) : stop - n]

@@ -1,0 +1,166 @@
+"""Continuous batching over the paged KV cache. Plain Python, no torch.
+
+Each step shares one token budget between the running requests (decodes and
+continuing prefill chunks, in arrival order) and then the waiting ones (new or
+preempted requests, prefilled in chunks). A running request that cannot get a
+block preempts the most recently admitted one: its blocks are freed and it goes
+back to the front of the queue to be recomputed later.
+
+In async mode a step is planned while the previous one is still running: a
+request's next input token may be one that the previous batch has not sampled
+yet. The plan then carries a *placeholder* for it: the position in the batch,
+and the row of the previous batch whose output fills it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import deque
+
+from tokenizer_svc.block_manager import BlockManager
+from tokenizer_svc.request import Request, Status
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerLimits:
+    max_num_seqs: int = 64  # rows of one batch, and requests holding KV blocks
+    max_num_batched_tokens: int = 2048  # token budget of one batch
+    watermark_blocks: int = 1  # blocks kept free when admitting a new request
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError("need max_num_seqs >= 1 and max_num_batched_tokens >= max_num_seqs")
+
+
+@dataclasses.dataclass
+class ScheduledRow:
+    req: Request
+    start: int  # position of the row's first token
+    num_tokens: int
+    samples: bool  # the row's last token yields a new token for the request
+    token_ids: list[int]  # [num_tokens]; -1 where a placeholder goes
+    placeholders: list[tuple[int, int]]  # (offset in row, row of the previous batch)
+
+
+@dataclasses.dataclass
+class BatchPlan:
+    seq: int
+    rows: list[ScheduledRow]
+    prev_seq: int  # the batch that placeholders refer to (0: none)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(r.num_tokens for r in self.rows)
+
+    @property
+    def num_placeholders(self) -> int:
+        return sum(len(r.placeholders) for r in self.rows)
+
+
+class Scheduler:
+    def __init__(self, limits: SchedulerLimits, blocks: BlockManager) -> None:
+        self.limits = limits
+        self.blocks = blocks
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.next_seq = 1
+        self.num_preemptions = 0
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting) or any(r.wants_more_tokens for r in self.running)
+
+    def add(self, req: Request) -> None:
+        self.waiting.append(req)
+
+    def finish(self, req: Request) -> None:
+        """Take a finished or aborted request out and free its blocks."""
+        req.status = Status.FINISHED
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        self.blocks.free(req.req_id)
+
+    def schedule(self) -> BatchPlan | None:
+        """Plan the next batch, or None when no request has work that can run."""
+        plan = BatchPlan(self.next_seq, [], prev_seq=self.next_seq - 1)
+        budget = self.limits.max_num_batched_tokens
+        preempted: list[Request] = []
+        budget = self._schedule_running(plan, budget, preempted)
+        self._schedule_waiting(plan, budget, preempted)
+        if not plan.rows:
+            return None
+        self.next_seq += 1
+        if not plan.num_placeholders:
+            plan.prev_seq = 0
+        return plan
+
+    def _schedule_running(self, plan: BatchPlan, budget: int, preempted: list) -> int:
+        i = 0
+        while i < len(self.running) and budget > 0 and len(plan.rows) < self.limits.max_num_seqs:
+            req = self.running[i]
+            n = min(req.num_total - req.num_computed, budget) if req.wants_more_tokens else 0
+            if n and not self._make_room(req, req.num_computed + n, preempted):
+                break  # req itself was preempted: nothing after it is left either
+            if n:
+                self._add_row(plan, req, n)
+                budget -= n
+            i += 1
+        return budget
+
+    def _make_room(self, req: Request, num_tokens: int, preempted: list) -> bool:
+        """Preempt from the back until ``req`` can hold ``num_tokens``; False if
+        ``req`` had to go itself."""
+        while not self.blocks.can_allocate(req.req_id, num_tokens):
+            victim = self.running[-1]
+            self._preempt(victim)
+            preempted.append(victim)
+            if victim is req:
+                return False
+        self.blocks.allocate(req.req_id, num_tokens)
+        return True
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self.blocks.free(req.req_id)
+        req.num_computed = 0
+        req.status = Status.WAITING
+        self.waiting.appendleft(req)
+        self.num_preemptions += 1
+
+    def _schedule_waiting(self, plan: BatchPlan, budget: int, preempted: list) -> None:
+        limits = self.limits
+        while self.waiting and budget > 0 and len(plan.rows) < limits.max_num_seqs:
+            req = self.waiting[0]
+            if not req.wants_more_tokens:  # preempted with its last token in flight:
+                self.waiting.popleft()  # nothing to recompute; it finishes on arrival
+                continue
+            if req in preempted or len(self.running) >= limits.max_num_seqs:
+                break
+            n = min(req.num_total - req.num_computed, budget)
+            reserve = limits.watermark_blocks
+            if not self.blocks.can_allocate(req.req_id, req.num_computed + n, reserve):
+                break  # wait for blocks; the head of the queue goes first
+            self.waiting.popleft()
+            self.blocks.allocate(req.req_id, req.num_computed + n)
+            req.status = Status.RUNNING
+            self.running.append(req)
+            self._add_row(plan, req, n)
+            budget -= n
+
+    def _add_row(self, plan: BatchPlan, req: Request, n: int) -> None:
+        start, known = req.num_computed, req.num_known
+        token_ids = req.known_ids(start, start + n)
+        placeholders = []
+        for pos in range(max(start, known), start + n):
+            seq, src_row = req.pending[pos - known]
+            if seq != plan.seq - 1:
+                raise AssertionError(f"placeholder for batch {seq} in batch {plan.seq}")
+            placeholders.append((pos - start, src_row))
+            token_ids.append(-1)
+        req.num_computed = start + n
+        samples = req.num_computed == req.num_total
+        if samples:
+            req.pending.append((plan.seq, len(plan.rows)))
+        plan.rows.append(ScheduledRow(req, start, n, samples, token_ids, placeholders))

@@ -1,0 +1,125 @@
+"""The internal gRPC face of an engine (``tandem.internal.v1.Engine``). Thin: it
+converts, hands requests to the engine thread, and relays outputs."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from tandem.internal.v1 import engine_pb2, engine_pb2_grpc
+from tandem.v1 import generation_pb2 as pb
+from tokenizer_svc import convert
+from tokenizer_svc.config import EngineConfig
+from tokenizer_svc.engine import Engine
+from tokenizer_svc.request import Request
+from tokenizer_svc.tokenization import ModelTokenizer
+
+log = logging.getLogger("tokenizer_svc.server")
+SERVICE = "tandem.internal.v1.Engine"
+
+
+class EngineServicer(engine_pb2_grpc.EngineServicer):
+    def __init__(self, cfg: EngineConfig, tok: ModelTokenizer, model_name: str) -> None:
+        self.cfg = cfg
+        self.tok = tok
+        self.model_name = model_name
+        self.engine: Engine | None = None  # set once the worker is ready
+        self.device = ""  # where the worker runs the model, and in which dtype
+        self.dtype = ""
+
+    async def Generate(self, request: engine_pb2.EngineRequest, context):
+        engine = await self._engine(context)
+        req = await self._build(request, context)
+        outputs: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        engine.add_request(req, lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out))
+        finished = False
+        try:
+            while not finished:
+                out = await outputs.get()
+                if out.error is not None:
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, out.error)
+                finished = out.finish_reason is not None
+                yield convert.output_to_pb(out, request.request.request_id or req.req_id)
+        finally:
+            if not finished:  # the caller went away (or we failed): free its blocks
+                engine.abort(req.req_id)
+
+    async def _engine(self, context) -> Engine:
+        if self.engine is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the engine is still warming up")
+        if self.engine.fatal is not None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"engine failed: {self.engine.fatal}")
+        return self.engine
+
+    async def _build(self, request: engine_pb2.EngineRequest, context) -> Request:
+        loop = asyncio.get_running_loop()
+        try:
+            ids = await loop.run_in_executor(None, convert.prompt_ids, request.request, self.tok)
+            sched = self.cfg.scheduler
+            options = convert.sampling_options(request.request.sampling, len(ids),
+                                               self.tok.max_context, sched.default_max_tokens)
+            self._check_fits_cache(len(ids) + options.max_tokens)
+        except convert.InvalidRequest as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return Request(request.request_id, ids, options, arrival=time.monotonic())
+
+    def _check_fits_cache(self, num_tokens: int) -> None:
+        blocks = self.engine.scheduler.blocks
+        usable = blocks.num_blocks - self.engine.scheduler.limits.watermark_blocks
+        if -(-num_tokens // blocks.block_size) > usable:
+            raise convert.InvalidRequest(
+                f"sampling.max_tokens: prompt plus max_tokens ({num_tokens} tokens) exceed the "
+                f"KV cache ({usable * blocks.block_size} tokens)")
+
+    async def Tokenize(self, request: pb.TokenizeRequest, context):
+        try:
+            ids = convert.prompt_ids(request, self.tok)
+        except convert.InvalidRequest as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return pb.TokenizeResponse(token_ids=ids, tokens=self.tok.token_strings(ids))
+
+    async def GetModelInfo(self, request, context):
+        engine = await self._engine(context)
+        blocks, sched = engine.scheduler.blocks, self.cfg.scheduler
+        return pb.ModelInfo(
+            model=self.model_name, vocab_size=self.tok.vocab_size,
+            max_context_tokens=self.tok.max_context, default_max_tokens=sched.default_max_tokens,
+            eos_token_ids=sorted(self.tok.eos_token_ids), max_top_logprobs=sched.max_top_logprobs,
+            device=self.device, dtype=self.dtype,
+            mode="async" if sched.overlap else "sync",
+            kv_block_size=blocks.block_size, kv_num_blocks=blocks.num_blocks)
+
+    async def GetStats(self, request, context):
+        engine = await self._engine(context)
+        s = engine.scheduler
+        return engine_pb2.EngineStats(
+            num_running=len(s.running), num_waiting=len(s.waiting),
+            kv_blocks_total=s.blocks.num_blocks, kv_blocks_free=s.blocks.num_free,
+            num_preemptions=s.num_preemptions, num_batches=engine.num_batches,
+            num_finished=engine.num_finished)
+
+
+async def start_server(cfg: EngineConfig, servicer: EngineServicer):
+    """Serve the Engine and health services; health says NOT_SERVING until ready."""
+    server = grpc.aio.server()
+    engine_pb2_grpc.add_EngineServicer_to_server(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", SERVICE):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    server.add_insecure_port(cfg.listen)
+    await server.start()
+    log.info("engine listening on %s", cfg.listen)
+    return server, health_servicer
+
+
+async def set_health(health_servicer, serving: bool) -> None:
+    status = health_pb2.HealthCheckResponse.SERVING if serving else \
+        health_pb2.HealthCheckResponse.NOT_SERVING
+    for name in ("", SERVICE):
+        await health_servicer.set(name, status)

@@ -1,0 +1,114 @@
+"""Starts the gpu_worker process, rings its doorbell and waits for its batches."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import time
+
+from tandem import slots as S
+from tandem.link import Kind, Link, Message, PeerGone
+from tokenizer_svc.config import EngineConfig
+
+log = logging.getLogger("tokenizer_svc.worker")
+
+
+class WorkerFailed(RuntimeError):
+    """The worker died or reported a fatal error; the engine cannot go on."""
+
+
+class WorkerClient:
+    def __init__(self, cfg: EngineConfig, segment: S.SlotSegment) -> None:
+        self.cfg = cfg
+        self.segment = segment
+        self.link: Link | None = None
+        self.proc: subprocess.Popen | None = None
+        self.num_blocks = 0
+        self.device = ""  # as the worker reports it, e.g. "cuda:0"
+        self.dtype = ""
+
+    def _command(self, fd: int) -> list[str]:
+        m, c, shape = self.cfg.model, self.cfg.cache, self.segment.layout.shape
+        cmd = [sys.executable, "-m", "gpu_worker", "--shm", self.segment.name,
+               "--link-fd", str(fd), "--model", m.spec, "--cache-dir", str(m.cache_dir),
+               "--device", m.device, "--dtype", m.dtype, "--seed", str(m.seed),
+               "--max-num-tokens", str(shape.max_num_tokens),
+               "--max-num-rows", str(shape.max_num_rows),
+               "--max-blocks-per-row", str(shape.max_blocks_per_row),
+               "--max-top-logprobs", str(shape.max_top_logprobs),
+               "--num-slots", str(self.segment.layout.num_slots),
+               "--block-size", str(c.block_size), "--kv-cache-gib", str(c.kv_cache_gib),
+               "--gpu-memory-utilization", str(c.gpu_memory_utilization)]
+        if c.num_blocks is not None:
+            cmd += ["--num-blocks", str(c.num_blocks)]
+        return cmd
+
+    def start(self) -> int:
+        """Start the worker and wait until it has warmed up; returns its KV block count."""
+        ours, theirs = Link.pair()
+        self.link = ours
+        fd = theirs.fileno()
+        self.proc = subprocess.Popen(self._command(fd), pass_fds=[fd])
+        theirs.close()
+        deadline = time.monotonic() + self.cfg.worker_start_timeout
+        while time.monotonic() < deadline:
+            try:
+                msg = self._recv(timeout=1.0)
+            except TimeoutError:
+                continue
+            if msg.kind != Kind.READY:
+                raise WorkerFailed(f"unexpected {msg.kind.name} from the worker before READY")
+            self.num_blocks = msg.arg
+            self.device, self.dtype = msg.payload.decode().split()
+            log.info("worker ready (pid %d, %d KV blocks)", self.proc.pid, msg.arg)
+            return msg.arg
+        raise WorkerFailed(f"worker not ready after {self.cfg.worker_start_timeout:.0f} s")
+
+    def _recv(self, timeout: float | None = None) -> Message:
+        try:
+            msg = self.link.recv(timeout)
+        except TimeoutError:
+            if self.proc.poll() is not None:
+                raise WorkerFailed(f"worker exited with code {self.proc.returncode}") from None
+            raise
+        except PeerGone as exc:
+            code = self.proc.wait(timeout=10)
+            raise WorkerFailed(f"worker exited with code {code}") from exc
+        if msg.kind == Kind.FAILED:
+            raise WorkerFailed(f"worker failed: {msg.payload.decode(errors='replace')}")
+        return msg
+
+    def submit(self, slot: int, seq: int) -> None:
+        try:
+            self.link.send(Message(Kind.RUN, slot=slot, seq=seq))
+        except PeerGone as exc:
+            raise WorkerFailed("worker is gone") from exc
+
+    def wait(self, seq: int) -> None:
+        """Block until batch ``seq``'s outputs are in its slot."""
+        while True:
+            try:
+                msg = self._recv(timeout=5.0)
+            except TimeoutError:
+                continue  # still running; _recv has checked that the worker lives
+            if msg.kind == Kind.DONE and msg.seq == seq:
+                return
+            if msg.kind != Kind.DONE or msg.seq > seq:
+                raise WorkerFailed(f"expected batch {seq}, worker said {msg.kind.name} {msg.seq}")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            try:
+                self.link.send(Message(Kind.SHUTDOWN))
+            except (PeerGone, OSError):
+                pass
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.link is not None:
+            self.link.close()
