@@ -19,7 +19,7 @@ help:
 	@echo "make proto      regenerate the gRPC code from protos/"
 	@echo "make lint       ruff"
 	@echo "make image      build the container image (Dockerfile)"
-	@echo "make k8s-apply  deploy k8s/ with kubectl"
+	@echo "make k8s-apply  deploy k8s/ with kubectl (kustomize)"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -63,7 +63,7 @@ image:
 	docker build -t tandem:latest .
 
 k8s-apply:
-	kubectl apply -f k8s/
+	kubectl apply -k k8s/
 
 clean:
 	rm -rf $(VENV) bench_results .pytest_cache

@@ -33,9 +33,10 @@ def parse_args(argv: list[str]) -> WorkerConfig:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--num-blocks", type=int, default=None)
-    p.add_argument("--kv-cache-gib", type=float, default=1.0)
+    p.add_argument("--kv-cache-gib", type=float, default=None)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-cuda-graphs", action="store_true")
     a = p.parse_args(argv)
     shape = SlotShape(a.max_num_tokens, a.max_num_rows, a.max_blocks_per_row, a.max_top_logprobs)
     return WorkerConfig(
@@ -43,6 +44,7 @@ def parse_args(argv: list[str]) -> WorkerConfig:
         slot_shape=shape, num_slots=a.num_slots, device=a.device, dtype=a.dtype,
         block_size=a.block_size, num_blocks=a.num_blocks, kv_cache_gib=a.kv_cache_gib,
         gpu_memory_utilization=a.gpu_memory_utilization, seed=a.seed,
+        cuda_graphs=not a.no_cuda_graphs,
     )
 
 

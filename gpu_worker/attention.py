@@ -13,7 +13,6 @@ import dataclasses
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 
 
 @dataclasses.dataclass
@@ -81,7 +80,13 @@ class KVCache:
 
 
 class TorchPagedAttention:
-    """Reference paged attention: gather each row's context, pad, and run SDPA."""
+    """Reference paged attention: gather each row's context, pad, attend.
+
+    Grouped-query heads attend in groups (one einsum per group of query heads
+    sharing a KV head), so keys and values are never repeated per query head.
+    With ``max_query_len == 1`` and a fixed ``max_context_len`` every shape is
+    static, so decode steps can be captured in a CUDA graph.
+    """
 
     def __init__(self, cache: KVCache, scale: float) -> None:
         self.cache = cache
@@ -93,16 +98,14 @@ class TorchPagedAttention:
         keys = _gather_context(key_cache, meta)  # [rows, ctx, kv_heads, dim]
         values = _gather_context(value_cache, meta)
         q_pad, offsets = _pad_queries(q, meta)  # [rows, max_q, heads, dim]
-        mask = _context_mask(meta, offsets, keys.shape[1])  # [rows, 1, max_q, ctx]
-        out = F.scaled_dot_product_attention(
-            q_pad.transpose(1, 2),
-            keys.transpose(1, 2),
-            values.transpose(1, 2),
-            attn_mask=mask,
-            scale=self.scale,
-            enable_gqa=q.shape[1] != k.shape[1],
-        )  # [rows, heads, max_q, dim]
-        return out.transpose(1, 2)[meta.token_rows, offsets]
+        rows, max_q, heads, dim = q_pad.shape
+        groups = q_pad.view(rows, max_q, k.shape[1], heads // k.shape[1], dim)
+        mask = _context_mask(meta, offsets, keys.shape[1])  # [rows, max_q, ctx]
+        scores = torch.einsum("bqkgd,bskd->bkgqs", groups, keys).float() * self.scale
+        scores = scores.masked_fill(~mask[:, None, None], float("-inf"))
+        probs = scores.softmax(dim=-1).to(values.dtype)
+        out = torch.einsum("bkgqs,bskd->bqkgd", probs, values)
+        return out.reshape(rows, max_q, heads, dim)[meta.token_rows, offsets]
 
 
 def _write_cache(key_cache, value_cache, k, v, slot_mapping) -> None:
@@ -134,4 +137,4 @@ def _context_mask(meta: AttentionMetadata, offsets: torch.Tensor, ctx: int) -> t
     )
     query_pos[meta.token_rows, offsets] = meta.positions
     key_pos = torch.arange(ctx, device=offsets.device)
-    return (key_pos[None, None, :] <= query_pos[:, :, None]).unsqueeze(1)
+    return key_pos[None, None, :] <= query_pos[:, :, None]

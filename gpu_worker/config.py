@@ -22,9 +22,11 @@ class WorkerConfig:
     dtype: str = "auto"  # "auto": bfloat16 on cuda, float32 on cpu
     block_size: int = 16
     num_blocks: int | None = None  # None: size the cache from memory
-    kv_cache_gib: float = 1.0  # cache size on the CPU when num_blocks is None
+    kv_cache_gib: float | None = None  # cache size; None: 1 GiB on the CPU, else from
+    #                                    gpu_memory_utilization on a GPU
     gpu_memory_utilization: float = 0.85
     seed: int = 0  # random-weight presets
+    cuda_graphs: bool = True  # capture decode steps as CUDA graphs (CUDA only)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -33,5 +35,5 @@ class WorkerConfig:
             raise ValueError("block_size and num_blocks must be positive")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError("gpu_memory_utilization must lie in (0, 1]")
-        if self.kv_cache_gib <= 0:
+        if self.kv_cache_gib is not None and self.kv_cache_gib <= 0:
             raise ValueError("kv_cache_gib must be positive")

@@ -1,121 +1,186 @@
-"""One batch from a slot to sampled tokens: read inputs, fill placeholders, run, sample."""
+"""One batch from its device slot to sampled tokens, on the current (compute) stream.
+
+Decode batches (one token per row) run a static-shape forward over a bucket of
+rows and a bucket of context length: it fills placeholders from the previous
+batch's on-device output, masks the padding rows onto a scratch KV block, and on
+CUDA it is captured once per (slot, rows, context) bucket and replayed as a
+graph, all graphs sharing one memory pool. Other batches (prefill, mixed) run
+eagerly with the same model code.
+"""
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import logging
 
 import numpy as np
 import torch
 
 from gpu_worker.attention import AttentionBackend, AttentionMetadata
+from gpu_worker.device_slots import DeviceSlots
 from gpu_worker.model import LlamaModel
-from gpu_worker.sampler import SamplerOutput, SamplingBatch, sample
+from gpu_worker.sampler import SamplingBatch, sample
 from tandem import slots as S
 
+log = logging.getLogger("gpu_worker")
 
-@dataclasses.dataclass
-class DeviceBatch:
-    """A batch's inputs on the device."""
+
+@dataclasses.dataclass(frozen=True)
+class BatchInfo:
+    """What the host reads of a batch before launching it (from the shared slot)."""
 
     seq: int
     prev_seq: int
-    input_ids: torch.Tensor  # [num_tokens] int64 (placeholders: -1)
-    placeholder_pos: torch.Tensor  # [num_placeholders] int64, index into input_ids
-    placeholder_src: torch.Tensor  # [num_placeholders] int64, row of prev batch's output
-    meta: AttentionMetadata
-    sample_index: torch.Tensor  # [num_rows] int64, last token of each row
-    sampling: SamplingBatch
+    num_tokens: int
+    num_rows: int
+    num_placeholders: int
+    max_query_len: int
+    max_context_len: int
+    num_top_logprobs: int
+    want_logprobs: bool
+    all_greedy: bool
+    any_truncation: bool
+
+    @property
+    def is_decode(self) -> bool:
+        return self.max_query_len == 1
+
+    @classmethod
+    def read(cls, view: S.SlotView) -> BatchInfo:
+        h, rows = view.header, int(view.header[S.H_NUM_ROWS])
+        temperature, top_p, top_k = view.temperature[:rows], view.top_p[:rows], view.top_k[:rows]
+        return cls(
+            seq=int(h[S.H_SEQ]), prev_seq=int(h[S.H_PREV_SEQ]),
+            num_tokens=int(h[S.H_NUM_TOKENS]), num_rows=rows,
+            num_placeholders=int(h[S.H_NUM_PLACEHOLDERS]),
+            max_query_len=int(h[S.H_MAX_QUERY_LEN]), max_context_len=int(h[S.H_MAX_CONTEXT_LEN]),
+            num_top_logprobs=int(h[S.H_NUM_TOP_LOGPROBS]), want_logprobs=bool(h[S.H_WANT_LOGPROBS]),
+            all_greedy=bool(np.all(temperature <= 0)),
+            any_truncation=bool(np.any((top_k > 0) | (top_p < 1))),
+        )
 
 
-def _ints(a: np.ndarray, device) -> torch.Tensor:
-    return torch.from_numpy(a).to(device=device, dtype=torch.int64)
-
-
-def _floats(a: np.ndarray, device) -> torch.Tensor:
-    return torch.from_numpy(a.copy()).to(device=device)
-
-
-def read_batch(view: S.SlotView, device: torch.device) -> DeviceBatch:
-    """Copy slot ``view``'s inputs to ``device``; the slot may be rewritten afterwards."""
-    h = view.header
-    n_tok, n_rows, n_ph = int(h[S.H_NUM_TOKENS]), int(h[S.H_NUM_ROWS]), int(h[S.H_NUM_PLACEHOLDERS])
-    query_start = _ints(view.query_start[: n_rows + 1], device)
-    context_lens = _ints(view.context_lens[:n_rows], device)
-    row_lens = query_start[1:] - query_start[:-1]
-    meta = AttentionMetadata(
-        positions=_ints(view.positions[:n_tok], device),
-        slot_mapping=_ints(view.slot_mapping[:n_tok], device),
-        query_start=query_start,
-        context_lens=context_lens,
-        block_tables=_ints(view.block_tables[:n_rows], device),
-        token_rows=torch.repeat_interleave(torch.arange(n_rows, device=device), row_lens),
-        max_query_len=int(h[S.H_MAX_QUERY_LEN]),
-        max_context_len=int(h[S.H_MAX_CONTEXT_LEN]),
-    )
-    temperature, top_p = view.temperature[:n_rows], view.top_p[:n_rows]
-    top_k = view.top_k[:n_rows]
-    sampling = SamplingBatch(
-        temperature=_floats(temperature, device),
-        top_p=_floats(top_p, device),
-        top_k=_ints(top_k, device),
-        seed=_ints(view.seed[:n_rows], device),
-        position=context_lens,
-        num_top_logprobs=int(h[S.H_NUM_TOP_LOGPROBS]),
-        want_logprobs=bool(h[S.H_WANT_LOGPROBS]),
-        all_greedy=bool((temperature <= 0).all()),
-        any_truncation=bool(((top_k > 0) | (top_p < 1)).any()),
-    )
-    return DeviceBatch(
-        seq=int(h[S.H_SEQ]),
-        prev_seq=int(h[S.H_PREV_SEQ]),
-        input_ids=_ints(view.input_ids[:n_tok], device),
-        placeholder_pos=_ints(view.placeholder_pos[:n_ph], device),
-        placeholder_src=_ints(view.placeholder_src[:n_ph], device),
-        meta=meta,
-        sample_index=query_start[1:] - 1,
-        sampling=sampling,
-    )
+def buckets(limit: int, start: int, more: list[int] | None = None) -> list[int]:
+    """Powers of two from ``start`` below ``limit``, then ``limit`` itself."""
+    out, n = [], start
+    while n < limit:
+        out.append(n)
+        n *= 2
+    return sorted(set(out + (more or []) + [limit]))
 
 
 class ModelRunner:
-    """Runs batches in order, keeping the last batch's sampled tokens on the device
-    so that the next batch's placeholders can be filled without a host round trip."""
+    def __init__(self, model: LlamaModel, attention: AttentionBackend, slots: DeviceSlots,
+                 scratch_block: int, block_size: int, use_graphs: bool) -> None:
+        shape = slots.layout.shape
+        self.model, self.attention, self.slots = model, attention, slots
+        self.scratch_block, self.block_size = scratch_block, block_size
+        max_context = shape.max_blocks_per_row * block_size
+        self.row_buckets = buckets(shape.max_num_rows, 1)
+        self.ctx_buckets = buckets(max_context, min(256, max_context))
+        self.use_graphs = use_graphs
+        self.graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
-    def __init__(self, model: LlamaModel, attention: AttentionBackend) -> None:
-        self.model = model
-        self.attention = attention
-        self.prev_seq = 0
-        self.prev_sampled: torch.Tensor | None = None  # [rows] int64
+    def run(self, k: int, info: BatchInfo) -> None:
+        """Run slot ``k``'s batch and write its outputs into the slot's device buffer."""
+        logits = self._decode(k, info)[:info.num_rows] if info.is_decode else self._eager(k, info)
+        self._sample(k, info, logits)
 
-    @torch.inference_mode()
-    def run(self, batch: DeviceBatch) -> SamplerOutput:
-        self._fill_placeholders(batch)
-        logits = self.model.forward(batch.input_ids, batch.meta, self.attention,
-                                    batch.sample_index)
-        out = sample(logits, batch.sampling)
-        self.prev_seq, self.prev_sampled = batch.seq, out.token_ids
-        return out
+    def _prev_outputs(self, k: int) -> dict:
+        return self.slots.slots[(k - 1) % len(self.slots.slots)].outputs
 
-    def _fill_placeholders(self, batch: DeviceBatch) -> None:
-        if batch.placeholder_pos.numel() == 0:
-            return
-        if batch.prev_seq != self.prev_seq or self.prev_sampled is None:
-            raise RuntimeError(
-                f"batch {batch.seq} has placeholders for batch {batch.prev_seq}, "
-                f"but the last batch run was {self.prev_seq}"
-            )
-        batch.input_ids[batch.placeholder_pos] = self.prev_sampled[batch.placeholder_src]
+    # --- decode: static shapes, graph replay on CUDA ---
+    def _decode(self, k: int, info: BatchInfo) -> torch.Tensor:
+        rows = self.row_buckets[bisect.bisect_left(self.row_buckets, info.num_rows)]
+        ctx = self.ctx_buckets[bisect.bisect_left(self.ctx_buckets, info.max_context_len)]
+        graph = self.graphs.get((k, rows, ctx))
+        if graph is None:
+            return self._decode_forward(k, rows, ctx)
+        graph[0].replay()
+        return graph[1]
+
+    def _decode_forward(self, k: int, rows: int, ctx: int) -> torch.Tensor:
+        v, prev = self.slots.slots[k].inputs, self._prev_outputs(k)
+        header = v["header"]
+        index = torch.arange(rows, device=self.slots.device)
+        valid = index < header[S.H_NUM_ROWS]
+        ids = _fill_placeholders(v, prev, rows, index < header[S.H_NUM_PLACEHOLDERS])
+        scratch_slot = self.scratch_block * self.block_size
+        num_blocks = -(-ctx // self.block_size)
+        meta = AttentionMetadata(
+            positions=torch.where(valid, v["positions"][:rows].long(), 0),
+            slot_mapping=torch.where(valid, v["slot_mapping"][:rows].long(), scratch_slot),
+            query_start=torch.arange(rows + 1, device=index.device),
+            context_lens=torch.where(valid, v["context_lens"][:rows].long(), 1),
+            block_tables=torch.where(valid[:, None], v["block_tables"][:rows, :num_blocks].long(),
+                                     self.scratch_block),
+            token_rows=index, max_query_len=1, max_context_len=ctx,
+        )
+        return self.model.forward(torch.where(valid, ids, 0), meta, self.attention, index)
+
+    def capture_graphs(self) -> int:
+        """Capture every decode bucket of every slot (largest first), sharing one pool."""
+        pool = torch.cuda.graph_pool_handle()
+        for k in range(len(self.slots.slots)):
+            for rows in reversed(self.row_buckets):
+                for ctx in reversed(self.ctx_buckets):
+                    self._decode_forward(k, rows, ctx)  # warm-up outside the graph
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=pool):
+                        logits = self._decode_forward(k, rows, ctx)
+                    self.graphs[(k, rows, ctx)] = (graph, logits)
+        torch.cuda.synchronize()
+        return len(self.graphs)
+
+    # --- everything else: eager ---
+    def _eager(self, k: int, info: BatchInfo) -> torch.Tensor:
+        v, n, r = self.slots.slots[k].inputs, info.num_tokens, info.num_rows
+        ids = v["input_ids"][:n].long()
+        if info.num_placeholders:
+            p = info.num_placeholders
+            src = v["placeholder_src"][:p].long()
+            ids[v["placeholder_pos"][:p].long()] = self._prev_outputs(k)["sampled_ids"][src].long()
+        query_start = v["query_start"][: r + 1].long()
+        num_blocks = -(-info.max_context_len // self.block_size)
+        meta = AttentionMetadata(
+            positions=v["positions"][:n].long(), slot_mapping=v["slot_mapping"][:n].long(),
+            query_start=query_start, context_lens=v["context_lens"][:r].long(),
+            block_tables=v["block_tables"][:r, :num_blocks].long(),
+            token_rows=torch.repeat_interleave(
+                torch.arange(r, device=ids.device), query_start.diff(), output_size=n),
+            max_query_len=info.max_query_len, max_context_len=info.max_context_len,
+        )
+        return self.model.forward(ids, meta, self.attention, query_start[1:] - 1)
+
+    # --- sampling, into the slot's output buffer ---
+    def _sample(self, k: int, info: BatchInfo, logits: torch.Tensor) -> None:
+        v, o, r = self.slots.slots[k].inputs, self.slots.slots[k].outputs, info.num_rows
+        batch = SamplingBatch(
+            temperature=v["temperature"][:r], top_p=v["top_p"][:r], top_k=v["top_k"][:r].long(),
+            seed=v["seed"][:r], position=v["context_lens"][:r].long(),
+            num_top_logprobs=info.num_top_logprobs, want_logprobs=info.want_logprobs,
+            all_greedy=info.all_greedy, any_truncation=info.any_truncation)
+        out = sample(logits, batch)
+        o["sampled_ids"][:r].copy_(out.token_ids)
+        if out.logprobs is not None:
+            o["logprobs"][:r].copy_(out.logprobs)
+        if out.top_ids is not None:
+            n = out.top_ids.shape[1]
+            o["top_ids"][:r, :n].copy_(out.top_ids)
+            o["top_logprobs"][:r, :n].copy_(out.top_logprobs)
+        o["out_header"][S.O_SEQ].fill_(info.seq)
+        o["out_header"][S.O_NUM_ROWS].fill_(r)
 
 
-def write_outputs(view: S.SlotView, seq: int, out: SamplerOutput) -> None:
-    """Copy a batch's sampled tokens (and logprobs) into the slot's output area."""
-    n = out.token_ids.shape[0]
-    view.sampled_ids[:n] = out.token_ids.cpu().numpy()
-    if out.logprobs is not None:
-        view.logprobs[:n] = out.logprobs.cpu().numpy()
-    if out.top_ids is not None:
-        k = out.top_ids.shape[1]
-        view.top_ids[:n, :k] = out.top_ids.cpu().numpy()
-        view.top_logprobs[:n, :k] = out.top_logprobs.cpu().numpy()
-    view.out_header[S.O_NUM_ROWS] = n
-    view.out_header[S.O_SEQ] = seq
+def _fill_placeholders(v: dict, prev: dict, rows: int, is_placeholder: torch.Tensor):
+    """Decode inputs with placeholders replaced by the previous batch's samples.
+
+    Static shapes: the first ``num_placeholders`` entries are real; the others
+    are sent to a spare element past the end and dropped."""
+    ids = v["input_ids"][:rows].long()
+    limit = prev["sampled_ids"].shape[0] - 1
+    src = v["placeholder_src"][:rows].long().clamp(0, limit)
+    target = torch.where(is_placeholder, v["placeholder_pos"][:rows].long().clamp(0, rows), rows)
+    padded = torch.cat([ids, ids.new_zeros(1)])
+    return padded.scatter(0, target, prev["sampled_ids"][src].long())[:rows]

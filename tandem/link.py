@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import json
 import socket
 import struct
 
@@ -28,6 +29,9 @@ class Kind(enum.IntEnum):
     DONE = 11  # outputs of batch `seq` are in `slot`
     ENQUEUED = 12  # batch `seq` is enqueued on the device; its events are recorded
     FAILED = 13  # fatal error; the payload is the message; the worker exits
+    TRACE = 3  # tokenizer_svc -> worker: `arg` 1 starts the timeline, 0 stops and
+    #            writes it to the path in the payload
+    TRACED = 14  # worker -> tokenizer_svc: the TRACE request is done; payload: JSON summary
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +49,27 @@ class Message:
     def decode(cls, data: bytes) -> Message:
         kind, slot, seq, arg = MESSAGE.unpack_from(data)
         return cls(Kind(kind), slot, seq, arg, bytes(data[MESSAGE.size :]))
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadyInfo:
+    """The READY message's payload: what the worker tells tokenizer_svc once warm."""
+
+    num_blocks: int  # KV blocks the scheduler may hand out
+    device: str  # e.g. "cuda:0" or "cpu"
+    dtype: str  # e.g. "bfloat16"
+    # Per slot, the CUDA IPC handles of the h2d_done and d2h_done events (hex);
+    # empty on the CPU, where DONE messages take their place.
+    event_handles: tuple[tuple[str, str], ...] = ()
+
+    def encode(self) -> bytes:
+        return json.dumps(dataclasses.asdict(self)).encode()
+
+    @classmethod
+    def decode(cls, data: bytes) -> ReadyInfo:
+        d = json.loads(data)
+        return cls(d["num_blocks"], d["device"], d["dtype"],
+                   tuple(tuple(h) for h in d["event_handles"]))
 
 
 class PeerGone(ConnectionError):

@@ -14,6 +14,7 @@ device copy with the same offsets.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from multiprocessing import shared_memory
 
@@ -66,7 +67,7 @@ class Field:
 
 
 def _input_fields(s: SlotShape) -> list[tuple[str, str, tuple[int, ...]]]:
-    t, r, m, n = s.max_num_tokens, s.max_num_rows, s.max_blocks_per_row, s.max_top_logprobs
+    t, r, m, _n = s.max_num_tokens, s.max_num_rows, s.max_blocks_per_row, s.max_top_logprobs
     return [
         ("header", "int64", (NUM_HEADER_FIELDS,)),
         ("temperature", "float32", (r,)),  # 0: greedy
@@ -122,6 +123,7 @@ class SlotLayout:
         object.__setattr__(self, "output_fields", outputs)
         object.__setattr__(self, "input_nbytes", input_end)
         object.__setattr__(self, "output_offset", (input_end + 63) // 64 * 64)
+        object.__setattr__(self, "output_nbytes", output_end - self.output_offset)
         object.__setattr__(self, "slot_nbytes", (output_end + 4095) // 4096 * 4096)
 
     @property
@@ -193,15 +195,12 @@ class SlotSegment:
         for view in self.slots:
             view.release()
         self.slots = []
-        try:
+        # BufferError: a view is still alive somewhere; the OS reclaims the mapping on exit
+        with contextlib.suppress(BufferError):
             self.shm.close()
-        except BufferError:  # a view is still alive somewhere; the OS reclaims on exit
-            pass
         if self.is_owner:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 self.shm.unlink()
-            except FileNotFoundError:
-                pass
 
 
 def _untrack(shm: shared_memory.SharedMemory) -> None:
@@ -212,7 +211,5 @@ def _untrack(shm: shared_memory.SharedMemory) -> None:
     """
     from multiprocessing import resource_tracker
 
-    try:
-        resource_tracker.unregister(shm._name, "shared_memory")  # noqa: SLF001
-    except Exception:  # noqa: BLE001 - best effort; only a leak warning is at stake
-        pass
+    with contextlib.suppress(Exception):  # best effort; only a leak warning is at stake
+        resource_tracker.unregister(shm._name, "shared_memory")

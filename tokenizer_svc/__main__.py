@@ -42,12 +42,16 @@ def parse_args(argv: list[str]) -> EngineConfig:
     p.add_argument("--sync", action="store_true", help="no overlap: the benchmark baseline")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--num-kv-blocks", type=int, default=None)
-    p.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache size on the CPU")
+    p.add_argument("--kv-cache-gib", type=float, default=None,
+                   help="KV cache size (default: 1 GiB on the CPU; on a GPU what "
+                        "--gpu-memory-utilization leaves)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--default-max-tokens", type=int, default=256)
+    p.add_argument("--batch-wait-ms", type=float, default=0.0,
+                   help="when idle, gather requests this long before the first batch")
     a = p.parse_args(argv)
     return EngineConfig(
         listen=a.listen,
@@ -56,7 +60,8 @@ def parse_args(argv: list[str]) -> EngineConfig:
         cache=CacheConfig(a.block_size, a.num_kv_blocks, a.kv_cache_gib,
                           a.gpu_memory_utilization),
         scheduler=SchedulerConfig(a.max_num_seqs, a.max_num_batched_tokens, a.max_model_len,
-                                  a.default_max_tokens, overlap=not a.sync),
+                                  a.default_max_tokens, overlap=not a.sync,
+                                  batch_wait_ms=a.batch_wait_ms),
     )
 
 
@@ -76,7 +81,8 @@ def build_engine(cfg: EngineConfig, tok: ModelTokenizer, worker: WorkerClient,
     scheduler = Scheduler(SchedulerLimits(sched.max_num_seqs, sched.max_num_batched_tokens),
                           blocks)
     outputs = OutputProcessor(tok.tokenizer, tok.eos_token_ids, tok.max_context)
-    return Engine(scheduler, outputs, worker, segment, overlap=sched.overlap)
+    return Engine(scheduler, outputs, worker, segment, overlap=sched.overlap,
+                  batch_wait=sched.batch_wait_ms / 1000)
 
 
 async def serve(cfg: EngineConfig) -> int:

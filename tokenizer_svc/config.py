@@ -19,7 +19,7 @@ class ModelConfig:
 class CacheConfig:
     block_size: int = 16
     num_blocks: int | None = None  # None: the worker sizes the cache from memory
-    kv_cache_gib: float = 1.0  # on the CPU
+    kv_cache_gib: float | None = None  # None: 1 GiB on the CPU, from the GPU's free memory
     gpu_memory_utilization: float = 0.85
 
     def __post_init__(self) -> None:
@@ -35,6 +35,7 @@ class SchedulerConfig:
     default_max_tokens: int = 256
     max_top_logprobs: int = 20
     overlap: bool = True  # False: --sync, wait for batch N before preparing N+1
+    batch_wait_ms: float = 0.0  # when idle, wait this long for more requests to arrive
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < self.max_num_seqs:

@@ -19,6 +19,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future
 
 from tandem import slots as S
 from tokenizer_svc.batch_writer import write_plan
@@ -33,18 +34,21 @@ Sink = Callable[[RequestOutput], None]
 
 class Engine:
     def __init__(self, scheduler: Scheduler, outputs: OutputProcessor, worker: WorkerClient,
-                 segment: S.SlotSegment, overlap: bool) -> None:
+                 segment: S.SlotSegment, overlap: bool, batch_wait: float = 0.0) -> None:
         self.scheduler = scheduler
         self.outputs = outputs
         self.worker = worker
         self.segment = segment
         self.overlap = overlap
+        self.batch_wait = batch_wait  # seconds to gather requests when starting from idle
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.sinks: dict[str, Sink] = {}
         self.requests: dict[str, Request] = {}
         self.in_flight: deque[BatchPlan] = deque()
         self.num_batches = 0
         self.num_finished = 0
+        self.num_tokens = 0  # run through the model, prefill and decode
+        self.num_sampled = 0  # tokens applied to live requests
         self.fatal: Exception | None = None
         self.on_fatal: Callable[[Exception], None] = lambda exc: None
         self._stop = threading.Event()
@@ -59,6 +63,12 @@ class Engine:
 
     def abort(self, req_id: str) -> None:
         self.inbox.put(("abort", req_id, None))
+
+    def trace(self, start: bool, path: str = "") -> Future:
+        """Start or stop the worker's device timeline; resolves to the worker's summary."""
+        done: Future = Future()
+        self.inbox.put(("trace", (start, path), done))
+        return done
 
     def stop(self) -> None:
         self._stop.set()
@@ -77,7 +87,11 @@ class Engine:
             self.on_fatal(exc)
 
     def _step(self) -> None:
-        self._drain_inbox(block=not self.in_flight and not self.scheduler.has_work)
+        idle = not self.in_flight and not self.scheduler.has_work
+        self._drain_inbox(block=idle)
+        if idle and self.batch_wait > 0:  # let a burst of requests land in one batch
+            time.sleep(self.batch_wait)
+            self._drain_inbox(block=False)
         plan = None
         if self.overlap or not self.in_flight:
             plan = self.scheduler.schedule() if self.scheduler.has_work else None
@@ -101,6 +115,17 @@ class Engine:
                 self.scheduler.add(item)
             elif kind == "abort":
                 self._abort(item)
+            elif kind == "trace":
+                self._trace(*item, done=sink)
+
+    def _trace(self, start: bool, path: str, done: Future) -> None:
+        while self.in_flight:  # a clean edge: no batch straddles the window
+            self._complete(self.in_flight.popleft())
+        try:
+            done.set_result(self.worker.trace(start, path))
+        except Exception as exc:  # noqa: BLE001 - the caller gets the error
+            done.set_exception(exc)
+            raise
 
     def _abort(self, req_id: str) -> None:
         req = self.requests.pop(req_id, None)
@@ -118,20 +143,24 @@ class Engine:
             if row.req.first_scheduled is None:
                 row.req.first_scheduled = now
         slot = plan.seq % self.segment.layout.num_slots
+        self.worker.wait_inputs_copied(slot)
         write_plan(self.segment.slots[slot], plan, self.scheduler.blocks)
         self.worker.submit(slot, plan.seq)
         self.in_flight.append(plan)
         self.num_batches += 1
+        self.num_tokens += plan.num_tokens
 
     def _complete(self, plan: BatchPlan) -> None:
-        self.worker.wait(plan.seq)
-        view = self.segment.slots[plan.seq % self.segment.layout.num_slots]
+        slot = plan.seq % self.segment.layout.num_slots
+        self.worker.wait(plan.seq, slot)
+        view = self.segment.slots[slot]
         sampled = view.sampled_ids[: len(plan.rows)].tolist()
         for r, row in enumerate(plan.rows):
             req = row.req
             if not row.samples or req.status == Status.FINISHED:
                 continue
             req.pending.popleft()
+            self.num_sampled += 1
             out = self.outputs.apply(req, sampled[r], _logprob(view, r, req, sampled[r]))
             if req.finish_reason is not None:
                 self._retire(req)
@@ -157,5 +186,6 @@ def _logprob(view: S.SlotView, row: int, req: Request, token_id: int) -> TokenLo
     if not req.options.logprobs:
         return None
     n = req.options.top_logprobs
-    top = list(zip(view.top_ids[row, :n].tolist(), view.top_logprobs[row, :n].tolist()))
+    top = list(zip(view.top_ids[row, :n].tolist(), view.top_logprobs[row, :n].tolist(),
+                   strict=True))
     return TokenLogprob(token_id, float(view.logprobs[row]), top)

@@ -101,7 +101,24 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
             num_running=len(s.running), num_waiting=len(s.waiting),
             kv_blocks_total=s.blocks.num_blocks, kv_blocks_free=s.blocks.num_free,
             num_preemptions=s.num_preemptions, num_batches=engine.num_batches,
-            num_finished=engine.num_finished)
+            num_finished=engine.num_finished, num_tokens=engine.num_tokens,
+            num_sampled=engine.num_sampled)
+
+    async def StartTrace(self, request, context):
+        summary = await self._trace(context, True, "")
+        return engine_pb2.TraceReply(num_batches=summary.get("num_batches", 0))
+
+    async def StopTrace(self, request, context):
+        if not request.path:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "path: required")
+        summary = await self._trace(context, False, request.path)
+        return engine_pb2.TraceReply(path=summary.get("path", ""),
+                                     num_kernels=summary.get("num_kernels", 0),
+                                     num_batches=summary.get("num_batches", 0))
+
+    async def _trace(self, context, start: bool, path: str) -> dict:
+        engine = await self._engine(context)
+        return await asyncio.wrap_future(engine.trace(start, path))
 
 
 async def start_server(cfg: EngineConfig, servicer: EngineServicer):

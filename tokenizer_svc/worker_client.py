@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import subprocess
 import sys
 import time
 
 from tandem import slots as S
-from tandem.link import Kind, Link, Message, PeerGone
+from tandem.link import Kind, Link, Message, PeerGone, ReadyInfo
 from tokenizer_svc.config import EngineConfig
 
 log = logging.getLogger("tokenizer_svc.worker")
+
+
+def open_ipc_events(ready: ReadyInfo):
+    from tokenizer_svc.device_events import DeviceEvents  # imports torch: CUDA only
+
+    return DeviceEvents(ready.device, ready.event_handles)
 
 
 class WorkerFailed(RuntimeError):
@@ -27,6 +35,7 @@ class WorkerClient:
         self.num_blocks = 0
         self.device = ""  # as the worker reports it, e.g. "cuda:0"
         self.dtype = ""
+        self.events = None  # DeviceEvents on CUDA: per slot (h2d_done, d2h_done)
 
     def _command(self, fd: int) -> list[str]:
         m, c, shape = self.cfg.model, self.cfg.cache, self.segment.layout.shape
@@ -38,10 +47,12 @@ class WorkerClient:
                "--max-blocks-per-row", str(shape.max_blocks_per_row),
                "--max-top-logprobs", str(shape.max_top_logprobs),
                "--num-slots", str(self.segment.layout.num_slots),
-               "--block-size", str(c.block_size), "--kv-cache-gib", str(c.kv_cache_gib),
+               "--block-size", str(c.block_size),
                "--gpu-memory-utilization", str(c.gpu_memory_utilization)]
         if c.num_blocks is not None:
             cmd += ["--num-blocks", str(c.num_blocks)]
+        if c.kv_cache_gib is not None:
+            cmd += ["--kv-cache-gib", str(c.kv_cache_gib)]
         return cmd
 
     def start(self) -> int:
@@ -59,10 +70,12 @@ class WorkerClient:
                 continue
             if msg.kind != Kind.READY:
                 raise WorkerFailed(f"unexpected {msg.kind.name} from the worker before READY")
-            self.num_blocks = msg.arg
-            self.device, self.dtype = msg.payload.decode().split()
-            log.info("worker ready (pid %d, %d KV blocks)", self.proc.pid, msg.arg)
-            return msg.arg
+            ready = ReadyInfo.decode(msg.payload)
+            self.num_blocks, self.device, self.dtype = ready.num_blocks, ready.device, ready.dtype
+            self.events = open_ipc_events(ready) if ready.event_handles else None
+            log.info("worker ready (pid %d, %s, %d KV blocks, %s)", self.proc.pid, ready.device,
+                     ready.num_blocks, "CUDA IPC events" if self.events else "CPU signals")
+            return ready.num_blocks
         raise WorkerFailed(f"worker not ready after {self.cfg.worker_start_timeout:.0f} s")
 
     def _recv(self, timeout: float | None = None) -> Message:
@@ -85,26 +98,46 @@ class WorkerClient:
         except PeerGone as exc:
             raise WorkerFailed("worker is gone") from exc
 
-    def wait(self, seq: int) -> None:
-        """Block until batch ``seq``'s outputs are in its slot."""
+    def wait(self, seq: int, slot: int) -> None:
+        """Block until batch ``seq``'s outputs are in ``slot``.
+
+        On the CPU the worker says DONE when they are. On CUDA it says ENQUEUED as
+        soon as the batch's work (and its d2h_done event) is enqueued, and we wait
+        on that event ourselves: the record we wait for is then known to exist.
+        """
+        expected = Kind.ENQUEUED if self.events is not None else Kind.DONE
+        msg = self._next(expected)
+        if msg.seq != seq:
+            raise WorkerFailed(f"expected batch {seq}, worker said {msg.kind.name} {msg.seq}")
+        if self.events is not None:
+            self.events.wait_outputs(slot)
+
+    def _next(self, kind: Kind) -> Message:
         while True:
             try:
                 msg = self._recv(timeout=5.0)
             except TimeoutError:
                 continue  # still running; _recv has checked that the worker lives
-            if msg.kind == Kind.DONE and msg.seq == seq:
-                return
-            if msg.kind != Kind.DONE or msg.seq > seq:
-                raise WorkerFailed(f"expected batch {seq}, worker said {msg.kind.name} {msg.seq}")
+            if msg.kind != kind:
+                raise WorkerFailed(f"expected {kind.name}, worker said {msg.kind.name}")
+            return msg
+
+    def wait_inputs_copied(self, slot: int) -> None:
+        """Block until the slot's last inputs are on the device (CUDA; at once on the CPU)."""
+        if self.events is not None:
+            self.events.wait_inputs_copied(slot)
+
+    def trace(self, start: bool, path: str = "") -> dict:
+        """Start or stop the worker's device timeline (nothing may be in flight)."""
+        self.link.send(Message(Kind.TRACE, arg=int(start), payload=path.encode()))
+        return json.loads(self._next(Kind.TRACED).payload or b"{}")
 
     def stop(self, timeout: float = 10.0) -> None:
         if self.proc is None:
             return
         if self.proc.poll() is None:
-            try:
+            with contextlib.suppress(PeerGone, OSError):
                 self.link.send(Message(Kind.SHUTDOWN))
-            except (PeerGone, OSError):
-                pass
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:

@@ -34,8 +34,9 @@ class Service:
         self.engine_addr = f"unix://{self.tmp.name}/engine.sock"
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
-        env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
-        log = open(Path(self.tmp.name) / "log.txt", "w")
+        path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+        env = dict(os.environ, PYTHONPATH=path, PYTHONUNBUFFERED="1")
+        log = open(Path(self.tmp.name) / "log.txt", "w")  # noqa: SIM115 - outlives this call
         self.log_path = Path(self.tmp.name) / "log.txt"
         self.engine = subprocess.Popen(
             [sys.executable, "-m", "tokenizer_svc", "--listen", self.engine_addr, *engine_args],

@@ -60,13 +60,18 @@ def run_staggered(service, requests, gap=0.15):
 
     def worker(i):
         time.sleep(i * gap)
-        results[i] = stream(service, requests[i])
+        try:
+            results[i] = stream(service, requests[i])
+        except grpc.RpcError as exc:
+            results[i] = exc
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(requests))]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    errors = [r for r in results if isinstance(r, grpc.RpcError)]
+    assert not errors, f"{len(errors)} requests failed, e.g. {errors[0].details()}"
     return results
 
 
@@ -97,7 +102,7 @@ def prompt_of(service, request):
 
 
 def test_greedy_matches_hugging_face_generate(async_service, async_results, hf_model):
-    for request, (text, ids, last) in zip(greedy_requests(), async_results):
+    for request, (_text, ids, last) in zip(greedy_requests(), async_results, strict=False):
         prompt = prompt_of(async_service, request)
         assert last.usage.prompt_tokens == len(prompt)
         expected = hf_greedy(hf_model, prompt, NEW_TOKENS)
@@ -118,7 +123,7 @@ def test_tokenize_matches_the_model_tokenizer(async_service, hf_model):
 
 def test_async_equals_sync(sync_service, async_results):
     sync_results = run_staggered(sync_service, greedy_requests())
-    for (a_text, a_ids, _), (s_text, s_ids, _) in zip(async_results, sync_results):
+    for (a_text, a_ids, _), (s_text, s_ids, _) in zip(async_results, sync_results, strict=False):
         assert a_ids == s_ids and a_text == s_text
 
 

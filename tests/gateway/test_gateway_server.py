@@ -6,9 +6,6 @@ import asyncio
 
 import grpc
 import pytest
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-
-from gateway.server import build_server
 from gateway_fakes import (
     MODEL_INFO,
     NOT_SERVING,
@@ -20,6 +17,9 @@ from gateway_fakes import (
     wait_for_status,
     wait_until,
 )
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from gateway.server import build_server
 from tandem.v1 import generation_pb2 as pb
 
 pytestmark = pytest.mark.timeout(30)

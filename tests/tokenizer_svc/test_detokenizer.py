@@ -25,7 +25,7 @@ def test_multibyte_characters_are_never_split():
 
 
 def test_flush_emits_an_unfinished_character():
-    deltas, tail = stream("ab".encode() + "é".encode()[:1])
+    deltas, tail = stream(b"ab" + "é".encode()[:1])
     assert "".join(deltas) == "ab" and tail == "\ufffd"
 
 

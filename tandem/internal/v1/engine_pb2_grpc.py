@@ -58,6 +58,16 @@ class EngineStub:
                 request_serializer=tandem_dot_internal_dot_v1_dot_engine__pb2.GetStatsRequest.SerializeToString,
                 response_deserializer=tandem_dot_internal_dot_v1_dot_engine__pb2.EngineStats.FromString,
                 _registered_method=True)
+        self.StartTrace = channel.unary_unary(
+                '/tandem.internal.v1.Engine/StartTrace',
+                request_serializer=tandem_dot_internal_dot_v1_dot_engine__pb2.StartTraceRequest.SerializeToString,
+                response_deserializer=tandem_dot_internal_dot_v1_dot_engine__pb2.TraceReply.FromString,
+                _registered_method=True)
+        self.StopTrace = channel.unary_unary(
+                '/tandem.internal.v1.Engine/StopTrace',
+                request_serializer=tandem_dot_internal_dot_v1_dot_engine__pb2.StopTraceRequest.SerializeToString,
+                response_deserializer=tandem_dot_internal_dot_v1_dot_engine__pb2.TraceReply.FromString,
+                _registered_method=True)
 
 
 class EngineServicer:
@@ -95,6 +105,23 @@ class EngineServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StartTrace(self, request, context):
+        """Starts recording the worker's device timeline (for the benchmark). The
+        engine finishes the batches in flight first, so the window starts clean.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StopTrace(self, request, context):
+        """Stops recording and has the worker write the timeline to `path` as JSON:
+        {"device": str, "window_us": [start, end], "kernels_us": [[start, end], ...],
+        "steps_us": [[start, end], ...]} with times in microseconds on one clock.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EngineServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -117,6 +144,16 @@ def add_EngineServicer_to_server(servicer, server):
                     servicer.GetStats,
                     request_deserializer=tandem_dot_internal_dot_v1_dot_engine__pb2.GetStatsRequest.FromString,
                     response_serializer=tandem_dot_internal_dot_v1_dot_engine__pb2.EngineStats.SerializeToString,
+            ),
+            'StartTrace': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartTrace,
+                    request_deserializer=tandem_dot_internal_dot_v1_dot_engine__pb2.StartTraceRequest.FromString,
+                    response_serializer=tandem_dot_internal_dot_v1_dot_engine__pb2.TraceReply.SerializeToString,
+            ),
+            'StopTrace': grpc.unary_unary_rpc_method_handler(
+                    servicer.StopTrace,
+                    request_deserializer=tandem_dot_internal_dot_v1_dot_engine__pb2.StopTraceRequest.FromString,
+                    response_serializer=tandem_dot_internal_dot_v1_dot_engine__pb2.TraceReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -230,6 +267,60 @@ class Engine:
             '/tandem.internal.v1.Engine/GetStats',
             tandem_dot_internal_dot_v1_dot_engine__pb2.GetStatsRequest.SerializeToString,
             tandem_dot_internal_dot_v1_dot_engine__pb2.EngineStats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartTrace(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.internal.v1.Engine/StartTrace',
+            tandem_dot_internal_dot_v1_dot_engine__pb2.StartTraceRequest.SerializeToString,
+            tandem_dot_internal_dot_v1_dot_engine__pb2.TraceReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StopTrace(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.internal.v1.Engine/StopTrace',
+            tandem_dot_internal_dot_v1_dot_engine__pb2.StopTraceRequest.SerializeToString,
+            tandem_dot_internal_dot_v1_dot_engine__pb2.TraceReply.FromString,
             options,
             channel_credentials,
             insecure,

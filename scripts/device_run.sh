@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Everything that needs a GPU, in one call on a GPU machine: the GPU tests, the
+# end-to-end suite with the worker on CUDA, and the benchmark. Results go to $OUT.
+#
+#   scripts/device_run.sh [tests|bench|all] [extra bench args...]
+#
+# Missing Python packages travel as wheels in .whl/ and the tokenizer cache in
+# .device/cache/ (see README, "Running on a GPU machine").
+set -uo pipefail
+cd "$(dirname "$0")/.."
+what=${1:-all}
+shift || true
+OUT=${OUT:-bench_results}
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+[ -d .device/cache ] && export TANDEM_CACHE="$PWD/.device/cache"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv \
+    | tee "$OUT/gpu.txt"
+status=0
+if [ "$what" = tests ] || [ "$what" = all ]; then
+    python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tee "$OUT/gpu_tests.txt"
+    status=$(( status | PIPESTATUS[0] ))
+    TANDEM_TEST_MODEL=random:smollm2-135m TANDEM_TEST_DEVICE=cuda \
+        python3 -m pytest -q -p no:cacheprovider -x tests/e2e 2>&1 | tee "$OUT/e2e_cuda.txt"
+    status=$(( status | PIPESTATUS[0] ))
+fi
+if [ "$what" = bench ] || [ "$what" = all ]; then
+    python3 -m bench --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.txt"
+    status=$(( status | PIPESTATUS[0] ))
+fi
+exit $status
