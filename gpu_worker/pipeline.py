@@ -15,11 +15,19 @@ never waits for the GPU. Every event is created once and lives as long as the
 pipeline, so the handles tokenizer_svc holds stay valid.
 
 On the CPU the same stages run one after the other, synchronously.
+
+The compute stream's busy time and idle gap per step are measured with timing
+events (host clocks on the CPU) and read back once a batch is known to be done,
+never waited for: :meth:`Pipeline.step_timing`.
 """
 
 from __future__ import annotations
 
+import time
+
 import torch
+
+TIMING_RING = 8  # timing events kept per pipeline; > slots, so a finished batch's survive
 
 from gpu_worker.device_slots import DeviceSlots
 from gpu_worker.runner import BatchInfo, ModelRunner
@@ -36,6 +44,9 @@ class Pipeline:
             self.h2d_done = [torch.cuda.Event(interprocess=True) for _ in range(n)]
             self.compute_done = [torch.cuda.Event() for _ in range(n)]
             self.d2h_done = [torch.cuda.Event(interprocess=True) for _ in range(n)]
+            self.step_start = [torch.cuda.Event(enable_timing=True) for _ in range(TIMING_RING)]
+            self.step_end = [torch.cuda.Event(enable_timing=True) for _ in range(TIMING_RING)]
+        self.host_times: dict[int, tuple[float, float]] = {}  # CPU: seq -> (start, end)
 
     @property
     def is_async(self) -> bool:
@@ -52,9 +63,12 @@ class Pipeline:
     def launch(self, k: int, info: BatchInfo) -> None:
         buf = self.slots.slots[k]
         if not self.cuda:
+            start = time.perf_counter()
             buf.dev_in.copy_(buf.host_in)
             self.runner.run(k, info)
             buf.host_out.copy_(buf.dev_out)
+            self.host_times[info.seq] = (start, time.perf_counter())
+            self.host_times.pop(info.seq - TIMING_RING, None)
             return
         with torch.cuda.stream(self.h2d):
             self.h2d.wait_event(self.compute_done[k])
@@ -63,12 +77,31 @@ class Pipeline:
         with torch.cuda.stream(self.compute):
             self.compute.wait_event(self.h2d_done[k])
             self.compute.wait_event(self.d2h_done[k])
+            self.step_start[info.seq % TIMING_RING].record(self.compute)
             self.runner.run(k, info)
+            self.step_end[info.seq % TIMING_RING].record(self.compute)
             self.compute_done[k].record(self.compute)
         with torch.cuda.stream(self.d2h):
             self.d2h.wait_event(self.compute_done[k])
             buf.host_out.copy_(buf.dev_out, non_blocking=True)
             self.d2h_done[k].record(self.d2h)
+
+    def step_timing(self, seq: int) -> tuple[float, float] | None:
+        """(busy seconds, idle seconds before it) of the compute stream for batch ``seq``,
+        which must be finished; None when unknown (first batch, or not recorded)."""
+        if seq < 2:
+            return None
+        if not self.cuda:
+            this, prev = self.host_times.get(seq), self.host_times.get(seq - 1)
+            if this is None or prev is None:
+                return None
+            return this[1] - this[0], max(this[0] - prev[1], 0.0)
+        start, end = self.step_start[seq % TIMING_RING], self.step_end[seq % TIMING_RING]
+        prev_end = self.step_end[(seq - 1) % TIMING_RING]
+        if not end.query():
+            return None
+        busy = start.elapsed_time(end) / 1000
+        return busy, max(prev_end.elapsed_time(start) / 1000, 0.0)
 
     @torch.inference_mode()
     def capture_graphs(self) -> int:

@@ -22,7 +22,7 @@ from gpu_worker.runner import BatchInfo, ModelRunner
 from gpu_worker.trace import Tracer
 from tandem import models
 from tandem import slots as S
-from tandem.link import Kind, Link, Message, ReadyInfo
+from tandem.link import Kind, Link, Message, ReadyInfo, StepTiming
 
 log = logging.getLogger("gpu_worker")
 
@@ -135,7 +135,14 @@ class Worker:
             self.pipeline.launch(slot, info)
         self.last_seq = seq
         kind = Kind.ENQUEUED if self.pipeline.is_async else Kind.DONE
-        self.link.send(Message(kind, slot=slot, seq=seq))
+        self.link.send(Message(kind, slot=slot, seq=seq, payload=self._timing_payload(seq)))
+
+    def _timing_payload(self, seq: int) -> bytes:
+        """The step timing of the newest batch known to be finished: with overlap the
+        tokenizer has waited for batch seq-2 before sending seq; on the CPU seq is done."""
+        done = seq if not self.pipeline.is_async else seq - 2
+        timing = self.pipeline.step_timing(done)
+        return StepTiming(done, *timing).encode() if timing else b""
 
     def _trace(self, msg: Message) -> None:
         summary = {}

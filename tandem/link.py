@@ -72,6 +72,24 @@ class ReadyInfo:
                    tuple(tuple(h) for h in d["event_handles"]))
 
 
+@dataclasses.dataclass(frozen=True)
+class StepTiming:
+    """Payload of DONE / ENQUEUED: how long an earlier batch kept the device busy, and
+    how long the device's compute stream sat idle before it."""
+
+    seq: int
+    busy_s: float
+    idle_s: float
+    FORMAT = struct.Struct("<qdd")
+
+    def encode(self) -> bytes:
+        return self.FORMAT.pack(self.seq, self.busy_s, self.idle_s)
+
+    @classmethod
+    def decode(cls, data: bytes) -> StepTiming | None:
+        return cls(*cls.FORMAT.unpack(data)) if len(data) == cls.FORMAT.size else None
+
+
 class PeerGone(ConnectionError):
     """The process at the other end of the link has exited."""
 

@@ -20,6 +20,7 @@ from tandem import slots as S
 from tokenizer_svc.block_manager import BlockManager
 from tokenizer_svc.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from tokenizer_svc.engine import Engine
+from tokenizer_svc.metrics import EngineMetrics
 from tokenizer_svc.output_processor import OutputProcessor
 from tokenizer_svc.scheduler import Scheduler, SchedulerLimits
 from tokenizer_svc.server import EngineServicer, set_health, start_server
@@ -52,6 +53,14 @@ def parse_args(argv: list[str]) -> EngineConfig:
     p.add_argument("--default-max-tokens", type=int, default=256)
     p.add_argument("--batch-wait-ms", type=float, default=0.0,
                    help="when idle, gather requests this long before the first batch")
+    p.add_argument("--max-waiting-requests", type=int, default=1024,
+                   help="queued requests beyond which new ones get RESOURCE_EXHAUSTED")
+    p.add_argument("--max-waiting-tokens", type=int, default=1 << 20,
+                   help="queued prompt tokens beyond which new requests get RESOURCE_EXHAUSTED")
+    p.add_argument("--grace-period", type=float, default=30.0,
+                   help="on SIGTERM, seconds in-flight requests get to finish")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus metrics on this port (0: any free port)")
     a = p.parse_args(argv)
     return EngineConfig(
         listen=a.listen,
@@ -61,7 +70,11 @@ def parse_args(argv: list[str]) -> EngineConfig:
                           a.gpu_memory_utilization),
         scheduler=SchedulerConfig(a.max_num_seqs, a.max_num_batched_tokens, a.max_model_len,
                                   a.default_max_tokens, overlap=not a.sync,
-                                  batch_wait_ms=a.batch_wait_ms),
+                                  batch_wait_ms=a.batch_wait_ms,
+                                  max_waiting_requests=a.max_waiting_requests,
+                                  max_waiting_tokens=a.max_waiting_tokens),
+        grace_period=a.grace_period,
+        metrics_port=a.metrics_port,
     )
 
 
@@ -75,21 +88,24 @@ def slot_layout(cfg: EngineConfig, max_context: int) -> S.SlotLayout:
 
 
 def build_engine(cfg: EngineConfig, tok: ModelTokenizer, worker: WorkerClient,
-                 segment: S.SlotSegment) -> Engine:
+                 segment: S.SlotSegment, metrics: EngineMetrics) -> Engine:
     sched = cfg.scheduler
     blocks = BlockManager(worker.num_blocks, cfg.cache.block_size)
     scheduler = Scheduler(SchedulerLimits(sched.max_num_seqs, sched.max_num_batched_tokens),
                           blocks)
     outputs = OutputProcessor(tok.tokenizer, tok.eos_token_ids, tok.max_context)
     return Engine(scheduler, outputs, worker, segment, overlap=sched.overlap,
-                  batch_wait=sched.batch_wait_ms / 1000)
+                  batch_wait=sched.batch_wait_ms / 1000, metrics=metrics)
 
 
 async def serve(cfg: EngineConfig) -> int:
     source = models.resolve_model(cfg.model.spec, cfg.model.cache_dir)
     tok = ModelTokenizer(source.folder, cfg.scheduler.max_model_len)
-    servicer = EngineServicer(cfg, tok, source.name)
+    metrics = EngineMetrics()
+    servicer = EngineServicer(cfg, tok, source.name, metrics)
     server, health_servicer = await start_server(cfg, servicer)
+    if cfg.metrics_port is not None:
+        log.info("metrics on http://0.0.0.0:%d/metrics", metrics.serve(cfg.metrics_port))
     segment = S.SlotSegment(slot_layout(cfg, tok.max_context), create=True)
     worker = WorkerClient(cfg, segment)
     stopping = asyncio.Event()
@@ -99,14 +115,17 @@ async def serve(cfg: EngineConfig) -> int:
     engine = None
     try:
         await loop.run_in_executor(None, worker.start)
-        engine = build_engine(cfg, tok, worker, segment)
+        engine = build_engine(cfg, tok, worker, segment, metrics)
         engine.on_fatal = lambda exc: loop.call_soon_threadsafe(stopping.set)
         servicer.engine, servicer.device, servicer.dtype = engine, worker.device, worker.dtype
         engine.start()
         await set_health(health_servicer, True)
         log.info("serving %s (%s mode)", source.name, "async" if cfg.scheduler.overlap else "sync")
         await stopping.wait()
-        return 1 if engine.fatal is not None else 0
+        if engine.fatal is not None:
+            return 1
+        await drain(servicer, health_servicer, engine, cfg.grace_period)
+        return 0
     finally:
         await set_health(health_servicer, False)
         await server.stop(grace=1.0)
@@ -114,6 +133,18 @@ async def serve(cfg: EngineConfig) -> int:
             engine.stop()
         worker.stop()
         segment.close()
+
+
+async def drain(servicer: EngineServicer, health_servicer, engine: Engine, grace: float) -> None:
+    """SIGTERM: NOT_SERVING, refuse new requests, let the running ones finish."""
+    servicer.draining = True
+    await set_health(health_servicer, False)
+    deadline = asyncio.get_running_loop().time() + grace
+    while engine.requests and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.05)
+    if engine.requests:
+        log.warning("grace period over: %d requests cut off", len(engine.requests))
+    log.info("drained; shutting down")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,6 +36,8 @@ class SchedulerConfig:
     max_top_logprobs: int = 20
     overlap: bool = True  # False: --sync, wait for batch N before preparing N+1
     batch_wait_ms: float = 0.0  # when idle, wait this long for more requests to arrive
+    max_waiting_requests: int = 1024  # admitted but not yet scheduled; beyond: RESOURCE_EXHAUSTED
+    max_waiting_tokens: int = 1 << 20  # their prompt tokens
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < self.max_num_seqs:
@@ -44,6 +46,8 @@ class SchedulerConfig:
             raise ValueError("--max-model-len must be at least 2")
         if self.default_max_tokens < 1:
             raise ValueError("--default-max-tokens must be positive")
+        if self.max_waiting_requests < 1 or self.max_waiting_tokens < 1:
+            raise ValueError("--max-waiting-requests and --max-waiting-tokens must be positive")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +58,8 @@ class EngineConfig:
     scheduler: SchedulerConfig = SchedulerConfig()
     num_slots: int = 2
     worker_start_timeout: float = 900.0  # seconds for the worker to load and warm up
+    grace_period: float = 30.0  # on SIGTERM, seconds in-flight requests get to finish
+    metrics_port: int | None = None  # serve Prometheus metrics over HTTP on this port
 
     def __post_init__(self) -> None:
         if not self.listen:

@@ -23,6 +23,7 @@ from concurrent.futures import Future
 
 from tandem import slots as S
 from tokenizer_svc.batch_writer import write_plan
+from tokenizer_svc.metrics import EngineMetrics
 from tokenizer_svc.output_processor import OutputProcessor
 from tokenizer_svc.request import FinishReason, Request, RequestOutput, Status, TokenLogprob
 from tokenizer_svc.scheduler import BatchPlan, Scheduler
@@ -34,13 +35,15 @@ Sink = Callable[[RequestOutput], None]
 
 class Engine:
     def __init__(self, scheduler: Scheduler, outputs: OutputProcessor, worker: WorkerClient,
-                 segment: S.SlotSegment, overlap: bool, batch_wait: float = 0.0) -> None:
+                 segment: S.SlotSegment, overlap: bool, batch_wait: float = 0.0,
+                 metrics: EngineMetrics | None = None) -> None:
         self.scheduler = scheduler
         self.outputs = outputs
         self.worker = worker
         self.segment = segment
         self.overlap = overlap
         self.batch_wait = batch_wait  # seconds to gather requests when starting from idle
+        self.metrics = metrics or EngineMetrics()
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.sinks: dict[str, Sink] = {}
         self.requests: dict[str, Request] = {}
@@ -49,6 +52,9 @@ class Engine:
         self.num_finished = 0
         self.num_tokens = 0  # run through the model, prefill and decode
         self.num_sampled = 0  # tokens applied to live requests
+        self._preemptions_seen = 0
+        self._queue_lock = threading.Lock()
+        self._queued: dict[str, int] = {}  # req_id -> prompt tokens, until first scheduled
         self.fatal: Exception | None = None
         self.on_fatal: Callable[[Exception], None] = lambda exc: None
         self._stop = threading.Event()
@@ -59,7 +65,18 @@ class Engine:
         self._thread.start()
 
     def add_request(self, req: Request, sink: Sink) -> None:
+        with self._queue_lock:
+            self._queued[req.req_id] = len(req.prompt_ids)
         self.inbox.put(("add", req, sink))
+
+    def queued(self) -> tuple[int, int]:
+        """Requests admitted but not yet scheduled, and their prompt tokens (any thread)."""
+        with self._queue_lock:
+            return len(self._queued), sum(self._queued.values())
+
+    def _dequeue(self, req_id: str) -> None:
+        with self._queue_lock:
+            self._queued.pop(req_id, None)
 
     def abort(self, req_id: str) -> None:
         self.inbox.put(("abort", req_id, None))
@@ -128,10 +145,12 @@ class Engine:
             raise
 
     def _abort(self, req_id: str) -> None:
+        self._dequeue(req_id)
         req = self.requests.pop(req_id, None)
         if req is None:
             return
         req.finish_reason = FinishReason.ABORTED
+        self.metrics.cancelled.inc()
         self.scheduler.finish(req)
         self.outputs.discard(req)
         self.sinks.pop(req_id, None)
@@ -142,6 +161,8 @@ class Engine:
         for row in plan.rows:
             if row.req.first_scheduled is None:
                 row.req.first_scheduled = now
+                self.metrics.queue_time.observe(now - row.req.arrival)
+                self._dequeue(row.req.req_id)
         slot = plan.seq % self.segment.layout.num_slots
         self.worker.wait_inputs_copied(slot)
         write_plan(self.segment.slots[slot], plan, self.scheduler.blocks)
@@ -149,10 +170,26 @@ class Engine:
         self.in_flight.append(plan)
         self.num_batches += 1
         self.num_tokens += plan.num_tokens
+        self._observe_batch(plan)
+
+    def _observe_batch(self, plan: BatchPlan) -> None:
+        self.metrics.batch_rows.observe(len(plan.rows))
+        self.metrics.batch_tokens.observe(plan.num_tokens)
+        self._observe_state()
+
+    def _observe_state(self) -> None:
+        m, s = self.metrics, self.scheduler
+        m.running.set(len(s.running))
+        m.waiting.set(len(s.waiting))
+        m.kv_usage.set(s.blocks.usage)
+        m.preemptions.inc(s.num_preemptions - self._preemptions_seen)
+        self._preemptions_seen = s.num_preemptions
 
     def _complete(self, plan: BatchPlan) -> None:
         slot = plan.seq % self.segment.layout.num_slots
-        self.worker.wait(plan.seq, slot)
+        timing = self.worker.wait(plan.seq, slot)
+        if timing is not None:
+            self.metrics.observe_step(timing.busy_s, timing.idle_s)
         view = self.segment.slots[slot]
         sampled = view.sampled_ids[: len(plan.rows)].tolist()
         for r, row in enumerate(plan.rows):
@@ -161,7 +198,9 @@ class Engine:
                 continue
             req.pending.popleft()
             self.num_sampled += 1
+            last_token = req.first_token
             out = self.outputs.apply(req, sampled[r], _logprob(view, r, req, sampled[r]))
+            self._observe_token(req, out, last_token)
             if req.finish_reason is not None:
                 self._retire(req)
             sink = self.sinks.get(req.req_id)
@@ -169,6 +208,19 @@ class Engine:
                 sink(out)
             if req.finish_reason is not None:
                 self.sinks.pop(req.req_id, None)
+        self._observe_state()
+
+    def _observe_token(self, req: Request, out: RequestOutput, previous: float | None) -> None:
+        m, now = self.metrics, time.monotonic()
+        m.generated.inc()
+        if previous is None:
+            m.ttft.observe(now - req.arrival)
+        else:
+            m.itl.observe(now - req.last_token_at)
+        req.last_token_at = now
+        if out.finish_reason is not None:
+            m.e2e.observe(now - req.arrival)
+            m.finished.labels(out.finish_reason.value).inc()
 
     def _retire(self, req: Request) -> None:
         self.scheduler.finish(req)

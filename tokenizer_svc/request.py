@@ -81,6 +81,7 @@ class Request:
     finish_reason: FinishReason | None = None
     first_scheduled: float | None = None
     first_token: float | None = None
+    last_token_at: float = 0.0  # when the latest token was applied
 
     @property
     def num_known(self) -> int:

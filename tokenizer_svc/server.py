@@ -15,6 +15,7 @@ from tandem.v1 import generation_pb2 as pb
 from tokenizer_svc import convert
 from tokenizer_svc.config import EngineConfig
 from tokenizer_svc.engine import Engine
+from tokenizer_svc.metrics import EngineMetrics
 from tokenizer_svc.request import Request
 from tokenizer_svc.tokenization import ModelTokenizer
 
@@ -23,17 +24,23 @@ SERVICE = "tandem.internal.v1.Engine"
 
 
 class EngineServicer(engine_pb2_grpc.EngineServicer):
-    def __init__(self, cfg: EngineConfig, tok: ModelTokenizer, model_name: str) -> None:
+    def __init__(self, cfg: EngineConfig, tok: ModelTokenizer, model_name: str,
+                 metrics: EngineMetrics) -> None:
         self.cfg = cfg
         self.tok = tok
         self.model_name = model_name
+        self.metrics = metrics
+        self.draining = False  # SIGTERM: refuse new requests, finish the running ones
         self.engine: Engine | None = None  # set once the worker is ready
         self.device = ""  # where the worker runs the model, and in which dtype
         self.dtype = ""
 
     async def Generate(self, request: engine_pb2.EngineRequest, context):
         engine = await self._engine(context)
+        if self.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the engine is shutting down")
         req = await self._build(request, context)
+        await self._admit(engine, req, context)
         outputs: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
         engine.add_request(req, lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out))
@@ -65,8 +72,25 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
                                                self.tok.max_context, sched.default_max_tokens)
             self._check_fits_cache(len(ids) + options.max_tokens)
         except convert.InvalidRequest as exc:
+            self.metrics.rejected.labels("invalid").inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         return Request(request.request_id, ids, options, arrival=time.monotonic())
+
+    async def _admit(self, engine: Engine, req: Request, context) -> None:
+        """Refuse at once, with the limit named, when the waiting queue is full."""
+        sched = self.cfg.scheduler
+        num_requests, num_tokens = engine.queued()
+        if num_requests >= sched.max_waiting_requests:
+            reason = (f"the engine's queue is full: {num_requests} requests waiting "
+                      f"(--max-waiting-requests {sched.max_waiting_requests}); retry later")
+        elif num_tokens + len(req.prompt_ids) > sched.max_waiting_tokens:
+            reason = (f"the engine's queue is full: {num_tokens} prompt tokens waiting, "
+                      f"{len(req.prompt_ids)} more would pass --max-waiting-tokens "
+                      f"{sched.max_waiting_tokens}; retry later")
+        else:
+            return
+        self.metrics.rejected.labels("queue_full").inc()
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, reason)
 
     def _check_fits_cache(self, num_tokens: int) -> None:
         blocks = self.engine.scheduler.blocks

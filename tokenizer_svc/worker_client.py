@@ -10,7 +10,7 @@ import sys
 import time
 
 from tandem import slots as S
-from tandem.link import Kind, Link, Message, PeerGone, ReadyInfo
+from tandem.link import Kind, Link, Message, PeerGone, ReadyInfo, StepTiming
 from tokenizer_svc.config import EngineConfig
 
 log = logging.getLogger("tokenizer_svc.worker")
@@ -98,7 +98,7 @@ class WorkerClient:
         except PeerGone as exc:
             raise WorkerFailed("worker is gone") from exc
 
-    def wait(self, seq: int, slot: int) -> None:
+    def wait(self, seq: int, slot: int) -> StepTiming | None:
         """Block until batch ``seq``'s outputs are in ``slot``.
 
         On the CPU the worker says DONE when they are. On CUDA it says ENQUEUED as
@@ -111,6 +111,7 @@ class WorkerClient:
             raise WorkerFailed(f"expected batch {seq}, worker said {msg.kind.name} {msg.seq}")
         if self.events is not None:
             self.events.wait_outputs(slot)
+        return StepTiming.decode(msg.payload)
 
     def _next(self, kind: Kind) -> Message:
         while True:

@@ -11,7 +11,7 @@ import os
 import pytest
 
 from tandem import models
-from tests.e2e.service import Service
+from tests.e2e.service import Service, free_port
 
 MODEL = os.environ.get("TANDEM_TEST_MODEL", "embedded")
 DEVICE = os.environ.get("TANDEM_TEST_DEVICE", "cpu")
@@ -20,7 +20,9 @@ BASE_ARGS = ["--model", MODEL, "--device", DEVICE, "--dtype", "float32",
 
 
 def _start(request, args, name):
-    service = Service(BASE_ARGS + args, name)
+    metrics_port = free_port()
+    service = Service(BASE_ARGS + args + ["--metrics-port", str(metrics_port)], name)
+    service.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
     request.addfinalizer(service.stop)
     service.wait_serving()
     return service
@@ -45,6 +47,13 @@ def sync_service(request, model_folder):
 def tight_service(request, model_folder):
     """A KV cache so small that concurrent requests must be preempted and recomputed."""
     return _start(request, ["--num-kv-blocks", "20", "--block-size", "8"], "tight")
+
+
+@pytest.fixture(scope="session")
+def small_queue_service(request, model_folder):
+    """One request at a time and a waiting queue of one: the third concurrent request
+    must be refused."""
+    return _start(request, ["--max-num-seqs", "1", "--max-waiting-requests", "1"], "queue")
 
 
 @pytest.fixture(scope="session")

@@ -66,6 +66,10 @@ class Service:
             time.sleep(0.5)
         raise TimeoutError(f"service not SERVING after {timeout} s:\n{self.log_tail()}")
 
+    def engine_health(self) -> int:
+        stub = health_pb2_grpc.HealthStub(self.engine_channel)
+        return stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status
+
     def stats(self) -> engine_pb2.EngineStats:
         return self.engine_stub.GetStats(engine_pb2.GetStatsRequest(), timeout=10)
 

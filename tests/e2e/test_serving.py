@@ -1,0 +1,120 @@
+"""Serving behaviour through real gRPC: metrics, admission control, drain, deadlines."""
+
+from __future__ import annotations
+
+import re
+import signal
+import threading
+import time
+import urllib.request
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2
+
+from tandem.v1 import generation_pb2 as pb
+from tests.e2e.conftest import BASE_ARGS
+from tests.e2e.service import Service
+
+pytestmark = pytest.mark.e2e
+
+
+def scrape(service) -> dict[str, float]:
+    text = urllib.request.urlopen(service.metrics_url, timeout=10).read().decode()
+    values = {}
+    for line in text.splitlines():
+        m = re.match(r"^([a-zA-Z_:][\w:]*(?:\{[^}]*\})?) ([-+0-9.eEinfNa]+)$", line)
+        if m:
+            values[m.group(1)] = float(m.group(2))
+    return values
+
+
+def long_request(max_tokens=200):
+    return pb.GenerateRequest(text="Tell me a long story about a lighthouse keeper.",
+                              sampling=pb.SamplingParams(max_tokens=max_tokens, temperature=0,
+                                                         ignore_eos=True))
+
+
+def test_metrics_show_latency_device_time_and_freed_cache(async_service):
+    async_service.stub.Generate(long_request(12), timeout=120)
+    call = async_service.stub.GenerateStream(long_request(300), timeout=120)
+    next(iter(call))
+    call.cancel()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        m = scrape(async_service)
+        if m.get("tandem_requests_cancelled_total", 0) >= 1 and m["tandem_requests_running"] == 0:
+            break
+        time.sleep(0.1)
+    assert m["tandem_requests_cancelled_total"] >= 1
+    assert m["tandem_time_to_first_token_seconds_count"] >= 2
+    assert m["tandem_inter_token_latency_seconds_count"] >= 11
+    assert m["tandem_e2e_latency_seconds_count"] >= 1
+    assert m['tandem_requests_finished_total{finish_reason="length"}'] >= 1
+    assert m["tandem_device_busy_seconds_total"] > 0
+    assert m["tandem_device_idle_gap_seconds_count"] > 0
+    assert m["tandem_batch_size_requests_count"] > 0
+    # the cancelled request's blocks are back once the engine sees the next batch
+    async_service.stub.Generate(long_request(2), timeout=60)
+    assert scrape(async_service)["tandem_kv_cache_usage_ratio"] == 0
+
+
+def test_full_queue_is_refused_at_once_with_the_limit_named(small_queue_service):
+    results = {}
+
+    def run(i):
+        try:
+            results[i] = small_queue_service.stub.Generate(long_request(60), timeout=120)
+        except grpc.RpcError as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+        time.sleep(0.3)
+    for t in threads:
+        t.join()
+    refused = [r for r in results.values() if isinstance(r, grpc.RpcError)]
+    assert refused, "no request was refused"
+    assert all(r.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for r in refused)
+    assert "max-waiting-requests" in refused[0].details()
+    assert any(not isinstance(r, grpc.RpcError) for r in results.values())
+    rejected = scrape(small_queue_service)['tandem_requests_rejected_total{reason="queue_full"}']
+    assert rejected == len(refused)
+
+
+def test_deadline_exceeded_and_the_request_leaves_the_batch(async_service):
+    with pytest.raises(grpc.RpcError) as err:
+        async_service.stub.Generate(long_request(400), timeout=1.0)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    deadline = time.monotonic() + 10
+    while async_service.stats().num_running and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert async_service.stats().num_running == 0
+
+
+def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(model_folder):
+    service = Service(BASE_ARGS, "drain")
+    try:
+        service.wait_serving()
+        result = {}
+
+        def run():
+            result["out"] = service.stub.Generate(long_request(40), timeout=120)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        while service.stats().num_running == 0:
+            time.sleep(0.02)
+        service.engine.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        health = service.engine_health()
+        assert health == health_pb2.HealthCheckResponse.NOT_SERVING
+        with pytest.raises(grpc.RpcError) as err:
+            service.stub.Generate(long_request(4), timeout=30)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        thread.join()
+        assert len(result["out"].token_ids) == 40  # the in-flight request lost nothing
+        assert service.engine.wait(timeout=30) == 0
+    finally:
+        service.stop()

@@ -1,0 +1,73 @@
+"""The engine's Prometheus metrics (``--metrics-port``).
+
+Besides the usual serving metrics, the device's busy time and the idle gap
+before each step, measured by the worker on its compute stream: the number this
+project exists to drive to zero. ``rate(tandem_device_busy_seconds_total[1m]) /
+(rate(tandem_device_busy_seconds_total[1m]) + rate(tandem_device_idle_seconds_total[1m]))``
+is the device's busy fraction.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1)
+GAP_BUCKETS = (1e-6, 1e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 5e-2, 0.1)
+SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+
+
+class EngineMetrics:
+    """All of one engine's metrics, in their own registry (no module-level state)."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.ttft = Histogram("tandem_time_to_first_token_seconds",
+                              "Arrival to first generated token", buckets=LATENCY_BUCKETS,
+                              registry=r)
+        self.itl = Histogram("tandem_inter_token_latency_seconds",
+                             "Time between a request's consecutive tokens",
+                             buckets=TOKEN_BUCKETS, registry=r)
+        self.queue_time = Histogram("tandem_queue_time_seconds", "Arrival to first scheduled",
+                                    buckets=LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("tandem_e2e_latency_seconds", "Arrival to the end of the request",
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.running = Gauge("tandem_requests_running", "Requests holding KV blocks", registry=r)
+        self.waiting = Gauge("tandem_requests_waiting", "Requests waiting to be scheduled",
+                             registry=r)
+        self.kv_usage = Gauge("tandem_kv_cache_usage_ratio", "Fraction of KV blocks in use",
+                              registry=r)
+        self.batch_rows = Histogram("tandem_batch_size_requests", "Requests per batch",
+                                    buckets=SIZE_BUCKETS, registry=r)
+        self.batch_tokens = Histogram("tandem_batch_size_tokens", "Tokens per batch",
+                                      buckets=SIZE_BUCKETS, registry=r)
+        self.preemptions = Counter("tandem_preemptions", "Requests preempted for KV blocks",
+                                   registry=r)
+        self.rejected = Counter("tandem_requests_rejected", "Requests refused at admission",
+                                ["reason"], registry=r)
+        self.cancelled = Counter("tandem_requests_cancelled",
+                                 "Requests aborted by their client (cancel, disconnect, deadline)",
+                                 registry=r)
+        self.finished = Counter("tandem_requests_finished", "Requests finished",
+                                ["finish_reason"], registry=r)
+        self.generated = Counter("tandem_generated_tokens", "Tokens generated", registry=r)
+        self.device_busy = Counter("tandem_device_busy_seconds",
+                                   "Device compute-stream time spent running batches", registry=r)
+        self.device_idle = Counter("tandem_device_idle_seconds",
+                                   "Device compute-stream time idle between batches", registry=r)
+        self.idle_gap = Histogram("tandem_device_idle_gap_seconds",
+                                  "Idle gap of the device's compute stream before each batch",
+                                  buckets=GAP_BUCKETS, registry=r)
+        self.step_time = Histogram("tandem_device_step_seconds", "Device time of one batch",
+                                   buckets=TOKEN_BUCKETS, registry=r)
+
+    def serve(self, port: int, host: str = "0.0.0.0") -> int:
+        """Serve /metrics over HTTP; returns the port (useful when asked for port 0)."""
+        server, _ = start_http_server(port, addr=host, registry=self.registry)
+        return server.server_port
+
+    def observe_step(self, busy_s: float, idle_s: float) -> None:
+        self.device_busy.inc(busy_s)
+        self.device_idle.inc(idle_s)
+        self.idle_gap.observe(idle_s)
+        self.step_time.observe(busy_s)
