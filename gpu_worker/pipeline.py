@@ -27,10 +27,10 @@ import time
 
 import torch
 
-TIMING_RING = 8  # timing events kept per pipeline; > slots, so a finished batch's survive
-
 from gpu_worker.device_slots import DeviceSlots
 from gpu_worker.runner import BatchInfo, ModelRunner
+
+TIMING_RING = 8  # timing events kept per pipeline; > slots, so a finished batch's survive
 
 
 class Pipeline:
