@@ -41,6 +41,7 @@ class BatchInfo:
     want_logprobs: bool
     all_greedy: bool
     any_truncation: bool
+    any_banned: bool
 
     @property
     def is_decode(self) -> bool:
@@ -58,6 +59,7 @@ class BatchInfo:
             num_top_logprobs=int(h[S.H_NUM_TOP_LOGPROBS]), want_logprobs=bool(h[S.H_WANT_LOGPROBS]),
             all_greedy=bool(np.all(temperature <= 0)),
             any_truncation=bool(np.any((top_k > 0) | (top_p < 1))),
+            any_banned=bool(np.any(view.banned_ids[:rows] >= 0)),
         )
 
 
@@ -160,7 +162,8 @@ class ModelRunner:
             temperature=v["temperature"][:r], top_p=v["top_p"][:r], top_k=v["top_k"][:r].long(),
             seed=v["seed"][:r], position=v["context_lens"][:r].long(),
             num_top_logprobs=info.num_top_logprobs, want_logprobs=info.want_logprobs,
-            all_greedy=info.all_greedy, any_truncation=info.any_truncation)
+            all_greedy=info.all_greedy, any_truncation=info.any_truncation,
+            banned_ids=v["banned_ids"][:r] if info.any_banned else None)
         out = sample(logits, batch)
         o["sampled_ids"][:r].copy_(out.token_ids)
         if out.logprobs is not None:

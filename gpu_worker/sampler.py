@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+import torch.nn.functional as F
 
 _M1 = 0x9E3779B97F4A7C15 - (1 << 64)  # as signed int64
 _M2 = 0xBF58476D1CE4E5B9 - (1 << 64)
@@ -30,6 +31,7 @@ class SamplingBatch:
     want_logprobs: bool
     all_greedy: bool  # host-side flags, so that the device is never asked
     any_truncation: bool
+    banned_ids: torch.Tensor | None = None  # [rows, n] int, -1 padded; None: nothing banned
 
 
 @dataclasses.dataclass
@@ -71,8 +73,20 @@ def _truncate(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) ->
     return logits.masked_fill(dropped, float("-inf"))
 
 
+def _ban(logits: torch.Tensor, banned_ids: torch.Tensor) -> torch.Tensor:
+    """Set each row's banned tokens to -inf (padding entries go to a spare column)."""
+    vocab = logits.shape[-1]
+    index = torch.where(banned_ids >= 0, banned_ids.long(), vocab).clamp(max=vocab)
+    padded = F.pad(logits, (0, 1))
+    return padded.scatter(-1, index, float("-inf"))[:, :vocab]
+
+
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
-    """logits: [rows, vocab] float32."""
+    """logits: [rows, vocab] float32. Logprobs describe the distribution before bans,
+    temperature, top-k and top-p."""
+    raw = logits
+    if batch.banned_ids is not None:
+        logits = _ban(logits, batch.banned_ids)
     sampled = logits.argmax(-1)
     if not batch.all_greedy:
         greedy = batch.temperature <= 0
@@ -84,7 +98,7 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         sampled = torch.where(greedy, sampled, drawn)
     out = SamplerOutput(sampled, None, None, None)
     if batch.want_logprobs or batch.num_top_logprobs:
-        logprobs = logits.log_softmax(dim=-1)
+        logprobs = raw.log_softmax(dim=-1)
         out.logprobs = logprobs.gather(-1, sampled[:, None]).squeeze(-1)
         if batch.num_top_logprobs:
             out.top_logprobs, out.top_ids = logprobs.topk(batch.num_top_logprobs, dim=-1)

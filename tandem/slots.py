@@ -31,6 +31,7 @@ H_MAX_CONTEXT_LEN = 6  # longest row, in tokens of context (cached + new)
 H_NUM_TOP_LOGPROBS = 7  # top-N logprobs wanted by any row (0: none)
 H_WANT_LOGPROBS = 8  # 1 if any row wants the sampled token's logprob
 NUM_HEADER_FIELDS = 16
+MAX_BANNED_IDS = 32  # per row: tokens that may not be sampled (min_tokens)
 
 # Output-header fields (int64 each).
 O_SEQ = 0  # the batch these outputs belong to
@@ -83,6 +84,7 @@ def _input_fields(s: SlotShape) -> list[tuple[str, str, tuple[int, ...]]]:
         ("top_k", "int32", (r,)),  # 0: off
         ("num_top_logprobs", "int32", (r,)),
         ("block_tables", "int32", (r, m)),
+        ("banned_ids", "int32", (r, MAX_BANNED_IDS)),  # -1: unused
     ]
 
 

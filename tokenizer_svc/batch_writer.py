@@ -10,7 +10,17 @@ from tokenizer_svc.block_manager import BlockManager
 from tokenizer_svc.scheduler import BatchPlan
 
 
-def write_plan(view: S.SlotView, plan: BatchPlan, blocks: BlockManager) -> None:
+def banned_ids(req, eos_token_ids: frozenset[int]) -> list[int]:
+    """Tokens this request's next sample may not be (min_tokens not reached yet)."""
+    index = len(req.output_ids) + len(req.pending) - 1  # of the token being sampled
+    if index >= req.options.min_tokens:
+        return []
+    stops = sorted(req.options.stop_token_ids)
+    return (sorted(eos_token_ids) + stops)[: S.MAX_BANNED_IDS]
+
+
+def write_plan(view: S.SlotView, plan: BatchPlan, blocks: BlockManager,
+               eos_token_ids: frozenset[int] = frozenset()) -> None:
     bs = blocks.block_size
     t = k = 0
     max_ctx = max_q = top_n = 0
@@ -34,6 +44,9 @@ def write_plan(view: S.SlotView, plan: BatchPlan, blocks: BlockManager) -> None:
         view.temperature[r], view.top_p[r], view.top_k[r] = opts.temperature, opts.top_p, opts.top_k
         view.seed[r] = opts.seed
         view.num_top_logprobs[r] = opts.top_logprobs if opts.logprobs else 0
+        banned = banned_ids(row.req, eos_token_ids) if row.samples else []
+        view.banned_ids[r, :] = -1
+        view.banned_ids[r, : len(banned)] = banned
         want_logprobs |= opts.logprobs
         top_n = max(top_n, int(view.num_top_logprobs[r]))
         max_ctx, max_q = max(max_ctx, end), max(max_q, n)

@@ -53,8 +53,13 @@ def sampling_options(sp: pb.SamplingParams, num_prompt: int, max_context: int,
         raise InvalidRequest(
             f"sampling.max_tokens: the prompt's {num_prompt} tokens plus max_tokens "
             f"{sp.max_tokens} exceed the context of {max_context} tokens")
+    max_tokens = sp.max_tokens or min(default_max_tokens, room)
+    if sp.min_tokens > max_tokens:
+        raise InvalidRequest(f"sampling.min_tokens: {sp.min_tokens} exceeds max_tokens "
+                             f"({max_tokens})")
     return SamplingOptions(
-        max_tokens=sp.max_tokens or min(default_max_tokens, room),
+        max_tokens=max_tokens,
+        min_tokens=sp.min_tokens,
         temperature=sp.temperature if sp.HasField("temperature") else 1.0,
         top_p=sp.top_p if sp.HasField("top_p") else 1.0,
         top_k=sp.top_k,

@@ -165,7 +165,8 @@ class Engine:
                 self._dequeue(row.req.req_id)
         slot = plan.seq % self.segment.layout.num_slots
         self.worker.wait_inputs_copied(slot)
-        write_plan(self.segment.slots[slot], plan, self.scheduler.blocks)
+        write_plan(self.segment.slots[slot], plan, self.scheduler.blocks,
+                   self.outputs.eos_token_ids)
         self.worker.submit(slot, plan.seq)
         self.in_flight.append(plan)
         self.num_batches += 1

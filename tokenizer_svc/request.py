@@ -33,6 +33,7 @@ class SamplingOptions:
     ignore_eos: bool = False
     logprobs: bool = False
     top_logprobs: int = 0
+    min_tokens: int = 0  # until then EOS and stop_token_ids are banned
 
 
 @dataclasses.dataclass

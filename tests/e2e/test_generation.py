@@ -207,3 +207,54 @@ def test_model_info(async_service):
     info = async_service.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
     assert info.vocab_size > 0 and info.max_context_tokens > 0 and info.eos_token_ids
     assert info.mode == "async" and info.kv_num_blocks > 0
+
+
+def hf_logits(hf_model, prompt_ids, max_new, **kw):
+    model, _ = hf_model
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt_ids], device=device), max_new_tokens=max_new,
+                             do_sample=False, output_logits=True, return_dict_in_generate=True,
+                             **kw)
+    new = out.sequences[0, len(prompt_ids):].tolist()
+    return new, [step[0].float().log_softmax(-1).cpu() for step in out.logits]
+
+
+def test_logprobs_equal_log_softmax_of_the_model_logits(async_service, hf_model):
+    request = chat_request(CHATS[2], max_tokens=8, temperature=0, logprobs=True,
+                           top_logprobs=5)
+    reply = async_service.stub.Generate(request, timeout=120)
+    ids, logprobs = hf_logits(hf_model, prompt_of(async_service, request), 8)
+    assert list(reply.token_ids) == ids[: len(reply.token_ids)]
+    assert len(reply.logprobs) == len(reply.token_ids)
+    for entry, expected in zip(reply.logprobs, logprobs, strict=False):
+        assert entry.logprob == pytest.approx(expected[entry.token_id].item(), abs=2e-4)
+        top_values, top_ids = expected.topk(5)
+        assert [t.token_id for t in entry.top] == top_ids.tolist()
+        assert [t.logprob for t in entry.top] == pytest.approx(top_values.tolist(), abs=2e-4)
+
+
+def test_min_tokens_bans_the_end_until_reached(async_service, hf_model, async_results):
+    _, short_ids, last = async_results[0]
+    assert last.finish_reason == pb.FINISH_REASON_STOP  # ends early on its own
+    n = len(short_ids) + 6
+    request = chat_request(CHATS[0], max_tokens=n + 4, min_tokens=n, temperature=0)
+    reply = async_service.stub.Generate(request, timeout=120)
+    model, _ = hf_model
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
+    assert len(reply.token_ids) >= n
+    assert not eos & set(reply.token_ids[:n])
+    expected = hf_greedy_with(hf_model, prompt_of(async_service, request), n + 4, min_new_tokens=n)
+    assert list(reply.token_ids) == expected
+
+
+def hf_greedy_with(hf_model, prompt_ids, max_new, **kw):
+    ids, _ = hf_logits(hf_model, prompt_ids, max_new, **kw)
+    model, _ = hf_model
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
+    for i, t in enumerate(ids):
+        if t in eos:
+            return ids[: i + 1]
+    return ids

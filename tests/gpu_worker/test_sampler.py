@@ -1,0 +1,53 @@
+"""The sampler: greedy, bans, top-k/top-p, seeds and the distribution it draws from."""
+
+import torch
+
+from gpu_worker.sampler import SamplingBatch, sample, uniform_noise
+
+
+def batch(rows, temperature=1.0, top_p=1.0, top_k=0, seed=7, position=None, banned=None):
+    return SamplingBatch(
+        temperature=torch.full((rows,), temperature), top_p=torch.full((rows,), top_p),
+        top_k=torch.full((rows,), top_k, dtype=torch.long),
+        seed=torch.full((rows,), seed, dtype=torch.long),
+        position=torch.arange(rows) if position is None else position,
+        num_top_logprobs=0, want_logprobs=False, all_greedy=temperature <= 0,
+        any_truncation=top_k > 0 or top_p < 1, banned_ids=banned)
+
+
+def test_greedy_is_argmax_and_bans_apply():
+    logits = torch.randn(4, 50)
+    assert torch.equal(sample(logits, batch(4, temperature=0)).token_ids, logits.argmax(-1))
+    top = logits.argmax(-1)
+    banned = torch.stack([top, torch.full_like(top, -1)], dim=1)
+    out = sample(logits, batch(4, temperature=0, banned=banned)).token_ids
+    assert not torch.equal(out, top) and all(out[i] != top[i] for i in range(4))
+    assert torch.equal(out, logits.scatter(1, top[:, None], float("-inf")).argmax(-1))
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy():
+    logits = torch.randn(8, 100)
+    assert torch.equal(sample(logits, batch(8, top_k=1)).token_ids, logits.argmax(-1))
+    assert torch.equal(sample(logits, batch(8, top_p=1e-6)).token_ids, logits.argmax(-1))
+
+
+def test_top_k_keeps_only_the_k_best():
+    logits = torch.randn(1, 100).repeat(400, 1)
+    out = sample(logits, batch(400, top_k=3)).token_ids
+    assert set(out.tolist()) <= set(logits[0].topk(3).indices.tolist())
+    assert len(set(out.tolist())) == 3
+
+
+def test_noise_is_a_function_of_seed_and_position_only():
+    a = uniform_noise(torch.tensor([1, 2]), torch.tensor([5, 5]), 64)
+    b = uniform_noise(torch.tensor([2, 1, 1]), torch.tensor([5, 5, 6]), 64)
+    assert torch.equal(a[0], b[1]) and torch.equal(a[1], b[0]) and not torch.equal(a[0], b[2])
+    assert 0 < a.min() and a.max() < 1
+
+
+def test_draws_follow_the_softmax():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = probs.log().repeat(20000, 1)
+    out = sample(logits, batch(20000)).token_ids
+    freq = torch.bincount(out, minlength=4).float() / 20000
+    assert torch.allclose(freq, probs, atol=0.015)
