@@ -59,6 +59,8 @@ def parse_args(argv: list[str]) -> EngineConfig:
                    help="queued prompt tokens beyond which new requests get RESOURCE_EXHAUSTED")
     p.add_argument("--grace-period", type=float, default=30.0,
                    help="on SIGTERM, seconds in-flight requests get to finish")
+    p.add_argument("--stall-timeout", type=float, default=120.0,
+                   help="seconds a batch may stay in flight before health says NOT_SERVING")
     p.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus metrics on this port (0: any free port)")
     a = p.parse_args(argv)
@@ -75,6 +77,7 @@ def parse_args(argv: list[str]) -> EngineConfig:
                                   max_waiting_tokens=a.max_waiting_tokens),
         grace_period=a.grace_period,
         metrics_port=a.metrics_port,
+        stall_timeout=a.stall_timeout,
     )
 
 
@@ -121,7 +124,10 @@ async def serve(cfg: EngineConfig) -> int:
         engine.start()
         await set_health(health_servicer, True)
         log.info("serving %s (%s mode)", source.name, "async" if cfg.scheduler.overlap else "sync")
+        watchdog = asyncio.create_task(
+            watch(engine, health_servicer, cfg.stall_timeout, stopping.set))
         await stopping.wait()
+        watchdog.cancel()
         if engine.fatal is not None:
             return 1
         await drain(servicer, health_servicer, engine, cfg.grace_period)
@@ -133,6 +139,28 @@ async def serve(cfg: EngineConfig) -> int:
             engine.stop()
         worker.stop()
         segment.close()
+
+
+async def watch(engine: Engine, health_servicer, stall_timeout: float,
+                on_worker_exit) -> None:
+    """Supervise the worker and make health mean something: exit when the worker has
+    died (even while idle), NOT_SERVING while the device makes no progress."""
+    serving = True
+    while True:
+        await asyncio.sleep(0.5)
+        code = engine.worker.proc.poll()
+        if code is not None:
+            log.error("the gpu_worker exited with code %s", code)
+            engine.fatal = engine.fatal or RuntimeError(f"gpu_worker exited with code {code}")
+            await set_health(health_servicer, False)
+            on_worker_exit()
+            return
+        ok = engine.stalled_for() < stall_timeout
+        if ok != serving:
+            log.warning("engine %s", "progressing again" if ok else
+                        f"stalled: no batch finished for {engine.stalled_for():.0f} s")
+            await set_health(health_servicer, ok)
+            serving = ok
 
 
 async def drain(servicer: EngineServicer, health_servicer, engine: Engine, grace: float) -> None:

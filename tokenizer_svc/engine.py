@@ -53,6 +53,7 @@ class Engine:
         self.num_tokens = 0  # run through the model, prefill and decode
         self.num_sampled = 0  # tokens applied to live requests
         self._preemptions_seen = 0
+        self.last_progress = time.monotonic()  # a batch finished, or the loop went idle
         self._queue_lock = threading.Lock()
         self._queued: dict[str, int] = {}  # req_id -> prompt tokens, until first scheduled
         self.fatal: Exception | None = None
@@ -103,8 +104,14 @@ class Engine:
             self._fail_all(f"engine failed: {exc}")
             self.on_fatal(exc)
 
+    def stalled_for(self) -> float:
+        """Seconds since the last finished batch while batches are in flight (else 0)."""
+        return time.monotonic() - self.last_progress if self.in_flight else 0.0
+
     def _step(self) -> None:
         idle = not self.in_flight and not self.scheduler.has_work
+        if idle:
+            self.last_progress = time.monotonic()
         self._drain_inbox(block=idle)
         if idle and self.batch_wait > 0:  # let a burst of requests land in one batch
             time.sleep(self.batch_wait)
@@ -189,6 +196,7 @@ class Engine:
     def _complete(self, plan: BatchPlan) -> None:
         slot = plan.seq % self.segment.layout.num_slots
         timing = self.worker.wait(plan.seq, slot)
+        self.last_progress = time.monotonic()
         if timing is not None:
             self.metrics.observe_step(timing.busy_s, timing.idle_s)
         view = self.segment.slots[slot]

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import grpc
 import pytest
@@ -27,6 +29,15 @@ def scrape(service) -> dict[str, float]:
         if m:
             values[m.group(1)] = float(m.group(2))
     return values
+
+
+def worker_pid(engine_pid: int) -> int:
+    """The engine's gpu_worker child (started from any of its threads)."""
+    for children in Path(f"/proc/{engine_pid}/task").glob("*/children"):
+        for pid in children.read_text().split():
+            if b"gpu_worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return int(pid)
+    raise LookupError("no gpu_worker child")
 
 
 def long_request(max_tokens=200):
@@ -116,5 +127,26 @@ def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(model_folder):
         thread.join()
         assert len(result["out"].token_ids) == 40  # the in-flight request lost nothing
         assert service.engine.wait(timeout=30) == 0
+    finally:
+        service.stop()
+
+
+def test_worker_death_turns_health_not_serving_and_requests_unavailable(model_folder):
+    service = Service(BASE_ARGS, "crash")
+    try:
+        service.wait_serving()
+        os.kill(worker_pid(service.engine.pid), signal.SIGKILL)
+        assert service.engine.wait(timeout=30) != 0  # the engine reports and exits
+        deadline = time.monotonic() + 10
+        status = None
+        while time.monotonic() < deadline:
+            status = service.health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+            if status.status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                break
+            time.sleep(0.2)
+        assert status.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        with pytest.raises(grpc.RpcError) as err:
+            service.stub.Generate(long_request(4), timeout=10)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         service.stop()
