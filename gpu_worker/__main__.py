@@ -38,7 +38,8 @@ def parse_args(argv: list[str]) -> WorkerConfig:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-cuda-graphs", action="store_true")
     a = p.parse_args(argv)
-    shape = SlotShape(a.max_num_tokens, a.max_num_rows, a.max_blocks_per_row, a.max_top_logprobs)
+    shape = SlotShape(a.max_num_tokens, a.max_num_rows, a.max_blocks_per_row, a.max_top_logprobs,
+                      a.block_size)
     return WorkerConfig(
         shm_name=a.shm, link_fd=a.link_fd, model=a.model, cache_dir=a.cache_dir,
         slot_shape=shape, num_slots=a.num_slots, device=a.device, dtype=a.dtype,

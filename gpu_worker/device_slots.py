@@ -43,6 +43,9 @@ class SlotBuffers:
     dev_out: torch.Tensor  # [output_nbytes] uint8 on the device
     inputs: dict  # field name -> view of dev_in
     outputs: dict  # field name -> view of dev_out
+    host_history: torch.Tensor  # [history_nbytes] uint8: token histories (penalties)
+    dev_history: torch.Tensor  # its device copy, made only for batches that need it
+    history: torch.Tensor  # [rows, max_context] int32 view of dev_history
 
 
 class DeviceSlots:
@@ -70,9 +73,14 @@ class DeviceSlots:
         host_out = self.whole[out_base : out_base + layout.output_nbytes]
         dev_in = torch.zeros(layout.input_nbytes, dtype=torch.uint8, device=self.device)
         dev_out = torch.zeros(layout.output_nbytes, dtype=torch.uint8, device=self.device)
+        hist_base = base + layout.history_offset
+        host_history = self.whole[hist_base : hist_base + layout.history_nbytes]
+        dev_history = torch.zeros(layout.history_nbytes, dtype=torch.uint8, device=self.device)
+        history = field_views(dev_history, layout.history_fields, layout.history_offset)
         return SlotBuffers(host_in, host_out, dev_in, dev_out,
                            field_views(dev_in, layout.input_fields, 0),
-                           field_views(dev_out, layout.output_fields, layout.output_offset))
+                           field_views(dev_out, layout.output_fields, layout.output_offset),
+                           host_history, dev_history, history["history"])
 
     def host_is_pinned(self) -> bool:
         return bool(self.whole.is_pinned())

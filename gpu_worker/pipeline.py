@@ -65,6 +65,8 @@ class Pipeline:
         if not self.cuda:
             start = time.perf_counter()
             buf.dev_in.copy_(buf.host_in)
+            if info.history_len:
+                buf.dev_history.copy_(buf.host_history)
             self.runner.run(k, info)
             buf.host_out.copy_(buf.dev_out)
             self.host_times[info.seq] = (start, time.perf_counter())
@@ -73,6 +75,8 @@ class Pipeline:
         with torch.cuda.stream(self.h2d):
             self.h2d.wait_event(self.compute_done[k])
             buf.dev_in.copy_(buf.host_in, non_blocking=True)
+            if info.history_len:
+                buf.dev_history.copy_(buf.host_history, non_blocking=True)
             self.h2d_done[k].record(self.h2d)
         with torch.cuda.stream(self.compute):
             self.compute.wait_event(self.h2d_done[k])

@@ -20,7 +20,7 @@ import torch
 from gpu_worker.attention import AttentionBackend, AttentionMetadata
 from gpu_worker.device_slots import DeviceSlots
 from gpu_worker.model import LlamaModel
-from gpu_worker.sampler import SamplingBatch, sample
+from gpu_worker.sampler import Penalties, SamplingBatch, sample
 from tandem import slots as S
 
 log = logging.getLogger("gpu_worker")
@@ -42,6 +42,7 @@ class BatchInfo:
     all_greedy: bool
     any_truncation: bool
     any_banned: bool
+    history_len: int  # > 0: penalties; the rows' token histories are this long
 
     @property
     def is_decode(self) -> bool:
@@ -60,6 +61,7 @@ class BatchInfo:
             all_greedy=bool(np.all(temperature <= 0)),
             any_truncation=bool(np.any((top_k > 0) | (top_p < 1))),
             any_banned=bool(np.any(view.banned_ids[:rows] >= 0)),
+            history_len=int(h[S.H_HISTORY_LEN]),
         )
 
 
@@ -163,7 +165,8 @@ class ModelRunner:
             seed=v["seed"][:r], position=v["context_lens"][:r].long(),
             num_top_logprobs=info.num_top_logprobs, want_logprobs=info.want_logprobs,
             all_greedy=info.all_greedy, any_truncation=info.any_truncation,
-            banned_ids=v["banned_ids"][:r] if info.any_banned else None)
+            banned_ids=v["banned_ids"][:r] if info.any_banned else None,
+            penalties=self._penalties(k, info))
         out = sample(logits, batch)
         o["sampled_ids"][:r].copy_(out.token_ids)
         if out.logprobs is not None:
@@ -174,6 +177,20 @@ class ModelRunner:
             o["top_logprobs"][:r, :n].copy_(out.top_logprobs)
         o["out_header"][S.O_SEQ].fill_(info.seq)
         o["out_header"][S.O_NUM_ROWS].fill_(r)
+
+
+    def _penalties(self, k: int, info: BatchInfo) -> Penalties | None:
+        if not info.history_len:
+            return None
+        v, r = self.slots.slots[k].inputs, info.num_rows
+        history = self.slots.slots[k].history[:r, : info.history_len].long()
+        src = v["history_src"][:r].long()
+        prev = self._prev_outputs(k)["sampled_ids"][src.clamp(min=0)].long()
+        return Penalties(
+            history=torch.where(history == -1, prev[:, None], history),
+            prompt_lens=v["prompt_lens"][:r].long(),
+            repetition=v["repetition_penalty"][:r], presence=v["presence_penalty"][:r],
+            frequency=v["frequency_penalty"][:r])
 
 
 def _fill_placeholders(v: dict, prev: dict, rows: int, is_placeholder: torch.Tensor):

@@ -21,6 +21,15 @@ _M3 = 0x94D049BB133111EB - (1 << 64)
 
 
 @dataclasses.dataclass
+class Penalties:
+    history: torch.Tensor  # [rows, n] int64: each row's tokens so far (< 0: padding)
+    prompt_lens: torch.Tensor  # [rows] int64: the first prompt_lens tokens are the prompt
+    repetition: torch.Tensor  # [rows] float32, 1: off (over prompt and output)
+    presence: torch.Tensor  # [rows] float32, 0: off (over output)
+    frequency: torch.Tensor  # [rows] float32, 0: off (over output)
+
+
+@dataclasses.dataclass
 class SamplingBatch:
     temperature: torch.Tensor  # [rows] float32, 0 = greedy
     top_p: torch.Tensor  # [rows] float32, 1 = off
@@ -32,6 +41,7 @@ class SamplingBatch:
     all_greedy: bool  # host-side flags, so that the device is never asked
     any_truncation: bool
     banned_ids: torch.Tensor | None = None  # [rows, n] int, -1 padded; None: nothing banned
+    penalties: Penalties | None = None
 
 
 @dataclasses.dataclass
@@ -81,10 +91,28 @@ def _ban(logits: torch.Tensor, banned_ids: torch.Tensor) -> torch.Tensor:
     return padded.scatter(-1, index, float("-inf"))[:, :vocab]
 
 
+def _penalise(logits: torch.Tensor, p: Penalties) -> torch.Tensor:
+    """Repetition penalty over all tokens so far; presence/frequency over the output."""
+    rows, vocab = logits.shape
+    valid = p.history >= 0
+    index = torch.where(valid, p.history, vocab)
+    is_output = valid & (torch.arange(p.history.shape[1], device=logits.device)[None, :]
+                         >= p.prompt_lens[:, None])
+    ones = torch.ones_like(index, dtype=logits.dtype)
+    seen = logits.new_zeros(rows, vocab + 1).scatter_add_(1, index, ones)[:, :vocab] > 0
+    counts = logits.new_zeros(rows, vocab + 1).scatter_add_(
+        1, torch.where(is_output, p.history, vocab), ones)[:, :vocab]
+    rep = p.repetition[:, None]
+    logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
+    return logits - p.presence[:, None] * (counts > 0) - p.frequency[:, None] * counts
+
+
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
     """logits: [rows, vocab] float32. Logprobs describe the distribution before bans,
     temperature, top-k and top-p."""
     raw = logits
+    if batch.penalties is not None:
+        logits = _penalise(logits, batch.penalties)
     if batch.banned_ids is not None:
         logits = _ban(logits, batch.banned_ids)
     sampled = logits.argmax(-1)

@@ -30,6 +30,7 @@ H_MAX_QUERY_LEN = 5  # longest row, in tokens of this batch
 H_MAX_CONTEXT_LEN = 6  # longest row, in tokens of context (cached + new)
 H_NUM_TOP_LOGPROBS = 7  # top-N logprobs wanted by any row (0: none)
 H_WANT_LOGPROBS = 8  # 1 if any row wants the sampled token's logprob
+H_HISTORY_LEN = 9  # >0: rows carry token histories this long for penalties
 NUM_HEADER_FIELDS = 16
 MAX_BANNED_IDS = 32  # per row: tokens that may not be sampled (min_tokens)
 
@@ -46,6 +47,7 @@ class SlotShape:
     max_num_rows: int  # requests in one batch
     max_blocks_per_row: int  # block-table width: ceil(max_context / block_size)
     max_top_logprobs: int = 20
+    block_size: int = 16
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
@@ -85,7 +87,18 @@ def _input_fields(s: SlotShape) -> list[tuple[str, str, tuple[int, ...]]]:
         ("num_top_logprobs", "int32", (r,)),
         ("block_tables", "int32", (r, m)),
         ("banned_ids", "int32", (r, MAX_BANNED_IDS)),  # -1: unused
+        ("repetition_penalty", "float32", (r,)),  # 1: off
+        ("presence_penalty", "float32", (r,)),
+        ("frequency_penalty", "float32", (r,)),
+        ("prompt_lens", "int32", (r,)),
+        ("history_src", "int32", (r,)),  # row of the previous batch that fills a -1 entry
     ]
+
+
+def _history_fields(s: SlotShape) -> list[tuple[str, str, tuple[int, ...]]]:
+    # Every token of a penalised row up to its last input token (-1: that one is a
+    # placeholder; -2: padding). Copied to the device only for batches that use it.
+    return [("history", "int32", (s.max_num_rows, s.max_blocks_per_row * s.block_size))]
 
 
 def _output_fields(s: SlotShape) -> list[tuple[str, str, tuple[int, ...]]]:
@@ -120,13 +133,19 @@ class SlotLayout:
         if self.num_slots < 1:
             raise ValueError("SlotLayout.num_slots must be at least 1")
         inputs, input_end = _lay_out(_input_fields(self.shape), 0)
-        outputs, output_end = _lay_out(_output_fields(self.shape), (input_end + 63) // 64 * 64)
+        output_offset = (input_end + 63) // 64 * 64
+        outputs, output_end = _lay_out(_output_fields(self.shape), output_offset)
+        history_offset = (output_end + 63) // 64 * 64
+        history, history_end = _lay_out(_history_fields(self.shape), history_offset)
         object.__setattr__(self, "input_fields", inputs)
         object.__setattr__(self, "output_fields", outputs)
+        object.__setattr__(self, "history_fields", history)
         object.__setattr__(self, "input_nbytes", input_end)
-        object.__setattr__(self, "output_offset", (input_end + 63) // 64 * 64)
-        object.__setattr__(self, "output_nbytes", output_end - self.output_offset)
-        object.__setattr__(self, "slot_nbytes", (output_end + 4095) // 4096 * 4096)
+        object.__setattr__(self, "output_offset", output_offset)
+        object.__setattr__(self, "output_nbytes", output_end - output_offset)
+        object.__setattr__(self, "history_offset", history_offset)
+        object.__setattr__(self, "history_nbytes", history_end - history_offset)
+        object.__setattr__(self, "slot_nbytes", (history_end + 4095) // 4096 * 4096)
 
     @property
     def total_nbytes(self) -> int:
@@ -150,7 +169,7 @@ class SlotView:
         self._arrays: dict[str, np.ndarray] = {}
         for f in layout.input_fields.values():
             self._arrays[f.name] = _view(buffer, base + f.offset, f)
-        for f in layout.output_fields.values():
+        for f in (*layout.output_fields.values(), *layout.history_fields.values()):
             self._arrays[f.name] = _view(buffer, base + f.offset, f)
 
     def __getattr__(self, name: str) -> np.ndarray:

@@ -86,7 +86,8 @@ def slot_layout(cfg: EngineConfig, max_context: int) -> S.SlotLayout:
     shape = S.SlotShape(max_num_tokens=sched.max_num_batched_tokens,
                         max_num_rows=sched.max_num_seqs,
                         max_blocks_per_row=-(-max_context // cfg.cache.block_size),
-                        max_top_logprobs=sched.max_top_logprobs)
+                        max_top_logprobs=sched.max_top_logprobs,
+                        block_size=cfg.cache.block_size)
     return S.SlotLayout(shape, cfg.num_slots)
 
 

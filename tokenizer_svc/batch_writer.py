@@ -44,6 +44,10 @@ def write_plan(view: S.SlotView, plan: BatchPlan, blocks: BlockManager,
         view.temperature[r], view.top_p[r], view.top_k[r] = opts.temperature, opts.top_p, opts.top_k
         view.seed[r] = opts.seed
         view.num_top_logprobs[r] = opts.top_logprobs if opts.logprobs else 0
+        view.repetition_penalty[r] = opts.repetition_penalty
+        view.presence_penalty[r], view.frequency_penalty[r] = (opts.presence_penalty,
+                                                                opts.frequency_penalty)
+        view.prompt_lens[r] = len(row.req.prompt_ids)
         banned = banned_ids(row.req, eos_token_ids) if row.samples else []
         view.banned_ids[r, :] = -1
         view.banned_ids[r, : len(banned)] = banned
@@ -51,7 +55,30 @@ def write_plan(view: S.SlotView, plan: BatchPlan, blocks: BlockManager,
         top_n = max(top_n, int(view.num_top_logprobs[r]))
         max_ctx, max_q = max(max_ctx, end), max(max_q, n)
     h = view.header
+    h[S.H_HISTORY_LEN] = _write_histories(view, plan)
     h[S.H_NUM_TOKENS], h[S.H_NUM_ROWS], h[S.H_NUM_PLACEHOLDERS] = t, len(plan.rows), k
     h[S.H_PREV_SEQ], h[S.H_MAX_QUERY_LEN], h[S.H_MAX_CONTEXT_LEN] = plan.prev_seq, max_q, max_ctx
     h[S.H_NUM_TOP_LOGPROBS], h[S.H_WANT_LOGPROBS] = top_n, int(want_logprobs)
     h[S.H_SEQ] = plan.seq  # last: the header's seq names a complete batch
+
+
+def _write_histories(view: S.SlotView, plan: BatchPlan) -> int:
+    """Token histories of the penalised rows that sample; returns their length (0: none).
+
+    A row's history is every token up to its last input token; when that one is a
+    placeholder it is written as -1 and the worker fills it from ``history_src``.
+    """
+    rows = [(r, row) for r, row in enumerate(plan.rows)
+            if row.samples and row.req.options.has_penalties]
+    if not rows:
+        return 0
+    length = max(row.start + row.num_tokens for _, row in rows)
+    view.history[: len(plan.rows), :length] = -2
+    for r, row in rows:
+        end = row.start + row.num_tokens
+        known = row.req.known_ids(0, end)
+        view.history[r, : len(known)] = known
+        if len(known) < end:  # the last input token is still a placeholder
+            view.history[r, end - 1] = -1
+            view.history_src[r] = row.placeholders[-1][1]
+    return length

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 from tandem.v1 import generation_pb2 as pb
@@ -57,9 +58,13 @@ def sampling_options(sp: pb.SamplingParams, num_prompt: int, max_context: int,
     if sp.min_tokens > max_tokens:
         raise InvalidRequest(f"sampling.min_tokens: {sp.min_tokens} exceeds max_tokens "
                              f"({max_tokens})")
+    _check_penalties(sp)
     return SamplingOptions(
         max_tokens=max_tokens,
         min_tokens=sp.min_tokens,
+        repetition_penalty=sp.repetition_penalty if sp.HasField("repetition_penalty") else 1.0,
+        presence_penalty=sp.presence_penalty,
+        frequency_penalty=sp.frequency_penalty,
         temperature=sp.temperature if sp.HasField("temperature") else 1.0,
         top_p=sp.top_p if sp.HasField("top_p") else 1.0,
         top_k=sp.top_k,
@@ -70,6 +75,17 @@ def sampling_options(sp: pb.SamplingParams, num_prompt: int, max_context: int,
         logprobs=sp.logprobs,
         top_logprobs=sp.top_logprobs if sp.logprobs else 0,
     )
+
+
+def _check_penalties(sp: pb.SamplingParams) -> None:
+    if sp.HasField("repetition_penalty") and not (
+            math.isfinite(sp.repetition_penalty) and sp.repetition_penalty > 0):
+        raise InvalidRequest(f"sampling.repetition_penalty: {sp.repetition_penalty} must be a "
+                             "finite number > 0")
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = getattr(sp, name)
+        if not (math.isfinite(value) and -2 <= value <= 2):
+            raise InvalidRequest(f"sampling.{name}: {value} must lie in [-2, 2]")
 
 
 def _seed(seed: int) -> int:

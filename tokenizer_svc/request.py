@@ -34,6 +34,14 @@ class SamplingOptions:
     logprobs: bool = False
     top_logprobs: int = 0
     min_tokens: int = 0  # until then EOS and stop_token_ids are banned
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+    @property
+    def has_penalties(self) -> bool:
+        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
+                or self.frequency_penalty != 0.0)
 
 
 @dataclasses.dataclass

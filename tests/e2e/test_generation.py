@@ -258,3 +258,28 @@ def hf_greedy_with(hf_model, prompt_ids, max_new, **kw):
         if t in eos:
             return ids[: i + 1]
     return ids
+
+
+def test_repetition_penalty_matches_transformers(async_service, hf_model):
+    """The penalty must see every previous token, the one that was still a placeholder
+    when the batch was prepared included."""
+    request = text_request(TEXTS[2], max_tokens=NEW_TOKENS, temperature=0,
+                           repetition_penalty=1.3)
+    reply = async_service.stub.Generate(request, timeout=120)
+    plain = async_service.stub.Generate(text_request(TEXTS[2], max_tokens=NEW_TOKENS,
+                                                     temperature=0), timeout=120)
+    expected = hf_greedy_with(hf_model, prompt_of(async_service, request), NEW_TOKENS,
+                              repetition_penalty=1.3)
+    assert list(reply.token_ids) == expected
+    assert list(reply.token_ids) != list(plain.token_ids)  # the penalty changed something
+
+
+def test_penalties_out_of_range_are_invalid(async_service):
+    for sampling in (pb.SamplingParams(repetition_penalty=0.0),
+                     pb.SamplingParams(presence_penalty=3.0),
+                     pb.SamplingParams(frequency_penalty=float("nan"))):
+        with pytest.raises(grpc.RpcError) as err:
+            async_service.stub.Generate(pb.GenerateRequest(text="hi", sampling=sampling),
+                                        timeout=30)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "penalty" in err.value.details()

@@ -29,7 +29,7 @@ class Harness:
         weights = models.random_state_dict(config, torch.float32, self.device, seed=0)
         self.model = LlamaModel(config, weights, torch.float32, self.device)
         s = self.model.shape
-        shape = S.SlotShape(256, max_rows, 256 // BLOCK_SIZE, 4)
+        shape = S.SlotShape(256, max_rows, 256 // BLOCK_SIZE, 4, BLOCK_SIZE)
         self.segment = S.SlotSegment(S.SlotLayout(shape, 2), create=True)
         self.slots = DeviceSlots(self.segment, self.device)
         self.cache = KVCache(s.num_layers, NUM_BLOCKS + 1, BLOCK_SIZE, s.num_kv_heads, s.head_dim,

@@ -13,10 +13,10 @@ DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, cuda])]
 PROMPTS = [[5, 17, 300, 42, 9], list(range(200, 237)), [1000, 7], list(range(50, 70))]
 
 
-def generate(device, overlap, graphs=False, max_tokens=12):
+def generate(device, overlap, graphs=False, max_tokens=12, **options):
     h = Harness(device, graphs=graphs)
     try:
-        reqs = [h.add(str(i), p, max_tokens) for i, p in enumerate(PROMPTS)]
+        reqs = [h.add(str(i), p, max_tokens, **options) for i, p in enumerate(PROMPTS)]
         h.run(overlap)
         return [r.output_ids for r in reqs], h
     finally:
@@ -29,6 +29,15 @@ def test_async_with_placeholders_equals_sync(device):
     async_ids, _ = generate(device, overlap=True)
     assert all(len(ids) == 12 for ids in sync_ids)
     assert async_ids == sync_ids
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_penalties_see_the_placeholder_token(device):
+    """With a strong repetition penalty, async (placeholders) must equal sync."""
+    sync_ids, _ = generate(device, overlap=False, repetition_penalty=5.0, frequency_penalty=1.0)
+    async_ids, _ = generate(device, overlap=True, repetition_penalty=5.0, frequency_penalty=1.0)
+    plain, _ = generate(device, overlap=False)
+    assert async_ids == sync_ids and sync_ids != plain
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -51,3 +51,29 @@ def test_draws_follow_the_softmax():
     out = sample(logits, batch(20000)).token_ids
     freq = torch.bincount(out, minlength=4).float() / 20000
     assert torch.allclose(freq, probs, atol=0.015)
+
+
+def test_presence_and_frequency_penalties_count_only_the_output():
+    from gpu_worker.sampler import Penalties
+
+    logits = torch.zeros(1, 6)
+    history = torch.tensor([[1, 1, 2, 3, 3, 3, -2]])  # prompt: [1, 1]; output: 2, 3, 3, 3
+    p = Penalties(history, prompt_lens=torch.tensor([2]), repetition=torch.tensor([1.0]),
+                  presence=torch.tensor([0.5]), frequency=torch.tensor([0.25]))
+    b = batch(1, temperature=0)
+    b.penalties = p
+    from gpu_worker.sampler import _penalise
+
+    out = _penalise(logits, p)
+    assert out[0].tolist() == [0, 0, -0.75, -1.25, 0, 0]
+    assert sample(torch.tensor([[0.0, 0.0, 0.1, 0.2, 0.0, 0.05]]), b).token_ids.item() == 5
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_logits():
+    from gpu_worker.sampler import Penalties, _penalise
+
+    logits = torch.tensor([[2.0, -2.0, 1.0]])
+    p = Penalties(torch.tensor([[0, 1]]), prompt_lens=torch.tensor([2]),
+                  repetition=torch.tensor([2.0]), presence=torch.zeros(1),
+                  frequency=torch.zeros(1))
+    assert _penalise(logits, p)[0].tolist() == [1.0, -4.0, 1.0]
