@@ -63,6 +63,8 @@ def parse_args(argv: list[str]) -> EngineConfig:
                    help="seconds a batch may stay in flight before health says NOT_SERVING")
     p.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus metrics on this port (0: any free port)")
+    p.add_argument("--metrics-host", default="127.0.0.1",
+                   help="address of the metrics endpoint (0.0.0.0 to expose it)")
     a = p.parse_args(argv)
     return EngineConfig(
         listen=a.listen,
@@ -77,6 +79,7 @@ def parse_args(argv: list[str]) -> EngineConfig:
                                   max_waiting_tokens=a.max_waiting_tokens),
         grace_period=a.grace_period,
         metrics_port=a.metrics_port,
+        metrics_host=a.metrics_host,
         stall_timeout=a.stall_timeout,
     )
 
@@ -109,7 +112,8 @@ async def serve(cfg: EngineConfig) -> int:
     servicer = EngineServicer(cfg, tok, source.name, metrics)
     server, health_servicer = await start_server(cfg, servicer)
     if cfg.metrics_port is not None:
-        log.info("metrics on http://0.0.0.0:%d/metrics", metrics.serve(cfg.metrics_port))
+        port = metrics.serve(cfg.metrics_port, cfg.metrics_host)
+        log.info("metrics on http://%s:%d/metrics", cfg.metrics_host, port)
     segment = S.SlotSegment(slot_layout(cfg, tok.max_context), create=True)
     worker = WorkerClient(cfg, segment)
     stopping = asyncio.Event()

@@ -60,6 +60,7 @@ class EngineConfig:
     worker_start_timeout: float = 900.0  # seconds for the worker to load and warm up
     grace_period: float = 30.0  # on SIGTERM, seconds in-flight requests get to finish
     metrics_port: int | None = None  # serve Prometheus metrics over HTTP on this port
+    metrics_host: str = "127.0.0.1"  # internal endpoints stay on loopback unless asked
     stall_timeout: float = 120.0  # a batch in flight this long: health NOT_SERVING
 
     def __post_init__(self) -> None:

@@ -104,10 +104,17 @@ def test_deadline_exceeded_and_the_request_leaves_the_batch(async_service):
     assert async_service.stats().num_running == 0
 
 
+def shm_segments() -> set[str]:
+    return {p.name for p in Path("/dev/shm").glob("psm_*")}
+
+
 def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(model_folder):
+    before = shm_segments()
     service = Service(BASE_ARGS, "drain")
     try:
         service.wait_serving()
+        (segment,) = shm_segments() - before
+        assert Path("/dev/shm", segment).stat().st_mode & 0o077 == 0  # owner only
         result = {}
 
         def run():
@@ -127,6 +134,7 @@ def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(model_folder):
         thread.join()
         assert len(result["out"].token_ids) == 40  # the in-flight request lost nothing
         assert service.engine.wait(timeout=30) == 0
+        assert segment not in shm_segments()  # the slots are gone with the engine
     finally:
         service.stop()
 
