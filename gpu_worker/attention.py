@@ -10,6 +10,7 @@ interface.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Protocol
 
 import torch
@@ -36,6 +37,33 @@ class AttentionMetadata:
     @property
     def num_rows(self) -> int:
         return self.context_lens.shape[0]
+
+    @functools.cached_property
+    def query_offsets(self) -> torch.Tensor:  # [num_tokens]: index of each token in its row
+        if self.max_query_len == 1:
+            return torch.zeros_like(self.token_rows)
+        return torch.arange(self.positions.shape[0], device=self.positions.device) - \
+            self.query_start[self.token_rows]
+
+    def context_mask(self, ctx: int) -> torch.Tensor:
+        """[rows, max_query_len, ctx] bool: which keys each (padded) query may see.
+
+        Computed once per forward pass and shared by every layer. Padded query slots
+        see key 0 only, so that no row is fully masked."""
+        key = ("mask", ctx)
+        if key not in self._memo:
+            query_pos = self.positions[:, None]
+            if self.max_query_len > 1:
+                query_pos = torch.zeros(self.num_rows, self.max_query_len, dtype=torch.long,
+                                        device=self.positions.device)
+                query_pos[self.token_rows, self.query_offsets] = self.positions
+            key_pos = torch.arange(ctx, device=self.positions.device)
+            self._memo[key] = key_pos[None, None, :] <= query_pos[:, :, None]
+        return self._memo[key]
+
+    @functools.cached_property
+    def _memo(self) -> dict:
+        return {}
 
 
 class AttentionBackend(Protocol):
@@ -97,15 +125,17 @@ class TorchPagedAttention:
         _write_cache(key_cache, value_cache, k, v, meta.slot_mapping)
         keys = _gather_context(key_cache, meta)  # [rows, ctx, kv_heads, dim]
         values = _gather_context(value_cache, meta)
-        q_pad, offsets = _pad_queries(q, meta)  # [rows, max_q, heads, dim]
+        q_pad = _pad_queries(q, meta)  # [rows, max_q, heads, dim]
         rows, max_q, heads, dim = q_pad.shape
         groups = q_pad.view(rows, max_q, k.shape[1], heads // k.shape[1], dim)
-        mask = _context_mask(meta, offsets, keys.shape[1])  # [rows, max_q, ctx]
+        mask = meta.context_mask(keys.shape[1])  # [rows, max_q, ctx]
         scores = torch.einsum("bqkgd,bskd->bkgqs", groups, keys).float() * self.scale
         scores = scores.masked_fill(~mask[:, None, None], float("-inf"))
         probs = scores.softmax(dim=-1).to(values.dtype)
-        out = torch.einsum("bkgqs,bskd->bqkgd", probs, values)
-        return out.reshape(rows, max_q, heads, dim)[meta.token_rows, offsets]
+        out = torch.einsum("bkgqs,bskd->bqkgd", probs, values).reshape(rows, max_q, heads, dim)
+        if meta.max_query_len == 1:
+            return out[:, 0]
+        return out[meta.token_rows, meta.query_offsets]
 
 
 def _write_cache(key_cache, value_cache, k, v, slot_mapping) -> None:
@@ -123,18 +153,9 @@ def _gather_context(cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tenso
     return gathered.flatten(1, 2)
 
 
-def _pad_queries(q: torch.Tensor, meta: AttentionMetadata):
-    offsets = torch.arange(q.shape[0], device=q.device) - meta.query_start[meta.token_rows]
+def _pad_queries(q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    if meta.max_query_len == 1:  # one token per row, in row order
+        return q[:, None]
     q_pad = q.new_zeros(meta.num_rows, meta.max_query_len, *q.shape[1:])
-    q_pad[meta.token_rows, offsets] = q
-    return q_pad, offsets
-
-
-def _context_mask(meta: AttentionMetadata, offsets: torch.Tensor, ctx: int) -> torch.Tensor:
-    # Padded query slots attend to key 0 only, so that no row is fully masked.
-    query_pos = torch.zeros(
-        meta.num_rows, meta.max_query_len, dtype=torch.long, device=offsets.device
-    )
-    query_pos[meta.token_rows, offsets] = meta.positions
-    key_pos = torch.arange(ctx, device=offsets.device)
-    return key_pos[None, None, :] <= query_pos[:, :, None]
+    q_pad[meta.token_rows, meta.query_offsets] = q
+    return q_pad

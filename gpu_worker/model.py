@@ -51,11 +51,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * x32.to(dtype)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 class RotaryTable:
     """cos/sin for every position, computed as Transformers computes them."""
 
@@ -68,12 +63,19 @@ class RotaryTable:
         freqs = pos[:, None] * inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)  # [max_positions, head_dim]
         self.cos = (emb.cos() * rope.attention_scaling).to(dtype=dtype, device=device)
-        self.sin = (emb.sin() * rope.attention_scaling).to(dtype=dtype, device=device)
+        sin = (emb.sin() * rope.attention_scaling).to(dtype=dtype, device=device)
+        half = sin.shape[-1] // 2
+        # rotate_half(x) * sin == cat(x2, x1) * cat(-sin1, sin2): the sign lives in the table
+        self.signed_sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
 
-    def apply(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        cos = self.cos[positions].unsqueeze(1)  # [num_tokens, 1, head_dim]
-        sin = self.sin[positions].unsqueeze(1)
-        return x * cos + rotate_half(x) * sin
+    def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed sin of each token, [num_tokens, 1, head_dim]: once per forward."""
+        return self.cos[positions].unsqueeze(1), self.signed_sin[positions].unsqueeze(1)
+
+    @staticmethod
+    def apply(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        return x * cos + torch.cat((x[..., half:], x[..., :half]), dim=-1) * signed_sin
 
 
 class LlamaModel:
@@ -97,21 +99,22 @@ class LlamaModel:
     ) -> torch.Tensor:  # [num_rows, vocab] float32 logits
         s = self.shape
         hidden = F.embedding(input_ids, self.embed)
+        rope = self.rope.lookup(meta.positions)
         for i, w in enumerate(self.layers):
-            hidden = hidden + self._attention(i, w, rms_norm(hidden, w["in_norm"], s.eps), meta,
-                                              attention)
+            h = rms_norm(hidden, w["in_norm"], s.eps)
+            hidden = hidden + self._attention(i, w, h, meta, attention, rope)
             h = rms_norm(hidden, w["post_norm"], s.eps)
             gate, up = F.linear(h, w["gate_up"]).split(s.intermediate, dim=-1)
             hidden = hidden + F.linear(F.silu(gate) * up, w["down"])
         last = rms_norm(hidden[sample_index], self.final_norm, s.eps)
         return F.linear(last, self.lm_head).float()
 
-    def _attention(self, i, w, h, meta: AttentionMetadata, attention: AttentionBackend):
+    def _attention(self, i, w, h, meta: AttentionMetadata, attention: AttentionBackend, rope):
         s = self.shape
         qkv = F.linear(h, w["qkv"], w.get("qkv_bias"))
         q, k, v = qkv.split([s.q_size, s.kv_size, s.kv_size], dim=-1)
-        q = self.rope.apply(q.view(-1, s.num_heads, s.head_dim), meta.positions)
-        k = self.rope.apply(k.view(-1, s.num_kv_heads, s.head_dim), meta.positions)
+        q = self.rope.apply(q.view(-1, s.num_heads, s.head_dim), *rope)
+        k = self.rope.apply(k.view(-1, s.num_kv_heads, s.head_dim), *rope)
         out = attention.forward(i, q, k, v.view(-1, s.num_kv_heads, s.head_dim), meta)
         return F.linear(out.reshape(-1, s.q_size), w["o"])
 

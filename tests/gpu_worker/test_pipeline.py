@@ -107,3 +107,20 @@ def test_poisoned_inputs_after_h2d_done_do_not_change_the_batch():
         assert [r.output_ids for r in reqs] == expected
     finally:
         h.close()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_step_timing_is_read_back_for_finished_batches(device):
+    h = Harness(device)
+    try:
+        h.add("a", PROMPTS[0], 4)
+        plans = []
+        while h.scheduler.has_work:
+            plans.append(h.submit())
+            h.apply(plans[-1])
+        assert h.pipeline.step_timing(1) is None  # nothing before the first batch
+        for plan in plans[1:]:
+            busy, idle = h.pipeline.step_timing(plan.seq)
+            assert busy > 0 and idle >= 0
+    finally:
+        h.close()
