@@ -2,7 +2,8 @@
 # Everything that needs a GPU, in one call on a GPU machine: the GPU tests, the
 # end-to-end suite with the worker on CUDA, and the benchmark. Results go to $OUT.
 #
-#   scripts/device_run.sh [tests|bench|all] [extra bench args...]
+#   scripts/device_run.sh [gpu|tests|bench|all] [extra bench args...]
+#   (gpu: only the tests marked gpu; tests: those and the e2e suite on CUDA)
 #
 # Missing Python packages travel as wheels in .whl/ and the tokenizer cache in
 # .device/cache/ (see README, "Running on a GPU machine").
@@ -22,9 +23,11 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv \
     | tee "$OUT/gpu.txt"
 status=0
-if [ "$what" = tests ] || [ "$what" = all ]; then
+if [ "$what" = gpu ] || [ "$what" = tests ] || [ "$what" = all ]; then
     python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tee "$OUT/gpu_tests.txt"
     status=$(( status | PIPESTATUS[0] ))
+fi
+if [ "$what" = tests ] || [ "$what" = all ]; then
     TANDEM_TEST_MODEL=random:smollm2-135m TANDEM_TEST_DEVICE=cuda \
         python3 -m pytest -q -p no:cacheprovider -x tests/e2e 2>&1 | tee "$OUT/e2e_cuda.txt"
     status=$(( status | PIPESTATUS[0] ))
