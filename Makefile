@@ -9,7 +9,7 @@ TORCH ?= torch==2.13.0
 ARGS ?=
 PROTOS := protos/tandem/v1/generation.proto protos/tandem/internal/v1/engine.proto
 
-.PHONY: help setup model run run-sync test test-unit test-e2e bench proto lint clean image k8s-apply
+.PHONY: help setup model node-client run run-sync test test-unit test-e2e bench proto lint clean image k8s-apply
 
 help:
 	@echo "make run        serve the embedded model on :50051 (sets itself up first)"
@@ -34,19 +34,25 @@ setup: $(STAMP)
 model: setup
 	$(BIN)/python -m tandem.models prepare embedded
 
+# The Node.js client's packages, for its live test; skipped where npm is missing.
+node-client:
+	@if command -v npm >/dev/null; then \
+		npm ci --prefix clients/node --ignore-scripts --no-audit --no-fund --loglevel=error; \
+	else echo "npm not found: the Node.js client test will be skipped"; fi
+
 run: model
 	$(BIN)/python -m gateway $(ARGS)
 
 run-sync: model
 	$(BIN)/python -m gateway $(ARGS) -- --sync
 
-test: model
+test: model node-client
 	$(BIN)/python -m pytest -q $(ARGS)
 
 test-unit: setup
 	$(BIN)/python -m pytest -q -m "not e2e" $(ARGS)
 
-test-e2e: model
+test-e2e: model node-client
 	$(BIN)/python -m pytest -q -m e2e $(ARGS)
 
 bench: model

@@ -1,7 +1,7 @@
 """Entry point: `python -m gateway [flags] [-- ENGINE_ARGS...]`.
 
 Builds the GatewayConfig from flags, sets up logging, runs the server until SIGINT/SIGTERM
-(exit 0) or until the local engine keeps failing (exit 1).
+(a graceful drain, then exit 0) or until the local engine keeps failing (exit 1).
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from gateway.config import DEFAULT_LISTEN, MIB, GatewayConfig, SpawnConfig
+from gateway.config import DEFAULT_LISTEN, MIB, GatewayConfig, SpawnConfig, TlsConfig
+from gateway.security import read_api_keys
 from gateway.server import GatewayServer, build_server
 
 logger = logging.getLogger("gateway")
@@ -38,10 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "'<this python> -m tokenizer_svc'); --listen and ENGINE_ARGS are appended")
     parser.add_argument("--engine-max-quick-failures", type=int, default=5, metavar="N",
                         help="give up (exit 1) after N quick engine failures in a row (default 5)")
+    parser.add_argument("--engine-stop-timeout", type=float, default=10.0, metavar="S",
+                        help="on shutdown, SIGKILL the spawned engine if it has not exited this "
+                        "long after SIGTERM (default 10)")
     parser.add_argument("--max-request-bytes", type=int, default=4 * MIB, metavar="N",
                         help="largest request message accepted (default 4 MiB)")
     parser.add_argument("--max-response-bytes", type=int, default=64 * MIB, metavar="N",
-                        help="largest message relayed from an engine (default 64 MiB)")
+                        help="largest message relayed from an engine or sent to a client "
+                        "(default 64 MiB; long unary answers: use GenerateStream)")
     parser.add_argument("--request-timeout", type=float, metavar="S",
                         help="deadline for generation requests that set none (default: none)")
     parser.add_argument("--rpc-timeout", type=float, default=30.0, metavar="S",
@@ -49,7 +54,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--health-interval", type=float, default=0.5, metavar="S",
                         help="how often each engine's health is polled (default 0.5)")
     parser.add_argument("--grace-period", type=float, default=5.0, metavar="S",
-                        help="time in-flight requests get to finish on shutdown (default 5)")
+                        help="on SIGTERM: health NOT_SERVING, new requests UNAVAILABLE, and "
+                        "in-flight requests get this long to finish before they are cancelled "
+                        "(default 5)")
+    security = parser.add_argument_group("security")
+    security.add_argument("--tls-cert", metavar="FILE",
+                          help="serve TLS with this PEM certificate chain (needs --tls-key)")
+    security.add_argument("--tls-key", metavar="FILE", help="the PEM private key of --tls-cert")
+    security.add_argument("--tls-client-ca", metavar="FILE",
+                          help="mutual TLS: clients must present a certificate signed by this "
+                          "PEM CA bundle")
+    security.add_argument("--api-key-file", metavar="FILE",
+                          help="require `authorization: Bearer <key>` with one of the keys in "
+                          "FILE (one per line, # comments) on all but health and reflection")
+    security.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                          help="an accepted API key (repeatable; visible in `ps`: prefer "
+                          "--api-key-file)")
     parser.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser
@@ -78,7 +98,8 @@ def _build_config(args: argparse.Namespace, engine_args: tuple[str, ...]) -> Gat
         if args.engine_command:
             spawn_kwargs["engine_command"] = tuple(shlex.split(args.engine_command))
         spawn = SpawnConfig(engine_args=engine_args,
-                            max_quick_failures=args.engine_max_quick_failures, **spawn_kwargs)
+                            max_quick_failures=args.engine_max_quick_failures,
+                            terminate_timeout_s=args.engine_stop_timeout, **spawn_kwargs)
     elif engine_args or args.engine_command:
         raise ValueError("engine arguments after `--` and --engine-command need a spawned "
                          "engine (--spawn-engine)")
@@ -92,7 +113,26 @@ def _build_config(args: argparse.Namespace, engine_args: tuple[str, ...]) -> Gat
         rpc_timeout_s=args.rpc_timeout,
         health_poll_interval_s=args.health_interval,
         grace_period_s=args.grace_period,
+        tls=_tls_config(args),
+        api_keys=_api_keys(args),
     )
+
+
+def _tls_config(args: argparse.Namespace) -> TlsConfig | None:
+    if args.tls_cert is None and args.tls_key is None:
+        if args.tls_client_ca is not None:
+            raise ValueError("--tls-client-ca needs TLS (--tls-cert and --tls-key)")
+        return None
+    if args.tls_cert is None or args.tls_key is None:
+        raise ValueError("TLS needs both --tls-cert and --tls-key")
+    return TlsConfig(args.tls_cert, args.tls_key, args.tls_client_ca)
+
+
+def _api_keys(args: argparse.Namespace) -> tuple[str, ...]:
+    keys = list(args.api_key)
+    if args.api_key_file is not None:
+        keys.extend(read_api_keys(args.api_key_file))
+    return tuple(dict.fromkeys(keys))  # without duplicates, in order
 
 
 async def serve(config: GatewayConfig) -> int:
@@ -105,12 +145,13 @@ async def serve(config: GatewayConfig) -> int:
         await server.start()
         exit_code = await server.wait()
     finally:
-        await server.stop()
+        await server.drain()
     return exit_code
 
 
 def _on_signal(server: GatewayServer, sig: signal.Signals) -> None:
-    logger.info("received %s; shutting down", sig.name)
+    logger.info("received %s; draining (grace period %.1f s)", sig.name,
+                server.config.grace_period_s)
     server.request_stop(exit_code=0)
 
 

@@ -48,6 +48,22 @@ class SpawnConfig:
 
 
 @dataclass(frozen=True)
+class TlsConfig:
+    """TLS on the public port: the server's certificate chain and key (PEM files), and
+    optionally a CA whose certificates clients must present (mutual TLS)."""
+
+    cert_file: str
+    key_file: str
+    client_ca_file: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.cert_file or not self.key_file:
+            raise ValueError("TLS needs both a certificate and a key file (--tls-cert, --tls-key)")
+        if self.client_ca_file == "":
+            raise ValueError("client_ca_file must not be empty")
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     """Everything the gateway process needs to know."""
 
@@ -62,7 +78,11 @@ class GatewayConfig:
     rpc_timeout_s: float = 30.0
     health_poll_interval_s: float = 0.5
     health_check_timeout_s: float = 2.0
-    grace_period_s: float = 5.0  # how long in-flight requests may finish on shutdown
+    # On shutdown (SIGTERM), how long in-flight requests may finish before they are cancelled.
+    grace_period_s: float = 5.0
+    tls: TlsConfig | None = None  # None: plain text on the public port
+    # Clients must send `authorization: Bearer <one of these>` (none: no authentication).
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
     keepalive_time_s: float = 20.0  # engine channels: ping after this long without reads
     keepalive_timeout_s: float = 10.0
     max_reconnect_backoff_s: float = 1.0  # engine channels: reconnect quickly after restarts
@@ -92,6 +112,10 @@ class GatewayConfig:
             _require_positive(name, getattr(self, name))
         if not math.isfinite(self.grace_period_s) or self.grace_period_s < 0:
             raise ValueError(f"grace_period_s must be finite and >= 0, got {self.grace_period_s}")
+        for i, key in enumerate(self.api_keys):  # never echo a key in a message
+            if not key or not key.isascii() or not key.isprintable() or " " in key:
+                raise ValueError(f"API key #{i + 1} is empty or not printable ASCII without "
+                                 "spaces (it must fit an `authorization: Bearer` header)")
 
     @property
     def spawn_engine(self) -> bool:

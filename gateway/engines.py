@@ -27,7 +27,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.config import GatewayConfig
-from gateway.errors import EngineLost, NoEngineReady
+from gateway.errors import EngineLost, GatewayError, NoEngineReady
 from tandem.internal.v1 import engine_pb2_grpc
 from tandem.v1 import generation_pb2 as pb
 
@@ -54,30 +54,36 @@ class Lease:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self.lost_reason: str | None = None
+        self.error: GatewayError | None = None  # why the gateway ended the request, if it did
         self._call: grpc.aio.Call | None = None
         self._is_released = False
 
     def attach(self, call: grpc.aio.Call) -> None:
-        """Registers the engine call, so that losing the engine or releasing cancels it."""
+        """Registers the engine call, so that `abort` or `release` cancels it."""
         self._call = call
-        if self.lost_reason is not None:
+        if self.error is not None:
             call.cancel()
 
     def lose(self, reason: str) -> None:
-        """The engine went away: cancel the call; `raise_if_lost` turns that into EngineLost."""
-        self.lost_reason = reason
+        """The engine went away: the request ends with EngineLost."""
+        self.abort(EngineLost(self.engine.address, reason))
+
+    def abort(self, error: GatewayError) -> None:
+        """Ends the request with `error`: cancels the engine call, and `raise_if_aborted`
+        (called by whoever was waiting on that call) raises `error`. The first error wins."""
+        if self.error is None:
+            self.error = error
         if self._call is not None:
             self._call.cancel()
 
-    def raise_if_lost(self) -> None:
-        """Raises EngineLost if the call ended because the engine went away.
+    def raise_if_aborted(self) -> None:
+        """Raises the error given to `abort`, if the call ended because of it.
 
         Not when the current task is itself being cancelled (the client went away first).
         """
         task = asyncio.current_task()
-        if self.lost_reason is not None and (task is None or not task.cancelling()):
-            raise EngineLost(self.engine.address, self.lost_reason)
+        if self.error is not None and (task is None or not task.cancelling()):
+            raise self.error
 
     def release(self) -> None:
         """Idempotent: cancels the engine call if still running and drops the load count."""
@@ -225,6 +231,17 @@ class EnginePool:
         if not ready:
             raise NoEngineReady()
         return min(ready, key=lambda engine: engine.num_in_flight)
+
+    @property
+    def num_in_flight(self) -> int:
+        return sum(engine.num_in_flight for engine in self.engines)
+
+    def abort_all(self, error: GatewayError) -> int:
+        """Ends every request in flight on any engine with `error`; how many there were."""
+        leases = [lease for engine in self.engines for lease in engine.leases]
+        for lease in leases:
+            lease.abort(error)
+        return len(leases)
 
     def start(self) -> None:
         for engine in self.engines:

@@ -1,13 +1,17 @@
 """The gateway's error types and the one place where errors become gRPC status codes.
 
 Every servicer method is wrapped in `unary_errors` or `stream_errors`; nothing else aborts an
-RPC. `status_for` is the mapping itself (pure, unit-tested):
+RPC, but for the API-key check (`gateway.security`), which refuses a call with UNAUTHENTICATED
+before it reaches a servicer. `status_for` is the mapping itself (pure, unit-tested):
 
 - `InvalidRequest` -> INVALID_ARGUMENT, "<field>: <what is wrong and the limit>"
 - `NoEngineReady` -> UNAVAILABLE
 - `EngineLost` (the engine died with the request in flight) -> UNAVAILABLE
+- `ShuttingDown` (a new request while draining, or one cut off at the end of the grace
+  period) -> UNAVAILABLE
 - an engine's `AioRpcError` -> its own code and details (UNAVAILABLE when the connection fails,
-  DEADLINE_EXCEEDED when the deadline we relayed to it ran out)
+  DEADLINE_EXCEEDED when the deadline we relayed to it ran out, RESOURCE_EXHAUSTED naming
+  --max-response-bytes when an engine message was over that limit)
 - `EngineProtocolError` (the engine broke the internal API) -> INTERNAL
 - anything else -> INTERNAL with a short message; the traceback goes to the log.
 """
@@ -24,6 +28,7 @@ import grpc
 logger = logging.getLogger(__name__)
 
 NO_ENGINE_READY = "no engine is ready (model still loading?)"
+SHUTTING_DOWN = "server is shutting down"
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -58,6 +63,14 @@ class EngineLost(GatewayError):
         self.reason = reason
 
 
+class ShuttingDown(GatewayError):
+    """The gateway is draining: it takes no new requests, and cuts off those still running
+    when the grace period ends. Clients should retry on another gateway."""
+
+    def __init__(self, detail: str = "") -> None:
+        super().__init__(f"{SHUTTING_DOWN}: {detail}" if detail else SHUTTING_DOWN)
+
+
 class EngineProtocolError(GatewayError):
     """The engine answered something the internal API does not allow."""
 
@@ -66,7 +79,7 @@ def status_for(exc: BaseException, req_id: str = "-") -> tuple[grpc.StatusCode, 
     """The gRPC status code and message a client gets for `exc`."""
     if isinstance(exc, InvalidRequest):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
-    if isinstance(exc, (NoEngineReady, EngineLost)):
+    if isinstance(exc, (NoEngineReady, EngineLost, ShuttingDown)):
         return grpc.StatusCode.UNAVAILABLE, str(exc)
     if isinstance(exc, grpc.aio.AioRpcError):
         return _engine_status(exc)
@@ -83,6 +96,8 @@ def _engine_status(exc: grpc.aio.AioRpcError) -> tuple[grpc.StatusCode, str]:
         return code, f"engine unavailable: {details}".rstrip(": ")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return code, "deadline exceeded while the engine was working on the request"
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in details:
+        return code, f"response larger than the gateway's --max-response-bytes ({details})"
     return code, details or code.name.lower()
 
 
@@ -130,8 +145,10 @@ async def _abort(
     code, message = status_for(exc, req_id)
     if not isinstance(exc, (GatewayError, grpc.aio.AioRpcError)):
         logger.exception("req_id=%s %s failed unexpectedly", req_id, rpc, exc_info=exc)
-    elif code == grpc.StatusCode.INVALID_ARGUMENT:
+    elif isinstance(exc, InvalidRequest):
         logger.info("req_id=%s %s rejected: %s", req_id, rpc, message)
+    elif isinstance(exc, ShuttingDown):
+        logger.info("req_id=%s %s: %s", req_id, rpc, message)
     else:
         logger.warning("req_id=%s %s failed: %s %s", req_id, rpc, code.name, message)
     await context.abort(code, message)

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 import grpc
 
+from gateway.admission import Admission
 from gateway.config import GatewayConfig
 from gateway.engines import EnginePool, Lease
 from gateway.errors import EngineProtocolError
@@ -64,9 +65,10 @@ async def accumulate(chunks: AsyncIterator[pb.GenerateStreamResponse]) -> pb.Gen
 class Relay:
     """Routes requests over the engine pool and relays the answers."""
 
-    def __init__(self, pool: EnginePool, config: GatewayConfig) -> None:
+    def __init__(self, pool: EnginePool, config: GatewayConfig, admission: Admission) -> None:
         self._pool = pool
         self._config = config
+        self._admission = admission
 
     def model_info(self) -> pb.ModelInfo:
         return self._pool.model_info()
@@ -79,7 +81,8 @@ class Relay:
     async def stream(
         self, request: pb.GenerateRequest, context: CallContext
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
-        """Validates `request`, runs it on the least-loaded ready engine and yields its output.
+        """Admits and validates `request`, runs it on the least-loaded ready engine and yields
+        its output.
 
         The engine call is cancelled however this ends: normally, on error, when this
         generator is closed or cancelled, and when the server call is done (the client
@@ -88,6 +91,7 @@ class Relay:
         if not request.request_id:
             request.request_id = new_request_id()
         req_id = request.request_id
+        self._admission.admit(context)
         lease = self._pool.acquire()
         context.add_done_callback(lambda _: lease.release())
         try:
@@ -108,6 +112,7 @@ class Relay:
     async def tokenize(
         self, request: pb.TokenizeRequest, context: CallContext
     ) -> pb.TokenizeResponse:
+        self._admission.admit(context)
         validate_tokenize_request(request)
         lease = self._pool.acquire()
         try:
@@ -118,7 +123,7 @@ class Relay:
             try:
                 return await call
             except (asyncio.CancelledError, grpc.aio.AioRpcError):
-                lease.raise_if_lost()
+                lease.raise_if_aborted()
                 raise
         finally:
             lease.release()
@@ -136,7 +141,7 @@ async def _relay(
             last = chunk
             yield chunk
     except (asyncio.CancelledError, grpc.aio.AioRpcError):
-        lease.raise_if_lost()
+        lease.raise_if_aborted()
         raise
     if last is None or last.finish_reason == pb.FINISH_REASON_UNSPECIFIED:
         raise EngineProtocolError(f"engine {lease.engine.address} ended the stream of "

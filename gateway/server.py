@@ -6,7 +6,11 @@ Built in-process by tests and by `__main__` alike:
     server = await build_server(config)
     await server.start()        # server.port is the bound port
     exit_code = await server.wait()
-    await server.stop()
+    await server.drain()        # graceful: in-flight requests get the grace period to finish
+
+The public port speaks TLS when `config.tls` is set (mutual TLS with a client CA), and every
+call but health and reflection needs an API key when `config.api_keys` is set
+(`gateway.security`).
 """
 
 from __future__ import annotations
@@ -18,10 +22,13 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from gateway.admission import Admission
 from gateway.config import GatewayConfig
 from gateway.engines import EnginePool
+from gateway.errors import ShuttingDown
 from gateway.health import NOT_SERVING, SERVING, HealthServicer
 from gateway.relay import Relay
+from gateway.security import ApiKeyAuth, server_credentials
 from gateway.servicer import GenerationServicer
 from gateway.supervisor import EngineSupervisor
 from tandem.v1 import generation_pb2, generation_pb2_grpc
@@ -31,6 +38,10 @@ logger = logging.getLogger(__name__)
 GENERATION_SERVICE = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 HEALTH_SERVICES = ("", GENERATION_SERVICE)
+OPEN_SERVICES = (HEALTH_SERVICE, reflection.SERVICE_NAME)  # served without an API key
+# After the grace period, how long cut-off requests get to send their UNAVAILABLE status
+# before the server cancels whatever is left.
+CUT_OFF_WAIT_S = 1.0
 
 
 class GatewayServer:
@@ -40,9 +51,13 @@ class GatewayServer:
         self.config = config
         self.exit_code: int | None = None  # set when the gateway should stop
         self._should_stop = asyncio.Event()
-        self._server = grpc.aio.server(options=_server_options(config))
-        self.port = _bind(self._server, config.listen)  # fail before starting anything else
+        self._drain_task: asyncio.Task[None] | None = None
+        self._server = grpc.aio.server(
+            options=_server_options(config), interceptors=_interceptors(config)
+        )
+        self.port = _bind(self._server, config)  # fail before starting anything else
         self.health = HealthServicer(HEALTH_SERVICES)
+        self.admission = Admission()
         self.supervisor = self._make_supervisor(config)
         addresses = config.engine_addresses
         if self.supervisor is not None:
@@ -56,7 +71,7 @@ class GatewayServer:
         return EngineSupervisor(config.spawn, self._on_engine_exit, self._on_engine_give_up)
 
     def _add_services(self) -> None:
-        relay = Relay(self.pool, self.config)
+        relay = Relay(self.pool, self.config, self.admission)
         servicer = GenerationServicer(relay)
         generation_pb2_grpc.add_GenerationServicer_to_server(servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
@@ -68,8 +83,14 @@ class GatewayServer:
         self.pool.start()
         if self.supervisor is not None:
             self.supervisor.start()
-        logger.info("gateway listening on %s (port %d), engines: %s",
-                    self.config.listen, self.port, [e.address for e in self.pool.engines])
+        logger.info("gateway listening on %s (port %d, %s, %s), engines: %s",
+                    self.config.listen, self.port, _describe_tls(self.config),
+                    _describe_auth(self.config), [e.address for e in self.pool.engines])
+        if self.config.api_keys and self.config.tls is None and not _is_loopback(
+            self.config.listen
+        ):
+            logger.warning("API keys without TLS: they cross the network in clear text "
+                           "(give --tls-cert and --tls-key)")
 
     def request_stop(self, exit_code: int = 0) -> None:
         """Makes `wait` return (the first code given wins)."""
@@ -83,12 +104,30 @@ class GatewayServer:
         assert self.exit_code is not None
         return self.exit_code
 
-    async def stop(self, grace: float | None = None) -> None:
-        """Graceful shutdown: NOT_SERVING, let in-flight requests finish for `grace` seconds
-        (default: the configured grace period), then stop the engine child and channels."""
+    async def drain(self, grace: float | None = None) -> None:
+        """Graceful shutdown (SIGTERM), idempotent: NOT_SERVING at once; new engine-bound
+        calls get UNAVAILABLE; calls in flight get `grace` seconds (default: the configured
+        grace period) to finish, and are then cut off (their engine calls cancelled); then
+        the server, the engine channels and the spawned engine stop."""
+        if self._drain_task is None:
+            grace = self.config.grace_period_s if grace is None else grace
+            self._drain_task = asyncio.create_task(self._drain(grace), name="drain")
+        await asyncio.shield(self._drain_task)
+
+    async def _drain(self, grace: float) -> None:
         self.request_stop()
         self.health.enter_graceful_shutdown()
-        await self._server.stop(self.config.grace_period_s if grace is None else grace)
+        self.admission.close()
+        if self.admission.num_in_flight:
+            logger.info("draining: %d requests in flight get up to %.1f s to finish",
+                        self.admission.num_in_flight, grace)
+        if not await self.admission.wait_idle(grace):
+            error = ShuttingDown(f"the request did not finish within the {grace:g} s grace "
+                                 "period; retry")
+            num_cut_off = self.pool.abort_all(error)
+            logger.warning("grace period over: cut off %d requests", num_cut_off)
+            await self.admission.wait_idle(CUT_OFF_WAIT_S)
+        await self._server.stop(0)  # ends what is left: health watches, stragglers
         await self.pool.close()  # no more health polls: the engine's exit is no news now
         if self.supervisor is not None:
             await self.supervisor.stop()
@@ -111,15 +150,30 @@ async def build_server(config: GatewayConfig) -> GatewayServer:
     return GatewayServer(config)
 
 
-def _bind(server: grpc.aio.Server, address: str) -> int:
-    """Binds the listening address; returns the port (the chosen one for port 0)."""
+def _bind(server: grpc.aio.Server, config: GatewayConfig) -> int:
+    """Binds the listening address, with TLS if configured; returns the port (the chosen one
+    for port 0)."""
+    address = config.listen
+    problem = f"cannot listen on {address} (in use, or not a valid address)"
     try:
-        port = server.add_insecure_port(address)
+        if config.tls is None:
+            port = server.add_insecure_port(address)
+        else:
+            problem = (f"cannot listen on {address} (in use, not a valid address, or "
+                       f"{config.tls.cert_file} and {config.tls.key_file} are not a PEM "
+                       "certificate chain and its private key)")
+            port = server.add_secure_port(address, server_credentials(config.tls))
     except RuntimeError as exc:
-        raise RuntimeError(f"cannot listen on {address} (in use, or not a valid address)") from exc
+        raise RuntimeError(problem) from exc
     if port == 0:
-        raise RuntimeError(f"cannot listen on {address} (in use, or not a valid address)")
+        raise RuntimeError(problem)
     return port
+
+
+def _interceptors(config: GatewayConfig) -> list[grpc.aio.ServerInterceptor]:
+    if not config.api_keys:
+        return []
+    return [ApiKeyAuth(config.api_keys, open_services=OPEN_SERVICES)]
 
 
 def _server_options(config: GatewayConfig) -> list[tuple[str, int]]:
@@ -128,3 +182,18 @@ def _server_options(config: GatewayConfig) -> list[tuple[str, int]]:
         ("grpc.max_send_message_length", config.max_response_bytes),
         ("grpc.so_reuseport", 0),  # a second gateway on the same port fails instead of sharing it
     ]
+
+
+def _describe_tls(config: GatewayConfig) -> str:
+    if config.tls is None:
+        return "plain text"
+    return "mutual TLS" if config.tls.client_ca_file else "TLS"
+
+
+def _describe_auth(config: GatewayConfig) -> str:
+    return f"{len(config.api_keys)} API keys" if config.api_keys else "no authentication"
+
+
+def _is_loopback(address: str) -> bool:
+    host = address.rsplit(":", 1)[0].strip("[]")
+    return host in ("localhost", "::1") or host.startswith("127.") or address.startswith("unix:")

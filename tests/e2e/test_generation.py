@@ -76,18 +76,7 @@ def run_staggered(service, requests, gap=0.15):
 
 
 def hf_greedy(hf_model, prompt_ids, max_new):
-    model, tok = hf_model
-    eos = model.generation_config.eos_token_id
-    eos = set(eos if isinstance(eos, list) else [eos])
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        out = model.generate(torch.tensor([prompt_ids], device=device), max_new_tokens=max_new,
-                             do_sample=False, attention_mask=None)
-    new = out[0, len(prompt_ids):].tolist()
-    for i, t in enumerate(new):
-        if t in eos:
-            return new[: i + 1]
-    return new
+    return hf_greedy_with(hf_model, prompt_ids, max_new)
 
 
 @pytest.fixture(scope="module")
@@ -235,27 +224,42 @@ def test_logprobs_equal_log_softmax_of_the_model_logits(async_service, hf_model)
 
 
 def test_min_tokens_bans_the_end_until_reached(async_service, hf_model, async_results):
-    _, short_ids, last = async_results[0]
-    assert last.finish_reason == pb.FINISH_REASON_STOP  # ends early on its own
-    n = len(short_ids) + 6
-    request = chat_request(CHATS[0], max_tokens=n + 4, min_tokens=n, temperature=0)
+    """min_tokens bans EOS and stop_token_ids until reached. The end tested is one the model
+    really reaches early, whatever its weights: a token of its own greedy output, made a stop
+    token."""
+    _, ids, _ = async_results[0]
+    k = next((i for i in range(1, len(ids)) if ids[i] not in ids[:i]), None)
+    assert k is not None, f"greedy output {ids} has no new token to stop on"
+    stop = ids[k]
+    early = async_service.stub.Generate(
+        chat_request(CHATS[0], max_tokens=k + 10, stop_token_ids=[stop], temperature=0),
+        timeout=120)
+    assert list(early.token_ids) == ids[: k + 1]  # without min_tokens it ends there
+    assert early.finish_reason == pb.FINISH_REASON_STOP
+    n = k + 6
+    request = chat_request(CHATS[0], max_tokens=n + 4, min_tokens=n, stop_token_ids=[stop],
+                           temperature=0)
     reply = async_service.stub.Generate(request, timeout=120)
-    model, _ = hf_model
-    eos = model.generation_config.eos_token_id
-    eos = set(eos if isinstance(eos, list) else [eos])
+    ends = model_eos(hf_model) | {stop}
     assert len(reply.token_ids) >= n
-    assert not eos & set(reply.token_ids[:n])
-    expected = hf_greedy_with(hf_model, prompt_of(async_service, request), n + 4, min_new_tokens=n)
+    assert not ends & set(reply.token_ids[:n])
+    expected = hf_greedy_with(hf_model, prompt_of(async_service, request), n + 4,
+                              min_new_tokens=n, eos_token_id=sorted(ends))
     assert list(reply.token_ids) == expected
 
 
-def hf_greedy_with(hf_model, prompt_ids, max_new, **kw):
-    ids, _ = hf_logits(hf_model, prompt_ids, max_new, **kw)
+def model_eos(hf_model) -> set[int]:
     model, _ = hf_model
     eos = model.generation_config.eos_token_id
-    eos = set(eos if isinstance(eos, list) else [eos])
+    return set(eos if isinstance(eos, list) else [eos])
+
+
+def hf_greedy_with(hf_model, prompt_ids, max_new, **kw):
+    """HF greedy output, cut after the first end token (`eos_token_id` in kw, or the model's)."""
+    ids, _ = hf_logits(hf_model, prompt_ids, max_new, **kw)
+    ends = set(kw.get("eos_token_id") or model_eos(hf_model))
     for i, t in enumerate(ids):
-        if t in eos:
+        if t in ends:
             return ids[: i + 1]
     return ids
 

@@ -57,6 +57,9 @@ def default_chunks() -> list[pb.GenerateStreamResponse]:
 class FakeEngine(engine_pb2_grpc.EngineServicer):
     """Streams `chunks` for every request, or fails with `error`, or hangs when `hang` is set.
 
+    A slow stream: with `hold_last` set, the last chunk waits for that event; `chunk_delay_s`
+    sleeps before each chunk.
+
     Records the requests it got, the remaining time of each call, and whether a Generate
     stream was cancelled (`cancelled` is set, `num_cancelled` counts them).
     """
@@ -66,6 +69,8 @@ class FakeEngine(engine_pb2_grpc.EngineServicer):
         self.chunks = default_chunks()
         self.error: tuple[grpc.StatusCode, str] | None = None
         self.hang = False  # after sending the chunks but the last, wait forever
+        self.hold_last: asyncio.Event | None = None
+        self.chunk_delay_s = 0.0
         self.requests: list[engine_pb2.EngineRequest] = []
         self.time_remaining: list[float | None] = []
         self.tokenize_requests: list[pb.TokenizeRequest] = []
@@ -83,7 +88,11 @@ class FakeEngine(engine_pb2_grpc.EngineServicer):
             if self.error is not None:
                 await context.abort(*self.error)
             chunks = self.chunks[:-1] if self.hang else self.chunks
-            for chunk in chunks:
+            for i, chunk in enumerate(chunks):
+                if self.chunk_delay_s:
+                    await asyncio.sleep(self.chunk_delay_s)
+                if self.hold_last is not None and i == len(self.chunks) - 1:
+                    await self.hold_last.wait()
                 yield chunk
             if self.hang:
                 await asyncio.Event().wait()
@@ -153,27 +162,36 @@ class Client:
 
 
 @contextlib.asynccontextmanager
-async def running_gateway(config: GatewayConfig) -> AsyncIterator[tuple[GatewayServer, Client]]:
+async def running_gateway(
+    config: GatewayConfig, credentials: grpc.ChannelCredentials | None = None
+) -> AsyncIterator[tuple[GatewayServer, Client]]:
+    """A started gateway and a client (plain text, or TLS with `credentials`)."""
     server = await build_server(config)
     await server.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+    target = f"127.0.0.1:{server.port}"
+    if credentials is None:
+        channel = grpc.aio.insecure_channel(target)
+    else:
+        channel = grpc.aio.secure_channel(target, credentials)
     client = Client(channel, generation_pb2_grpc.GenerationStub(channel),
                     health_pb2_grpc.HealthStub(channel))
     try:
         yield server, client
     finally:
         await channel.close()
-        await server.stop(grace=0)
+        await server.drain(grace=0)
 
 
 @contextlib.asynccontextmanager
 async def gateway_with_engine(
-    is_serving: bool = True, wait_ready: bool = True, **overrides
+    is_serving: bool = True, wait_ready: bool = True,
+    credentials: grpc.ChannelCredentials | None = None, **overrides
 ) -> AsyncIterator[tuple[GatewayServer, Client, RunningEngine]]:
     """A fake engine on loopback and a gateway in front of it."""
     engine = await start_fake_engine(is_serving=is_serving)
+    config = fast_config((engine.address,), **overrides)
     try:
-        async with running_gateway(fast_config((engine.address,), **overrides)) as (server, client):
+        async with running_gateway(config, credentials) as (server, client):
             if wait_ready:
                 await wait_for_status(client, SERVING)
             yield server, client, engine

@@ -123,6 +123,22 @@ def test_client_deadline_is_relayed_and_cancels_the_engine_call() -> None:
     run(body())
 
 
+def test_client_deadline_cuts_a_slow_stream_and_cancels_the_engine_stream() -> None:
+    async def body() -> None:
+        async with gateway_with_engine() as (server, client, engine):
+            engine.engine.hold_last = asyncio.Event()  # the last chunk never comes
+            received, error = await stream_error(client.stub.GenerateStream(GOOD, timeout=0.5))
+            assert [chunk.text for chunk in received] == ["Hel", "lo"]
+            assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            remaining = engine.engine.time_remaining[0]
+            assert remaining is not None and 0 < remaining <= 0.55
+            await asyncio.wait_for(engine.engine.cancelled.wait(), timeout=3)
+            await wait_until(lambda: server.pool.num_in_flight == 0)
+            await wait_until(lambda: server.admission.num_in_flight == 0)
+
+    run(body())
+
+
 def test_default_timeout_applies_without_a_client_deadline() -> None:
     async def body() -> None:
         async with gateway_with_engine(default_timeout_s=0.3) as (_, client, engine):

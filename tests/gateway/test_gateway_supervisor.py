@@ -132,27 +132,29 @@ def free_port() -> int:
 
 
 @pytest.mark.usefixtures("no_orphans")
-def test_cli_serves_until_sigterm_and_stops_its_engine(tmp_path: Path) -> None:
+def test_cli_drains_on_sigterm_and_stops_its_engine(tmp_path: Path) -> None:
+    """SIGTERM with a stream in flight: NOT_SERVING, new requests UNAVAILABLE, the stream
+    completes, the engine child is stopped, exit code 0."""
     port = free_port()
+    release = tmp_path / "release"
     command = [
         sys.executable, "-m", "gateway", "--listen", f"127.0.0.1:{port}",
         "--engine-command", f"{sys.executable} {FAKE_PROC}", "--health-interval", "0.05",
-        "--", "--pid-file", str(tmp_path / "pids"),
+        "--grace-period", "30",
+        "--", "--pid-file", str(tmp_path / "pids"), "--hold-last-file", str(release),
     ]
     gateway = subprocess.Popen(command, cwd=REPO_ROOT)
     try:
-        asyncio.run(_wait_serving_and_generate(port))
-        [engine_pid] = pids(tmp_path)
-        gateway.send_signal(signal.SIGTERM)
+        asyncio.run(asyncio.wait_for(_drain_on_sigterm(gateway, port, tmp_path), timeout=40))
         assert gateway.wait(timeout=15) == 0
-        assert not is_alive(engine_pid)
+        assert not any(is_alive(pid) for pid in pids(tmp_path))
     finally:
         if gateway.poll() is None:
             gateway.kill()
             gateway.wait()
 
 
-async def _wait_serving_and_generate(port: int) -> None:
+async def _drain_on_sigterm(gateway: subprocess.Popen, port: int, tmp_path: Path) -> None:
     from grpc_health.v1 import health_pb2_grpc
 
     from tandem.v1 import generation_pb2_grpc
@@ -167,5 +169,17 @@ async def _wait_serving_and_generate(port: int) -> None:
             return False
 
         await wait_until(is_serving, timeout=20)
-        response = await client.stub.Generate(pb.GenerateRequest(text="hi"))
-        assert response.text == "Hello world"
+        stream = client.stub.GenerateStream(pb.GenerateRequest(text="hi"))
+        texts = [(await stream.read()).text, (await stream.read()).text]
+        gateway.send_signal(signal.SIGTERM)
+        await wait_for_status(client, NOT_SERVING, timeout=10)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await client.stub.Generate(pb.GenerateRequest(text="hi"))
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert caught.value.details() == "server is shutting down"
+        assert gateway.poll() is None and len(pids(tmp_path)) == 1
+        (tmp_path / "release").touch()
+        while (chunk := await stream.read()) != grpc.aio.EOF:
+            texts.append(chunk.text)
+        assert texts == ["Hel", "lo", " world"]
+        assert await stream.code() == grpc.StatusCode.OK

@@ -17,6 +17,7 @@ from gateway.errors import (
     EngineProtocolError,
     InvalidRequest,
     NoEngineReady,
+    ShuttingDown,
     status_for,
 )
 from gateway.health import NOT_SERVING, SERVICE_UNKNOWN, SERVING, HealthServicer
@@ -47,6 +48,13 @@ def engine_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
         (engine_error(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"),
          grpc.StatusCode.DEADLINE_EXCEEDED,
          "deadline exceeded while the engine was working on the request"),
+        (ShuttingDown(), grpc.StatusCode.UNAVAILABLE, "server is shutting down"),
+        (ShuttingDown("cut off; retry"), grpc.StatusCode.UNAVAILABLE,
+         "server is shutting down: cut off; retry"),
+        (engine_error(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                      "Received message larger than max (9 vs. 8)"),
+         grpc.StatusCode.RESOURCE_EXHAUSTED, "response larger than the gateway's "
+         "--max-response-bytes (Received message larger than max (9 vs. 8))"),
         (EngineProtocolError("no finish_reason"), grpc.StatusCode.INTERNAL, "no finish_reason"),
         (TimeoutError(), grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded"),
         (ZeroDivisionError("secret detail"), grpc.StatusCode.INTERNAL,

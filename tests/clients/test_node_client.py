@@ -1,0 +1,71 @@
+"""clients/node (generate.js) against the fake gateway: the request it builds from its flags,
+its output, and its JSON, which must match `tandem generate --json`. Skipped without Node.js
+or without `npm ci` in clients/node."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import grpc
+import pytest
+
+from tandem import cli
+
+NODE_DIR = Path(__file__).resolve().parents[2] / "clients" / "node"
+NODE = shutil.which("node")
+
+pytestmark = [
+    pytest.mark.skipif(NODE is None, reason="node (Node.js) is not on PATH"),
+    pytest.mark.skipif(not (NODE_DIR / "node_modules").is_dir(),
+                       reason="clients/node/node_modules is missing: run `npm ci` in clients/node"),
+]
+
+
+def node(fake, *args):
+    return subprocess.run([NODE, str(NODE_DIR / "generate.js"), "--address", fake.address, *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_flags_become_the_request(fake):
+    proc = node(fake, "--max-tokens", "8", "--temperature", "0", "--top-p", "0.5", "--top-k", "3",
+                "--seed", "18446744073709551615", "--stop", "a", "--stop", "b", "--ignore-eos",
+                "--api-key", "k1", "Hello")
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "Hello world\n", "")
+    request = fake.generation.requests[-1]
+    assert request.text == "Hello"
+    s = request.sampling
+    assert s.HasField("temperature") and s.temperature == 0  # greedy, not "unset"
+    assert (s.max_tokens, s.top_p, s.top_k, s.seed, list(s.stop), s.ignore_eos) == (
+        8, 0.5, 3, 2**64 - 1, ["a", "b"], True)
+    assert fake.generation.metadata[-1]["authorization"] == "Bearer k1"
+
+
+def test_unset_flags_stay_unset_and_chat(fake):
+    assert node(fake, "--chat", "Hi").returncode == 0
+    request = fake.generation.requests[-1]
+    assert [(m.role, m.content) for m in request.messages.messages] == [("user", "Hi")]
+    assert not request.sampling.HasField("temperature") and not request.sampling.HasField("seed")
+    assert "authorization" not in fake.generation.metadata[-1]
+
+
+def test_stream_and_json_match_the_python_cli(fake, capsys):
+    assert cli.main(["generate", "Hello", "--json", "--address", fake.address]) == 0
+    python_json = json.loads(capsys.readouterr().out)
+    whole = node(fake, "--json", "Hello")
+    streamed = node(fake, "--json", "--stream", "Hello")
+    assert json.loads(whole.stdout) == python_json
+    assert json.loads(streamed.stdout) == python_json
+    assert fake.generation.requests[-1].text == "Hello"
+    plain = node(fake, "--stream", "Hello")
+    assert (plain.returncode, plain.stdout) == (0, "Hello world\n")
+
+
+def test_error_exits_1_with_message_on_stderr(fake):
+    fake.generation.error = (grpc.StatusCode.INVALID_ARGUMENT, "sampling.top_p: must lie in (0, 1]")
+    for extra in ([], ["--stream"]):
+        proc = node(fake, *extra, "Hello")
+        assert (proc.returncode, proc.stdout) == (1, "")
+        assert proc.stderr == "INVALID_ARGUMENT: sampling.top_p: must lie in (0, 1]\n"
