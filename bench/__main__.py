@@ -1,4 +1,14 @@
-"""``python -m bench``: Tandem ``--sync`` vs async vs Transformers' continuous batching.
+"""``python -m bench``: Tandem ``--sync`` vs async (alone and behind the gateway) vs
+Transformers' continuous batching.
+
+Modes, run in this order by default:
+
+- ``tandem-sync``, ``tandem-async``: one engine (``python -m tokenizer_svc``, with ``--sync``
+  or not), driven over its internal gRPC API: the engine's own throughput;
+- ``tandem-gateway``: tandem-async's engine with a gateway (``python -m gateway``) in front;
+  the same requests go as concurrent ``GenerateStream`` calls of the public API, so the
+  summary's ``gateway_over_engine`` is what the gateway keeps of the engine's throughput;
+- ``hf-sync``, ``hf-async``: Transformers' ``generate_batch`` (async needs CUDA).
 
 On a GPU (defaults): a random-weight Llama-3-8B-shaped model, 32 requests of 256 prompt
 tokens, 1024 new tokens each (EOS ignored); ``--new-tokens 8192`` for the long version.
@@ -23,8 +33,9 @@ from typing import Any
 
 from bench import analysis, report
 from bench.device import NvmlSampler
-from bench.tandem_run import REPO, EngineSpec, run_mode
-from bench.workload import MODES, ModelInfo, Workload, make_prompts, warmup_prompts
+from bench.services import REPO, EngineSpec
+from bench.tandem_run import run_mode
+from bench.workload import GATEWAY_MODE, MODES, ModelInfo, Workload, make_prompts, warmup_prompts
 from tandem import models
 
 log = logging.getLogger("bench")
@@ -44,6 +55,7 @@ class BenchConfig:
     engine_args: tuple[str, ...]
     hf_attn: str
     keep_traces: bool
+    sweep: bool
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.modes if m not in MODES]
@@ -70,6 +82,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="extra tokenizer_svc argument (repeat), e.g. --engine-arg=--block-size=32")
     p.add_argument("--hf-attn", default="sdpa", help="Transformers attention implementation")
     p.add_argument("--keep-traces", action="store_true", help="keep the workers' trace files")
+    p.add_argument("--no-sweep", dest="sweep", action="store_false",
+                   help="skip the decode/prefill sweep against the floor (bench.sweep)")
     return p.parse_args(argv)
 
 
@@ -81,7 +95,7 @@ def make_config(args: argparse.Namespace, is_gpu: bool) -> BenchConfig:
                         args.seed)
     return BenchConfig(pick["model"], workload, tuple(m for m in args.modes.split(",") if m),
                        args.out, args.timeline_ms, tuple(args.engine_arg), args.hf_attn,
-                       args.keep_traces)
+                       args.keep_traces, args.sweep)
 
 
 def probe_device(device: str) -> dict[str, Any]:
@@ -91,6 +105,17 @@ def probe_device(device: str) -> dict[str, Any]:
     if done.returncode != 0:
         raise RuntimeError(f"the device probe failed:\n{done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run_sweep(cfg: BenchConfig, device: dict[str, Any], log_dir: Path) -> dict[str, Any]:
+    """The decode/prefill sweep in its own process (its GPU memory goes with it)."""
+    argv = [sys.executable, "-m", "bench.sweep", "--device", device["kind"]]
+    with open(log_dir / "sweep.log", "w") as log_file:
+        done = subprocess.run(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=log_file,
+                              text=True, check=False)
+    if done.returncode != 0:
+        return {"status": "failed", "note": f"exit code {done.returncode}; see sweep.log"}
+    return {"status": "ok"} | json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def engine_spec(cfg: BenchConfig, mode: str, is_gpu: bool) -> EngineSpec:
@@ -131,7 +156,8 @@ def run_one(cfg: BenchConfig, mode: str, device: dict[str, Any], model: ModelInf
     sampler = NvmlSampler(is_gpu, device.get("pci_bus_id"))
     return run_mode(mode, engine_spec(cfg, mode, is_gpu), make_prompts(wl, model),
                     warmup_prompts(wl, model, WARMUP_REQUESTS), wl.new_tokens, sampler,
-                    cfg.timeline_ms * 1e3, log_dir, cfg.keep_traces)
+                    cfg.timeline_ms * 1e3, log_dir, cfg.keep_traces,
+                    via_gateway=mode == GATEWAY_MODE)
 
 
 def add_floor(rows: list[dict], floor: analysis.Floor) -> None:
@@ -165,6 +191,10 @@ def run(cfg: BenchConfig, device: dict[str, Any], started: float) -> dict[str, A
     model = ModelInfo.load(cfg.model, source.folder, source.random_weights)
     log_dir = cfg.out_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
+    sweep = None
+    if cfg.sweep:
+        log.info("running the decode/prefill sweep")
+        sweep = run_sweep(cfg, device, log_dir)
     rows = []
     for mode in cfg.modes:
         try:
@@ -172,7 +202,7 @@ def run(cfg: BenchConfig, device: dict[str, Any], started: float) -> dict[str, A
         except Exception as exc:  # one broken mode must not lose the others
             log.exception("%s failed", mode)
             rows.append(analysis.skipped_row(mode, "failed", f"{type(exc).__name__}: {exc}"))
-    return assemble(cfg, device, model, rows, started)
+    return assemble(cfg, device, model, rows, started) | {"sweep": sweep}
 
 
 def main(argv: list[str] | None = None) -> int:

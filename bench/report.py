@@ -19,6 +19,7 @@ COLUMNS = (  # (header, row key, format)
     ("floor/step", "floor_over_step", "{:.2f}"),
 )
 NOT_MEANINGFUL = "CPU SMOKE RUN: these numbers mean nothing for performance."
+GATEWAY_TARGET = 0.95  # the gateway must keep this share of the engine's own tokens/s
 
 
 def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
@@ -37,7 +38,8 @@ def _busy(row: dict[str, Any] | None) -> tuple[float | None, str]:
 
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Async-vs-sync speed-ups and the ceiling that the sync run's idle time allows."""
+    """Async-vs-sync speed-ups, the ceiling that the sync run's idle time allows, and the
+    share of the engine's own (tandem-async) throughput that the gateway keeps."""
     by_mode = {row["mode"]: row for row in rows if row["status"] == "ok"}
 
     def tps(mode: str) -> float | None:
@@ -51,12 +53,15 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "tandem_async_over_hf_async": ratio(tps("tandem-async"), tps("hf-async")),
         "sync_busy_ceiling": ratio(1.0, busy) if busy else None,
         "sync_busy_source": source,
-        "tandem_async_outputs_equal_sync": _same_outputs(by_mode),
+        "gateway_over_engine": ratio(tps("tandem-gateway"), tps("tandem-async")),
+        "tandem_async_outputs_equal_sync": _same_outputs(by_mode, "tandem-async", "tandem-sync"),
+        "tandem_gateway_outputs_equal_async": _same_outputs(by_mode, "tandem-gateway",
+                                                            "tandem-async"),
     }
 
 
-def _same_outputs(by_mode: dict[str, dict[str, Any]]) -> bool | None:
-    digests = [by_mode.get(m, {}).get("outputs_sha256") for m in ("tandem-sync", "tandem-async")]
+def _same_outputs(by_mode: dict[str, dict[str, Any]], mode: str, other: str) -> bool | None:
+    digests = [by_mode.get(m, {}).get("outputs_sha256") for m in (mode, other)]
     return None if None in digests else digests[0] == digests[1]
 
 
@@ -76,7 +81,36 @@ def format_table(result: dict[str, Any]) -> str:
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
     lines += _summary_lines(result)
+    lines += sweep_lines(result.get("sweep"))
     return "\n".join(lines)
+
+
+def sweep_lines(sweep: dict[str, Any] | None) -> list[str]:
+    """Decode step time against the floor per batch and context; prefill against matmul."""
+    if not sweep:
+        return []
+    if sweep["status"] != "ok":
+        return [f"sweep: {sweep['status']} ({sweep.get('note', '')})"]
+    contexts = sorted({p["context"] for p in sweep["decode"]})
+    by_point = {(p["batch"], p["context"]): p for p in sweep["decode"]}
+    lines = [f"Decode step, ms (floor/step), {sweep['model']} {sweep['dtype']}, "
+             f"{sweep['attention']}; bandwidth {sweep['bandwidth_bytes_per_s'] / 1e9:.0f} GB/s",
+             "batch  " + "  ".join(f"{f'ctx {c}':>16}" for c in contexts)]
+    for batch in sorted({p["batch"] for p in sweep["decode"]}):
+        cells = []
+        for c in contexts:
+            p = by_point[(batch, c)]
+            cells.append(f"{p['step_ms']:8.2f} ({p['floor_over_step']:4.0%})"
+                         if p["status"] == "ok" else f"{p['status']:>16}")
+        lines.append(f"{batch:>5}  " + "  ".join(f"{c:>16}" for c in cells))
+    pre = sweep["prefill"]
+    lines.append(f"Prefill {pre['rows']} x {pre['tokens']} tokens: {pre['ms']:.1f} ms, "
+                 f"{pre['tokens_per_s']:.0f} tok/s, {pre['flops_per_s'] / 1e12:.0f} TFLOP/s = "
+                 f"{pre['over_matmul']:.0%} of the measured matmul rate "
+                 f"({pre['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s)")
+    if not sweep["meaningful"]:
+        lines.append(NOT_MEANINGFUL)
+    return lines
 
 
 def _summary_lines(result: dict[str, Any]) -> list[str]:
@@ -93,12 +127,18 @@ def _summary_lines(result: dict[str, Any]) -> list[str]:
                  f"{', by ' + s['sync_busy_source'] if s['sync_busy_source'] else ''})")
     lines.append(f"HF async vs sync: {x(s['hf_async_speedup'])}; "
                  f"Tandem async vs HF async: {x(s['tandem_async_over_hf_async'])}")
-    same = s.get("tandem_async_outputs_equal_sync")
-    lines.append("Tandem async outputs equal sync: "
-                 f"{'n/a' if same is None else 'yes' if same else 'NO'}")
+    lines.append(f"Tandem through the gateway vs the engine's own (async): "
+                 f"{x(s.get('gateway_over_engine'))} (target {GATEWAY_TARGET:.2f}x)")
+    lines.append(f"Tandem async outputs equal sync: "
+                 f"{_yes(s.get('tandem_async_outputs_equal_sync'))}; gateway outputs equal "
+                 f"async: {_yes(s.get('tandem_gateway_outputs_equal_async'))}")
     for row in result["modes"]:
         lines += [f"note [{row['mode']}]: {note}" for note in row.get("notes", [])]
     return lines
+
+
+def _yes(same: bool | None) -> str:
+    return "n/a" if same is None else "yes" if same else "NO"
 
 
 def write_json(result: dict[str, Any], path: Path) -> None:
@@ -116,10 +156,16 @@ def draw_png(result: dict[str, Any], path: Path) -> str | None:
         path.unlink(missing_ok=True)  # no stale picture beside a new bench.json
         return "matplotlib is not installed (pip install matplotlib): no PNG"
     lanes = [row for row in result["modes"] if (row.get("timeline") or {}).get("slice")]
-    fig, (bars, timeline) = plt.subplots(2, 1, figsize=(11, 4 + 0.6 * max(1, len(lanes))),
-                                         gridspec_kw={"height_ratios": [3, 2 + len(lanes)]})
-    _draw_bars(bars, result)
-    _draw_timeline(timeline, lanes)
+    sweep = result.get("sweep") or {}
+    has_sweep = sweep.get("status") == "ok"
+    ratios = [3, 2 + len(lanes)] + ([3] if has_sweep else [])
+    fig, axes = plt.subplots(len(ratios), 1, figsize=(11, 4 + 0.6 * max(1, len(lanes)) +
+                                                      3 * has_sweep),
+                             gridspec_kw={"height_ratios": ratios})
+    _draw_bars(axes[0], result)
+    _draw_timeline(axes[1], lanes)
+    if has_sweep:
+        _draw_sweep(axes[2], sweep)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -138,6 +184,20 @@ def _draw_bars(ax, result: dict[str, Any]) -> None:
     ax.set_title(title + ("" if result["meaningful"] else f"\n{NOT_MEANINGFUL}"))
     ax.set_ylabel("tokens/s")
     ax.margins(y=0.15)
+
+
+def _draw_sweep(ax, sweep: dict[str, Any]) -> None:
+    """Decode step: share of the bandwidth floor reached, per batch, one line per context."""
+    for context in sorted({p["context"] for p in sweep["decode"]}):
+        points = [p for p in sweep["decode"] if p["context"] == context and p["status"] == "ok"]
+        ax.plot([str(p["batch"]) for p in points], [p["floor_over_step"] for p in points],
+                marker="o", label=f"context {context}")
+    ax.axhline(1.0, color="#999999", linewidth=0.8)
+    ax.set_title(f"decode step: floor / measured ({sweep['attention']})")
+    ax.set_xlabel("batch")
+    ax.set_ylabel("floor / step")
+    ax.set_ylim(0, 1.05)
+    ax.legend(loc="lower right", fontsize="small")
 
 
 def _draw_timeline(ax, lanes: list[dict[str, Any]]) -> None:

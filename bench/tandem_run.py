@@ -1,7 +1,10 @@
-"""One Tandem mode: start an engine, warm it up, trace the measured window, stop it.
+"""One Tandem mode: start an engine (and a gateway), warm up, trace the measured window, stop.
 
-The engine is driven over its internal API (``tandem.internal.v1.Engine``), without a
-gateway, so that the numbers are the engine's own.
+``tandem-sync`` and ``tandem-async`` drive the engine over its internal API
+(``tandem.internal.v1.Engine``), without a gateway, so that the numbers are the engine's own.
+``tandem-gateway`` sends the same requests as ``GenerateStream`` calls of the public API
+(``tandem.v1.Generation``) to a gateway in front of the same kind of engine. The trace and
+the engine's statistics always come from the engine's internal API.
 """
 
 from __future__ import annotations
@@ -10,112 +13,24 @@ import asyncio
 import hashlib
 import json
 import logging
-import os
-import signal
-import subprocess
-import sys
-import tempfile
 import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Self
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench import analysis
 from bench.device import NvmlSampler, result_dict
+from bench.services import EngineProcess, EngineSpec, GatewayProcess
 from tandem.internal.v1 import engine_pb2, engine_pb2_grpc
 from tandem.v1 import generation_pb2 as pb
+from tandem.v1 import generation_pb2_grpc
 
 log = logging.getLogger("bench.tandem")
-REPO = Path(__file__).resolve().parents[1]
-ENGINE_SERVICE = "tandem.internal.v1.Engine"
 WARMUP_NEW_TOKENS = 8
 RPC_TIMEOUT_S = 6 * 3600.0
-
-
-@dataclass(frozen=True)
-class EngineSpec:
-    """How to start one engine for the benchmark."""
-
-    model: str
-    is_sync: bool
-    is_gpu: bool
-    max_num_seqs: int
-    max_num_batched_tokens: int
-    max_model_len: int
-    extra_args: tuple[str, ...] = ()
-    start_timeout_s: float = 900.0
-
-    def argv(self, listen: str) -> list[str]:
-        args = [sys.executable, "-m", "tokenizer_svc", "--listen", listen, "--model", self.model,
-                "--max-num-seqs", str(self.max_num_seqs),
-                "--max-num-batched-tokens", str(self.max_num_batched_tokens),
-                "--max-model-len", str(self.max_model_len)]
-        if not self.is_gpu:
-            args += ["--device", "cpu", "--dtype", "float32"]
-        if self.is_sync:
-            args.append("--sync")
-        # The 32 requests land in one first batch in both modes, so both modes run the same
-        # batches and greedy outputs can be compared token for token.
-        args += ["--batch-wait-ms", "50"]
-        return args + list(self.extra_args)
-
-
-class EngineProcess:
-    """An engine subprocess on a Unix socket; SERVING on enter, stopped on exit."""
-
-    def __init__(self, spec: EngineSpec, log_path: Path) -> None:
-        self.spec, self.log_path = spec, log_path
-        self.tmp = tempfile.TemporaryDirectory(prefix="tandem-bench-")
-        self.address = f"unix://{self.tmp.name}/engine.sock"
-        self.proc: subprocess.Popen | None = None
-
-    def __enter__(self) -> Self:
-        path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
-        env = dict(os.environ, PYTHONPATH=path, PYTHONUNBUFFERED="1")
-        with open(self.log_path, "w") as log_file:
-            self.proc = subprocess.Popen(self.spec.argv(self.address), cwd=REPO, env=env,
-                                         stdout=log_file, stderr=subprocess.STDOUT)
-        try:
-            self._wait_serving()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.stop()
-
-    def _wait_serving(self) -> None:
-        deadline = time.monotonic() + self.spec.start_timeout_s
-        with grpc.insecure_channel(self.address) as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"the engine exited early; see {self.log_path}")
-                try:
-                    reply = health.Check(health_pb2.HealthCheckRequest(service=ENGINE_SERVICE),
-                                         timeout=2)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.RpcError:
-                    pass
-                time.sleep(0.5)
-        raise TimeoutError(f"engine not SERVING after {self.spec.start_timeout_s} s; "
-                           f"see {self.log_path}")
-
-    def stop(self) -> None:
-        """SIGTERM, then wait (the GPU must be free before the next mode starts)."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.tmp.cleanup()
 
 
 # --- the client -----------------------------------------------------------------------
@@ -131,13 +46,37 @@ def outputs_digest(tag: str) -> str:
     return hashlib.sha256(json.dumps(ids).encode()).hexdigest()
 
 
-async def _stream(stub, req_id: str, prompt: list[int], max_tokens: int) -> Arrivals:
-    request = engine_pb2.EngineRequest(request_id=req_id, request=pb.GenerateRequest(
-        token_ids=pb.TokenIds(ids=prompt),
-        sampling=pb.SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)))
+Send = Callable[[str, list[int], int], AsyncIterator[pb.GenerateStreamResponse]]
+"""Starts one streaming generation: (request id, prompt, max_tokens) -> its replies."""
+
+
+def generate_request(prompt: list[int], max_tokens: int, req_id: str = "") -> pb.GenerateRequest:
+    """What every Tandem mode asks for: token ids in, greedy, exactly ``max_tokens`` out."""
+    return pb.GenerateRequest(
+        token_ids=pb.TokenIds(ids=prompt), request_id=req_id,
+        sampling=pb.SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
+
+
+def engine_send(channel: grpc.aio.Channel) -> Send:
+    """``Generate`` of the engine's internal API."""
+    stub = engine_pb2_grpc.EngineStub(channel)
+    return lambda req_id, prompt, max_tokens: stub.Generate(
+        engine_pb2.EngineRequest(request_id=req_id,
+                                 request=generate_request(prompt, max_tokens)),
+        timeout=RPC_TIMEOUT_S)
+
+
+def gateway_send(channel: grpc.aio.Channel) -> Send:
+    """``GenerateStream`` of the public API (the gateway's)."""
+    stub = generation_pb2_grpc.GenerationStub(channel)
+    return lambda req_id, prompt, max_tokens: stub.GenerateStream(
+        generate_request(prompt, max_tokens, req_id), timeout=RPC_TIMEOUT_S)
+
+
+async def _stream(send: Send, req_id: str, prompt: list[int], max_tokens: int) -> Arrivals:
     chunks: Arrivals = []
     token_ids: list[int] = []
-    async for reply in stub.Generate(request, timeout=RPC_TIMEOUT_S):
+    async for reply in send(req_id, prompt, max_tokens):
         if reply.token_ids:
             chunks.append((time.perf_counter(), len(reply.token_ids)))
             token_ids += reply.token_ids
@@ -145,11 +84,11 @@ async def _stream(stub, req_id: str, prompt: list[int], max_tokens: int) -> Arri
     return chunks
 
 
-async def generate_all(stub, prompts: list[list[int]], max_tokens: int,
+async def generate_all(send: Send, prompts: list[list[int]], max_tokens: int,
                        tag: str) -> list[Arrivals]:
     """Send every prompt at once; each request's chunk arrival times."""
     return list(await asyncio.gather(*(
-        _stream(stub, f"{tag}-{i}", prompt, max_tokens) for i, prompt in enumerate(prompts))))
+        _stream(send, f"{tag}-{i}", prompt, max_tokens) for i, prompt in enumerate(prompts))))
 
 
 def _unimplemented(exc: grpc.aio.AioRpcError, rpc: str) -> str:
@@ -191,17 +130,24 @@ class Measured:
     engine_stats: dict[str, int]
 
 
-async def measure(address: str, prompts: list[list[int]], warm: list[list[int]],
-                  new_tokens: int, trace_path: Path, sampler: NvmlSampler) -> Measured:
-    """Warm up, then trace and time all prompts sent at once."""
-    async with grpc.aio.insecure_channel(address) as channel:
+async def measure(engine_address: str, gateway_address: str | None,
+                  prompts: list[list[int]], warm: list[list[int]], new_tokens: int,
+                  trace_path: Path, sampler: NvmlSampler) -> Measured:
+    """Warm up, then trace and time all prompts sent at once: through the gateway when
+    there is one, else to the engine directly."""
+    async with AsyncExitStack() as stack:
+        channel = await stack.enter_async_context(grpc.aio.insecure_channel(engine_address))
         stub = engine_pb2_grpc.EngineStub(channel)
-        await generate_all(stub, warm, WARMUP_NEW_TOKENS, "warmup")
+        send = engine_send(channel)
+        if gateway_address is not None:
+            send = gateway_send(await stack.enter_async_context(
+                grpc.aio.insecure_channel(gateway_address)))
+        await generate_all(send, warm, WARMUP_NEW_TOKENS, "warmup")
         notes = [note] if (note := await _start_trace(stub)) else []
         before = await stub.GetStats(engine_pb2.GetStatsRequest(), timeout=30)
         with sampler:
             started = time.perf_counter()
-            arrivals = await generate_all(stub, prompts, new_tokens, "bench")
+            arrivals = await generate_all(send, prompts, new_tokens, "bench")
             wall_s = time.perf_counter() - started
         trace = None
         if not notes:
@@ -213,14 +159,19 @@ async def measure(address: str, prompts: list[list[int]], warm: list[list[int]],
 
 def run_mode(mode: str, spec: EngineSpec, prompts: list[list[int]], warm: list[list[int]],
              new_tokens: int, sampler: NvmlSampler, slice_us: float, run_dir: Path,
-             keep_trace: bool) -> dict:
+             keep_trace: bool, via_gateway: bool = False) -> dict:
     """One Tandem mode, start to stop: its table row (without the floor)."""
     trace_path = (run_dir / f"trace-{mode}.json").resolve()
     OUTPUTS.clear()
-    with EngineProcess(spec, run_dir / f"{mode}.log") as engine:
-        log.info("%s: engine SERVING, measuring", mode)
-        got = asyncio.run(measure(engine.address, prompts, warm, new_tokens, trace_path,
-                                  sampler))
+    with ExitStack() as processes:  # on exit: the gateway stops first, then the engine
+        engine = processes.enter_context(EngineProcess(spec, run_dir / f"{mode}.log"))
+        gateway = None
+        if via_gateway:
+            gateway = processes.enter_context(
+                GatewayProcess(engine.address, run_dir / f"{mode}-gateway.log"))
+        log.info("%s: %s SERVING, measuring", mode, "gateway" if gateway else "engine")
+        got = asyncio.run(measure(engine.address, gateway.address if gateway else None,
+                                  prompts, warm, new_tokens, trace_path, sampler))
     timeline = analysis.analyse_timeline(got.trace, slice_us) if got.trace else None
     if timeline is not None and timeline["busy"] is None:
         got.notes.append(f"trace on {timeline['device'] or 'the device'} holds no kernels")

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from bench.analysis import ModelShape, average_context
 
-MODES = ("tandem-sync", "tandem-async", "hf-sync", "hf-async")
+MODES = ("tandem-sync", "tandem-async", "tandem-gateway", "hf-sync", "hf-async")
+GATEWAY_MODE = "tandem-gateway"  # tandem-async's engine, measured through a gateway
 
 
 @dataclass(frozen=True)

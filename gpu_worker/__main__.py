@@ -13,7 +13,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from gpu_worker.config import WorkerConfig
+from gpu_worker.config import KERNELS, WorkerConfig
 from tandem.link import Kind, Link, Message, PeerGone
 from tandem.slots import SlotShape
 
@@ -37,6 +37,7 @@ def parse_args(argv: list[str]) -> WorkerConfig:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-cuda-graphs", action="store_true")
+    p.add_argument("--kernels", default="auto", choices=KERNELS)
     a = p.parse_args(argv)
     shape = SlotShape(a.max_num_tokens, a.max_num_rows, a.max_blocks_per_row, a.max_top_logprobs,
                       a.block_size)
@@ -45,7 +46,7 @@ def parse_args(argv: list[str]) -> WorkerConfig:
         slot_shape=shape, num_slots=a.num_slots, device=a.device, dtype=a.dtype,
         block_size=a.block_size, num_blocks=a.num_blocks, kv_cache_gib=a.kv_cache_gib,
         gpu_memory_utilization=a.gpu_memory_utilization, seed=a.seed,
-        cuda_graphs=not a.no_cuda_graphs,
+        cuda_graphs=not a.no_cuda_graphs, kernels=a.kernels,
     )
 
 

@@ -67,6 +67,11 @@ class AttentionMetadata:
 
 
 class AttentionBackend(Protocol):
+    # False: a decode step's work depends on the batch's max_context_len (its graphs are
+    # captured per context bucket); True: it reads each row's length on the device, so one
+    # graph serves every context length.
+    any_context: bool
+
     def forward(
         self,
         layer: int,
@@ -116,6 +121,8 @@ class TorchPagedAttention:
     static, so decode steps can be captured in a CUDA graph.
     """
 
+    any_context = False
+
     def __init__(self, cache: KVCache, scale: float) -> None:
         self.cache = cache
         self.scale = scale
@@ -159,3 +166,15 @@ def _pad_queries(q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
     q_pad = q.new_zeros(meta.num_rows, meta.max_query_len, *q.shape[1:])
     q_pad[meta.token_rows, meta.query_offsets] = q
     return q_pad
+
+
+def make_attention(cache: KVCache, scale: float, device: torch.device,
+                   kind: str = "auto") -> AttentionBackend:
+    """``auto``: Triton kernels on CUDA, the torch reference elsewhere; or ``triton``/``torch``."""
+    if kind not in ("auto", "triton", "torch"):
+        raise ValueError(f"attention backend {kind!r}: choose auto, triton or torch")
+    if kind == "triton" or (kind == "auto" and device.type == "cuda"):
+        from gpu_worker.kernels.paged_attention import TritonPagedAttention
+
+        return TritonPagedAttention(cache, scale)
+    return TorchPagedAttention(cache, scale)

@@ -8,6 +8,7 @@ from pathlib import Path
 from tandem.slots import SlotShape
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+KERNELS = ("auto", "triton", "torch")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,8 +28,11 @@ class WorkerConfig:
     gpu_memory_utilization: float = 0.85
     seed: int = 0  # random-weight presets
     cuda_graphs: bool = True  # capture decode steps as CUDA graphs (CUDA only)
+    kernels: str = "auto"  # "auto": Triton kernels on CUDA, torch on the CPU; "triton"; "torch"
 
     def __post_init__(self) -> None:
+        if self.kernels not in KERNELS:
+            raise ValueError(f"kernels must be one of {KERNELS}, not {self.kernels!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, not {self.dtype!r}")
         if self.block_size < 1 or (self.num_blocks is not None and self.num_blocks < 1):

@@ -15,6 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from gpu_worker.attention import AttentionBackend, AttentionMetadata
+from gpu_worker.ops import TorchOps, TritonOps
+
+Ops = TorchOps | TritonOps
 
 
 class LlamaShape:
@@ -44,13 +47,6 @@ class LlamaShape:
         return self.num_kv_heads * self.head_dim
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    dtype = x.dtype
-    x32 = x.to(torch.float32)
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x32.to(dtype)
-
-
 class RotaryTable:
     """cos/sin for every position, computed as Transformers computes them."""
 
@@ -68,22 +64,20 @@ class RotaryTable:
         # rotate_half(x) * sin == cat(x2, x1) * cat(-sin1, sin2): the sign lives in the table
         self.signed_sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
 
-    def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and signed sin of each token, [num_tokens, 1, head_dim]: once per forward."""
-        return self.cos[positions].unsqueeze(1), self.signed_sin[positions].unsqueeze(1)
-
-    @staticmethod
-    def apply(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        return x * cos + torch.cat((x[..., half:], x[..., :half]), dim=-1) * signed_sin
-
 
 class LlamaModel:
-    """Weights as plain tensors and a forward pass over a flat batch of tokens."""
+    """Weights as plain tensors and a forward pass over a flat batch of tokens.
 
-    def __init__(self, config, weights: dict[str, torch.Tensor], dtype, device) -> None:
+    Each layer's residual add is fused with the next norm (``ops.add_rms_norm``), RoPE
+    rotates q and k in place inside the fused QKV output, and the MLP's activation reads the
+    fused gate/up output once: with ``TritonOps`` a layer is four matrix products, the
+    attention and four small kernels."""
+
+    def __init__(self, config, weights: dict[str, torch.Tensor], dtype, device,
+                 ops: Ops | None = None) -> None:
         self.shape = s = LlamaShape(config)
         self.dtype, self.device = dtype, device
+        self.ops = ops or TorchOps()
         self.embed = weights["model.embed_tokens.weight"]  # [vocab, hidden]
         self.lm_head = self.embed if s.tied else weights["lm_head.weight"]
         self.final_norm = weights["model.norm.weight"]
@@ -97,24 +91,25 @@ class LlamaModel:
         attention: AttentionBackend,
         sample_index: torch.Tensor,  # [num_rows], the token whose logits each row samples
     ) -> torch.Tensor:  # [num_rows, vocab] float32 logits
-        s = self.shape
-        hidden = F.embedding(input_ids, self.embed)
-        rope = self.rope.lookup(meta.positions)
+        s, ops = self.shape, self.ops
+        residual = F.embedding(input_ids, self.embed)  # [num_tokens, hidden], updated in place
+        h = ops.rms_norm(residual, self.layers[0]["in_norm"], s.eps)
         for i, w in enumerate(self.layers):
-            h = rms_norm(hidden, w["in_norm"], s.eps)
-            hidden = hidden + self._attention(i, w, h, meta, attention, rope)
-            h = rms_norm(hidden, w["post_norm"], s.eps)
-            gate, up = F.linear(h, w["gate_up"]).split(s.intermediate, dim=-1)
-            hidden = hidden + F.linear(F.silu(gate) * up, w["down"])
-        last = rms_norm(hidden[sample_index], self.final_norm, s.eps)
-        return F.linear(last, self.lm_head).float()
+            out = self._attention(i, w, h, meta, attention)
+            h, residual = ops.add_rms_norm(out, residual, w["post_norm"], s.eps)
+            out = F.linear(ops.silu_and_mul(F.linear(h, w["gate_up"])), w["down"])
+            if i + 1 < len(self.layers):
+                h, residual = ops.add_rms_norm(out, residual, self.layers[i + 1]["in_norm"], s.eps)
+        last = residual[sample_index] + out[sample_index]  # only the sampled tokens go on
+        return F.linear(ops.rms_norm(last, self.final_norm, s.eps), self.lm_head).float()
 
-    def _attention(self, i, w, h, meta: AttentionMetadata, attention: AttentionBackend, rope):
+    def _attention(self, i, w, h, meta: AttentionMetadata, attention: AttentionBackend):
         s = self.shape
-        qkv = F.linear(h, w["qkv"], w.get("qkv_bias"))
+        qkv = F.linear(h, w["qkv"], w.get("qkv_bias"))  # [num_tokens, q_size + 2 * kv_size]
         q, k, v = qkv.split([s.q_size, s.kv_size, s.kv_size], dim=-1)
-        q = self.rope.apply(q.view(-1, s.num_heads, s.head_dim), *rope)
-        k = self.rope.apply(k.view(-1, s.num_kv_heads, s.head_dim), *rope)
+        q = q.view(-1, s.num_heads, s.head_dim)
+        k = k.view(-1, s.num_kv_heads, s.head_dim)
+        self.ops.rope_(q, k, meta.positions, self.rope.cos, self.rope.signed_sin)
         out = attention.forward(i, q, k, v.view(-1, s.num_kv_heads, s.head_dim), meta)
         return F.linear(out.reshape(-1, s.q_size), w["o"])
 

@@ -82,7 +82,9 @@ class ModelRunner:
         self.scratch_block, self.block_size = scratch_block, block_size
         max_context = shape.max_blocks_per_row * block_size
         self.row_buckets = buckets(shape.max_num_rows, 1)
-        self.ctx_buckets = buckets(max_context, min(256, max_context))
+        # One graph per context bucket, unless the attention reads lengths on the device.
+        self.ctx_buckets = [max_context] if attention.any_context else \
+            buckets(max_context, min(256, max_context))
         self.use_graphs = use_graphs
         self.graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 

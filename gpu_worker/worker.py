@@ -13,10 +13,11 @@ import logging
 import numpy as np
 import torch
 
-from gpu_worker.attention import KVCache, TorchPagedAttention
+from gpu_worker.attention import KVCache, make_attention
 from gpu_worker.config import WorkerConfig
 from gpu_worker.device_slots import DeviceSlots
 from gpu_worker.model import LlamaModel, LlamaShape, load_config, load_weights
+from gpu_worker.ops import make_ops
 from gpu_worker.pipeline import Pipeline
 from gpu_worker.runner import BatchInfo, ModelRunner
 from gpu_worker.trace import Tracer
@@ -51,7 +52,9 @@ class Worker:
         self.model = self._load_model()
         self.cache = self._allocate_cache()  # the last block is the scratch block
         self.num_blocks = self.cache.num_blocks - 1
-        attention = TorchPagedAttention(self.cache, scale=self.model.shape.head_dim**-0.5)
+        attention = make_attention(self.cache, self.model.shape.head_dim**-0.5, self.device,
+                                   cfg.kernels)
+        log.info("kernels: %s, %s", type(attention).__name__, self.model.ops.name)
         self.segment = S.SlotSegment(S.SlotLayout(cfg.slot_shape, cfg.num_slots), cfg.shm_name)
         self.slots = DeviceSlots(self.segment, self.device)
         runner = ModelRunner(self.model, attention, self.slots, scratch_block=self.num_blocks,
@@ -69,7 +72,8 @@ class Worker:
         else:
             weights = load_weights(source.folder, self.dtype, self.device)
         log.info("loaded %s on %s in %s", source.name, self.device, self.dtype)
-        return LlamaModel(config, weights, self.dtype, self.device)
+        return LlamaModel(config, weights, self.dtype, self.device,
+                          ops=make_ops(self.device, self.cfg.kernels))
 
     def _allocate_cache(self) -> KVCache:
         s: LlamaShape = self.model.shape

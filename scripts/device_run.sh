@@ -2,8 +2,9 @@
 # Everything that needs a GPU, in one call on a GPU machine: the GPU tests, the
 # end-to-end suite with the worker on CUDA, and the benchmark. Results go to $OUT.
 #
-#   scripts/device_run.sh [gpu|tests|bench|all] [extra bench args...]
-#   (gpu: only the tests marked gpu; tests: those and the e2e suite on CUDA)
+#   scripts/device_run.sh [gpu|tests|sweep|bench|all] [extra bench args...]
+#   (gpu: only the tests marked gpu; tests: those and the e2e suite on CUDA; sweep: the
+#   gpu tests and the decode/prefill sweep alone; bench: `python -m bench`, sweep included)
 #
 # Missing Python packages travel as wheels in .whl/ and the tokenizer cache in
 # .device/cache/ (see README, "Running on a GPU machine").
@@ -23,9 +24,14 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv \
     | tee "$OUT/gpu.txt"
 status=0
-if [ "$what" = gpu ] || [ "$what" = tests ] || [ "$what" = all ]; then
+if [ "$what" = gpu ] || [ "$what" = tests ] || [ "$what" = sweep ] || [ "$what" = all ]; then
     python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tee "$OUT/gpu_tests.txt"
     status=$(( status | PIPESTATUS[0] ))
+fi
+if [ "$what" = sweep ]; then
+    python3 -m bench.sweep "$@" > "$OUT/sweep.json" 2> "$OUT/sweep.log"
+    status=$(( status | $? ))
+    tail -n 40 "$OUT/sweep.log"
 fi
 if [ "$what" = tests ] || [ "$what" = all ]; then
     TANDEM_TEST_MODEL=random:smollm2-135m TANDEM_TEST_DEVICE=cuda \

@@ -40,6 +40,8 @@ def parse_args(argv: list[str]) -> EngineConfig:
     p.add_argument("--device", default="auto", help="worker device: auto, cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, ...")
     p.add_argument("--seed", type=int, default=0, help="weights of random presets")
+    p.add_argument("--kernels", default="auto",
+                   help="worker kernels: auto (Triton on CUDA, torch on the CPU), triton, torch")
     p.add_argument("--sync", action="store_true", help="no overlap: the benchmark baseline")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--num-kv-blocks", type=int, default=None)
@@ -69,7 +71,7 @@ def parse_args(argv: list[str]) -> EngineConfig:
     return EngineConfig(
         listen=a.listen,
         model=ModelConfig(a.model, a.cache_dir or models.default_cache_dir(), a.device, a.dtype,
-                          a.seed),
+                          a.seed, a.kernels),
         cache=CacheConfig(a.block_size, a.num_kv_blocks, a.kv_cache_gib,
                           a.gpu_memory_utilization),
         scheduler=SchedulerConfig(a.max_num_seqs, a.max_num_batched_tokens, a.max_model_len,

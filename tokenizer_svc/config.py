@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+KERNELS = ("auto", "triton", "torch")
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -13,6 +15,12 @@ class ModelConfig:
     device: str = "auto"  # the worker's device: "auto", "cpu", "cuda", "cuda:1"
     dtype: str = "auto"
     seed: int = 0  # weights of random presets
+    kernels: str = "auto"  # the worker's kernels: "auto" (Triton on CUDA), "triton", "torch"
+
+    def __post_init__(self) -> None:
+        if self.kernels not in KERNELS:
+            raise ValueError(f"--kernels must be one of {', '.join(KERNELS)}, "
+                             f"not {self.kernels!r}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -42,6 +42,7 @@ class WorkerClient:
         cmd = [sys.executable, "-m", "gpu_worker", "--shm", self.segment.name,
                "--link-fd", str(fd), "--model", m.spec, "--cache-dir", str(m.cache_dir),
                "--device", m.device, "--dtype", m.dtype, "--seed", str(m.seed),
+               "--kernels", m.kernels,
                "--max-num-tokens", str(shape.max_num_tokens),
                "--max-num-rows", str(shape.max_num_rows),
                "--max-blocks-per-row", str(shape.max_blocks_per_row),

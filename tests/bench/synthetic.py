@@ -15,16 +15,21 @@ def synthetic_trace(busy_per_step_us=9.0, step_us=10.0, num_steps=1000):
             "kernels_us": kernels, "steps_us": steps}
 
 
-def fake_result(meaningful=True):
+def fake_result(meaningful=True, gateway_digest="same"):
     rows = [
         analysis.mode_row("tandem-sync", 10.0, [[(0.0, 1), (1.0, 99)]], {"busy": 0.8},
-                          {"busy": 0.75}, [], expected_tokens=100),
+                          {"busy": 0.75}, [], expected_tokens=100,
+                          extra={"outputs_sha256": "same"}),
         analysis.mode_row("tandem-async", 8.0, [[(0.0, 1), (0.8, 99)]], {"busy": 0.995},
-                          {"busy": None}, [], expected_tokens=100),
+                          {"busy": None}, [], expected_tokens=100,
+                          extra={"outputs_sha256": "same"}),
+        analysis.mode_row("tandem-gateway", 8.5, [[(0.0, 1), (0.85, 99)]], {"busy": 0.94},
+                          {"busy": None}, [], expected_tokens=100,
+                          extra={"outputs_sha256": gateway_digest}),
         analysis.skipped_row("hf-async", "skipped", "needs CUDA"),
     ]
     floor = analysis.Floor(15_000_000_000, 3_200_000_000, 3e12, 0.006)
-    for row in rows[:2]:
+    for row in rows[:3]:
         row["floor_ms"] = 6.0
         row["floor_over_step"] = analysis.ratio(6.0, row["step_ms"])
     return {"device": {"name": "NVIDIA H100", "kind": "cuda", "torch": "2.11"},

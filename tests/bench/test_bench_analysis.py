@@ -10,7 +10,7 @@ import pytest
 
 from bench import analysis, report
 from bench.analysis import ModelShape
-from bench.workload import ModelInfo, Workload, make_prompts, warmup_prompts
+from bench.workload import GATEWAY_MODE, MODES, ModelInfo, Workload, make_prompts, warmup_prompts
 from tests.bench.synthetic import fake_result, synthetic_trace
 
 LLAMA3_8B = {
@@ -146,6 +146,31 @@ def test_summary_speedup_and_sync_ceiling():
     assert summary["hf_async_speedup"] is None
 
 
+def test_summary_gateway_over_engine_and_its_outputs():
+    summary = fake_result()["summary"]
+    assert summary["gateway_over_engine"] == pytest.approx(8.0 / 8.5)  # same tokens, 8.5 s
+    assert summary["tandem_async_outputs_equal_sync"] is True
+    assert summary["tandem_gateway_outputs_equal_async"] is True
+    assert fake_result(gateway_digest="other")["summary"][
+        "tandem_gateway_outputs_equal_async"] is False
+
+
+def test_summary_without_a_gateway_or_an_engine_row():
+    rows = fake_result()["modes"]
+    no_gateway = report.summarize([r for r in rows if r["mode"] != "tandem-gateway"])
+    assert no_gateway["gateway_over_engine"] is None
+    assert no_gateway["tandem_gateway_outputs_equal_async"] is None
+    no_engine = report.summarize([r for r in rows if r["mode"] != "tandem-async"])
+    assert no_engine["gateway_over_engine"] is None
+    failed = [analysis.skipped_row("tandem-gateway", "failed", "boom") if
+              r["mode"] == "tandem-gateway" else r for r in rows]
+    assert report.summarize(failed)["gateway_over_engine"] is None
+
+
+def test_gateway_mode_runs_right_after_the_async_engine_by_default():
+    assert MODES.index(GATEWAY_MODE) == MODES.index("tandem-async") + 1
+
+
 def test_table_has_the_columns_the_card_and_the_notes():
     text = report.format_table(fake_result())
     assert "NVIDIA H100" in text
@@ -154,5 +179,8 @@ def test_table_has_the_columns_the_card_and_the_notes():
         assert header in text
     assert "99.5%" in text and "skipped" in text and "needs CUDA" in text
     assert "1.250x" in text
+    assert "tandem-gateway" in text and "94.0%" in text
+    assert "gateway vs the engine's own (async): 0.941x" in text
+    assert "gateway outputs equal async: yes" in text
     assert report.NOT_MEANINGFUL not in text
     assert report.NOT_MEANINGFUL in report.format_table(fake_result(meaningful=False))

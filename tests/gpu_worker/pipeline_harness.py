@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from gpu_worker.attention import KVCache, TorchPagedAttention
+from gpu_worker.attention import KVCache, make_attention
 from gpu_worker.device_slots import DeviceSlots
 from gpu_worker.model import LlamaModel, load_config
+from gpu_worker.ops import make_ops
 from gpu_worker.pipeline import Pipeline
 from gpu_worker.runner import BatchInfo, ModelRunner
 from tandem import models
@@ -22,19 +23,21 @@ NUM_BLOCKS = 64
 
 
 class Harness:
-    def __init__(self, device: str, graphs: bool = False, max_rows: int = 8) -> None:
+    def __init__(self, device: str, graphs: bool = False, max_rows: int = 8,
+                 kernels: str = "auto") -> None:
         self.device = torch.device(device)
         source = models.resolve_model("random:tiny-llama", models.default_cache_dir())
         config = load_config(source.folder)
         weights = models.random_state_dict(config, torch.float32, self.device, seed=0)
-        self.model = LlamaModel(config, weights, torch.float32, self.device)
+        self.model = LlamaModel(config, weights, torch.float32, self.device,
+                                ops=make_ops(self.device, kernels))
         s = self.model.shape
         shape = S.SlotShape(256, max_rows, 256 // BLOCK_SIZE, 4, BLOCK_SIZE)
         self.segment = S.SlotSegment(S.SlotLayout(shape, 2), create=True)
         self.slots = DeviceSlots(self.segment, self.device)
         self.cache = KVCache(s.num_layers, NUM_BLOCKS + 1, BLOCK_SIZE, s.num_kv_heads, s.head_dim,
                              torch.float32, self.device)
-        attention = TorchPagedAttention(self.cache, s.head_dim**-0.5)
+        attention = make_attention(self.cache, s.head_dim**-0.5, self.device, kernels)
         self.runner = ModelRunner(self.model, attention, self.slots, NUM_BLOCKS, BLOCK_SIZE,
                                   use_graphs=graphs)
         self.pipeline = Pipeline(self.slots, self.runner)

@@ -13,8 +13,8 @@ DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, cuda])]
 PROMPTS = [[5, 17, 300, 42, 9], list(range(200, 237)), [1000, 7], list(range(50, 70))]
 
 
-def generate(device, overlap, graphs=False, max_tokens=12, **options):
-    h = Harness(device, graphs=graphs)
+def generate(device, overlap, graphs=False, max_tokens=12, kernels="auto", **options):
+    h = Harness(device, graphs=graphs, kernels=kernels)
     try:
         reqs = [h.add(str(i), p, max_tokens, **options) for i, p in enumerate(PROMPTS)]
         h.run(overlap)
@@ -69,6 +69,16 @@ def test_graphs_are_captured_and_replayed_with_the_same_result():
     graph_ids, _ = generate("cuda", overlap=True, graphs=True)
     eager_ids, _ = generate("cuda", overlap=True, graphs=False)
     assert graph_ids == eager_ids
+
+
+@pytest.mark.gpu
+@cuda
+def test_triton_kernels_generate_what_the_torch_reference_does():
+    """float32 greedy: the Triton attention and fused kernels (graphs, placeholders) give
+    the tokens of the plain-torch model."""
+    triton_ids, _ = generate("cuda", overlap=True, graphs=True, max_tokens=24, kernels="triton")
+    torch_ids, _ = generate("cuda", overlap=False, max_tokens=24, kernels="torch")
+    assert triton_ids == torch_ids
 
 
 @pytest.mark.gpu

@@ -1,0 +1,252 @@
+"""Fused elementwise kernels of the Llama-family decoder, each with its plain-torch twin.
+
+RMSNorm (alone and after the residual add), RoPE (position lookup and rotation, in place)
+and SiLU-and-mul. Every kernel rounds where the torch twin rounds, so the two agree
+bit-for-bit up to the order of the RMSNorm sum (and to the last ulp of exp in SiLU).
+The norms and RoPE compile without FMA contraction, since torch rounds each product (x^2,
+x * cos) before the add. The launchers allocate only outputs, never sync with the host, and
+use fixed configs (no autotune): safe to capture in a CUDA graph. Every tensor's last dim must be
+contiguous; rows may be strided (views into a fused projection's output work).
+
+Their torch twins, the reference the CPU runs, are ``gpu_worker.ops.TorchOps``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+from triton.runtime.interpreter import InterpretedFunction
+
+# ---------------------------------------------------------------- kernels
+
+@triton.jit
+def _rsqrt(x, LIBDEVICE: tl.constexpr):
+    if LIBDEVICE:
+        return libdevice.rsqrt(x)
+    else:
+        return tl.rsqrt(x)
+
+
+@triton.jit
+def _exp(x, LIBDEVICE: tl.constexpr):
+    if LIBDEVICE:
+        return libdevice.exp(x)
+    else:
+        return tl.exp(x)
+
+
+@triton.jit
+def _normalize(x32, w, n_cols, eps, LIBDEVICE: tl.constexpr):
+    """``w * (x * rsqrt(mean(x^2) + eps)).to(dtype)``; masked lanes of x32 hold 0."""
+    mean = tl.math.div_rn(tl.sum(x32 * x32, axis=0), tl.cast(n_cols, tl.float32))
+    normed = (x32 * _rsqrt(mean + eps, LIBDEVICE)).to(w.dtype)
+    return (normed.to(tl.float32) * w.to(tl.float32)).to(w.dtype)  # one dtype rounding
+
+
+@triton.jit
+def _rms_norm_kernel(
+    x_ptr, w_ptr, y_ptr, x_stride, y_stride, n_cols, eps,
+    BLOCK: tl.constexpr, LIBDEVICE: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+    tl.store(y_ptr + row * y_stride + cols, _normalize(x, w, n_cols, eps, LIBDEVICE), mask=mask)
+
+
+@triton.jit
+def _add_rms_norm_kernel(
+    x_ptr, res_ptr, w_ptr, y_ptr, x_stride, res_stride, y_stride, n_cols, eps,
+    BLOCK: tl.constexpr, LIBDEVICE: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0)
+    res_ptrs = res_ptr + row * res_stride + cols
+    res = tl.load(res_ptrs, mask=mask, other=0.0)
+    total = (x.to(tl.float32) + res.to(tl.float32)).to(x.dtype)  # torch's add in dtype
+    tl.store(res_ptrs, total, mask=mask)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+    y = _normalize(total.to(tl.float32), w, n_cols, eps, LIBDEVICE)
+    tl.store(y_ptr + row * y_stride + cols, y, mask=mask)
+
+
+@triton.jit
+def _mul_add(a, b, c, d):
+    """``a * b + c * d`` with each op rounded to a's dtype, as three torch ops would."""
+    ab = (a.to(tl.float32) * b.to(tl.float32)).to(a.dtype)
+    cd = (c.to(tl.float32) * d.to(tl.float32)).to(a.dtype)
+    return (ab.to(tl.float32) + cd.to(tl.float32)).to(a.dtype)
+
+
+@triton.jit
+def _rotate_heads(
+    base, head_stride, num_heads, cos1, cos2, sin1, sin2,
+    HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    heads = tl.arange(0, BLOCK_H)[:, None]
+    dims = tl.arange(0, BLOCK_D)[None, :]
+    mask = (heads < num_heads) & (dims < HALF)
+    ptrs1 = base + heads * head_stride + dims
+    x1 = tl.load(ptrs1, mask=mask, other=0.0)  # [BLOCK_H, BLOCK_D]
+    x2 = tl.load(ptrs1 + HALF, mask=mask, other=0.0)
+    tl.store(ptrs1, _mul_add(x1, cos1, x2, sin1), mask=mask)
+    tl.store(ptrs1 + HALF, _mul_add(x2, cos2, x1, sin2), mask=mask)
+
+
+@triton.jit
+def _rope_kernel(
+    q_ptr, k_ptr, pos_ptr, cos_ptr, sin_ptr,
+    q_token_stride, q_head_stride, k_token_stride, k_head_stride, table_stride,
+    num_heads, num_kv_heads,
+    HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    pos = tl.load(pos_ptr + token).to(tl.int64)
+    dims = tl.arange(0, BLOCK_D)
+    mask = dims < HALF
+    cos_row, sin_row = cos_ptr + pos * table_stride + dims, sin_ptr + pos * table_stride + dims
+    cos1 = tl.load(cos_row, mask=mask, other=0.0)[None, :]
+    cos2 = tl.load(cos_row + HALF, mask=mask, other=0.0)[None, :]
+    sin1 = tl.load(sin_row, mask=mask, other=0.0)[None, :]
+    sin2 = tl.load(sin_row + HALF, mask=mask, other=0.0)[None, :]
+    _rotate_heads(q_ptr + token * q_token_stride, q_head_stride, num_heads,
+                  cos1, cos2, sin1, sin2, HALF, BLOCK_HQ, BLOCK_D)
+    _rotate_heads(k_ptr + token * k_token_stride, k_head_stride, num_kv_heads,
+                  cos1, cos2, sin1, sin2, HALF, BLOCK_HK, BLOCK_D)
+
+
+@triton.jit
+def _silu_and_mul_kernel(
+    gate_up_ptr, out_ptr, in_stride, out_stride, n_cols,
+    BLOCK: tl.constexpr, LIBDEVICE: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    gate_ptrs = gate_up_ptr + row * in_stride + cols
+    gate = tl.load(gate_ptrs, mask=mask, other=0.0)
+    up = tl.load(gate_ptrs + n_cols, mask=mask, other=0.0)
+    g = gate.to(tl.float32)
+    silu = tl.math.div_rn(g, 1.0 + _exp(-g, LIBDEVICE)).to(gate.dtype)  # F.silu's one rounding
+    out = (silu.to(tl.float32) * up.to(tl.float32)).to(gate.dtype)
+    tl.store(out_ptr + row * out_stride + cols, out, mask=mask)
+
+
+# ---------------------------------------------------------------- launchers
+
+# libdevice's exp and rsqrt are the ones torch's CUDA kernels call; the interpreter has none.
+_LIBDEVICE = not isinstance(_rms_norm_kernel, InterpretedFunction)
+
+
+def _norm_config(n_cols: int) -> tuple[int, int]:
+    block = triton.next_power_of_2(n_cols)
+    return block, 4 if block < 2048 else 8 if block < 8192 else 16
+
+
+def _check_rows(name: str, t: torch.Tensor, n_cols: int) -> None:
+    if t.dim() != 2 or t.shape[1] != n_cols or t.stride(1) != 1:
+        raise ValueError(f"{name}: want [num_tokens, {n_cols}] with unit column stride, "
+                         f"got shape {tuple(t.shape)} strides {t.stride()}")
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``TorchOps.rms_norm`` in one kernel: x [num_tokens, hidden], weight [hidden] (x's dtype)."""
+    hidden = weight.shape[0]
+    _check_rows("x", x, hidden)
+    if weight.dtype != x.dtype:
+        raise ValueError(f"weight dtype {weight.dtype} != x dtype {x.dtype}")
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    if x.shape[0]:
+        block, num_warps = _norm_config(hidden)
+        _rms_norm_kernel[(x.shape[0],)](
+            x, weight.contiguous(), y, x.stride(0), y.stride(0), hidden, eps,
+            BLOCK=block, LIBDEVICE=_LIBDEVICE, num_warps=num_warps, enable_fp_fusion=False,
+        )
+    return y
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``residual += x`` (rounded to dtype, in place), then ``rms_norm(residual)``.
+
+    One read of x and residual, one write of each output. Returns (normed, residual),
+    the residual being the argument itself, updated: callers that still need the old
+    residual must pass a copy.
+    """
+    hidden = weight.shape[0]
+    _check_rows("x", x, hidden)
+    _check_rows("residual", residual, hidden)
+    if not x.dtype == residual.dtype == weight.dtype or x.shape != residual.shape:
+        raise ValueError(f"x {x.dtype}{tuple(x.shape)}, residual {residual.dtype}"
+                         f"{tuple(residual.shape)} and weight {weight.dtype} must agree")
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    if x.shape[0]:
+        block, num_warps = _norm_config(hidden)
+        _add_rms_norm_kernel[(x.shape[0],)](
+            x, residual, weight.contiguous(), y,
+            x.stride(0), residual.stride(0), y.stride(0), hidden, eps,
+            BLOCK=block, LIBDEVICE=_LIBDEVICE, num_warps=num_warps, enable_fp_fusion=False,
+        )
+    return y, residual
+
+
+def rope_(
+    q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    positions: torch.Tensor,  # [num_tokens] integer
+    cos_table: torch.Tensor,  # [max_positions, head_dim]
+    signed_sin_table: torch.Tensor,  # [max_positions, head_dim], first half negated
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotates q and k in place: ``x * cos + cat(x2, x1) * signed_sin`` at each position.
+
+    q and k may be strided views (e.g. of a fused qkv output); only head_dim must be
+    contiguous. Computed in the tables' dtype as torch would: both products and the
+    sum are each rounded to dtype (exact against ``TorchOps.rope_`` in every dtype).
+    """
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    if k.shape != (num_tokens, num_kv_heads, head_dim) or head_dim % 2:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)}: want one even head_dim")
+    if q.stride(2) != 1 or k.stride(2) != 1 or cos_table.stride(1) != 1:
+        raise ValueError("q, k and the tables need a contiguous head_dim")
+    if positions.shape != (num_tokens,):
+        raise ValueError(f"positions {tuple(positions.shape)}: want [{num_tokens}]")
+    if not q.dtype == k.dtype == cos_table.dtype == signed_sin_table.dtype:
+        raise ValueError("q, k and the tables must share a dtype")
+    if cos_table.shape != signed_sin_table.shape or cos_table.stride() != signed_sin_table.stride():
+        raise ValueError("cos and signed sin tables must have the same shape and strides")
+    if num_tokens:
+        _rope_kernel[(num_tokens,)](
+            q, k, positions, cos_table, signed_sin_table,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_table.stride(0),
+            num_heads, num_kv_heads,
+            HALF=head_dim // 2, BLOCK_D=triton.next_power_of_2(head_dim // 2),
+            BLOCK_HQ=triton.next_power_of_2(num_heads),
+            BLOCK_HK=triton.next_power_of_2(num_kv_heads),
+            num_warps=4, enable_fp_fusion=False,
+        )
+    return q, k
+
+
+_SILU_BLOCK = 1024
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` of gate_up [num_tokens, 2 * intermediate] (gate first)."""
+    intermediate = gate_up.shape[-1] // 2
+    _check_rows("gate_up", gate_up, 2 * intermediate)
+    out = gate_up.new_empty(gate_up.shape[0], intermediate)
+    if gate_up.shape[0]:
+        grid = (gate_up.shape[0], triton.cdiv(intermediate, _SILU_BLOCK))
+        _silu_and_mul_kernel[grid](
+            gate_up, out, gate_up.stride(0), out.stride(0), intermediate,
+            BLOCK=_SILU_BLOCK, LIBDEVICE=_LIBDEVICE, num_warps=4,
+        )
+    return out

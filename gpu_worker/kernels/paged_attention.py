@@ -1,0 +1,343 @@
+"""Paged attention in Triton: flash-decoding for decode steps, a varlen kernel for the rest.
+
+Both kernels gather keys and values straight from the paged cache through the block
+table, put the query heads that share a KV head (and, for prefill, a tile of query
+tokens) in the M dimension of ``tl.dot`` so that each K/V tile is loaded once per KV
+head, and run an online softmax in float32 (base 2, with ``log2(e)`` folded into the
+scale). :class:`gpu_worker.attention.TorchPagedAttention` is the reference they match.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from gpu_worker.attention import AttentionMetadata, KVCache
+
+LOG2E = 1.4426950408889634
+MAX_SPLITS = 64  # decode splits per (row, kv head)
+WAVES = 4  # decode launches at least this many programs per SM, where rows allow
+PREFILL_BLOCK_M = 64  # query tokens x grouped heads per prefill program
+
+
+class TritonPagedAttention:
+    """Paged attention with Triton kernels; same interface and results as TorchPagedAttention.
+
+    Decode batches (``max_query_len == 1``) use flash-decoding: each (row, kv head) is cut
+    into ``num_splits`` programs along its context, the loop bounds are read from
+    ``context_lens`` on the device and a second kernel merges the splits. The launch
+    depends on static shapes only (never on ``max_context_len``), so one captured CUDA
+    graph serves every context length up to ``block_tables.shape[1] * block_size``.
+    Other batches use a varlen kernel over (query tiles of each row, kv heads), causal by
+    position.
+
+    ``num_splits`` (decode splits) and ``block_n`` (keys per loop iteration, a power of
+    two >= 16) override the defaults; tests use them to reach every code path.
+    """
+
+    any_context = True  # decode reads each row's length on the device
+
+    def __init__(self, cache: KVCache, scale: float, *, num_splits: int | None = None,
+                 block_n: int | None = None) -> None:
+        head_dim = cache.data.shape[-1]
+        if not (_is_pow2(cache.block_size) and _is_pow2(head_dim) and head_dim >= 16):
+            raise ValueError("block_size and head_dim must be powers of two, head_dim >= 16")
+        if block_n is not None and not (_is_pow2(block_n) and block_n >= 16):
+            raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
+        self.cache = cache
+        self.scale = scale
+        self.num_splits = num_splits
+        self.block_n = block_n or max(64 if head_dim >= 128 else 128, cache.block_size)
+
+    def forward(self, layer, q, k, v, meta: AttentionMetadata) -> torch.Tensor:
+        key_cache, value_cache = self.cache.keys(layer), self.cache.values(layer)
+        write_kv_cache(key_cache, value_cache, k, v, meta.slot_mapping)
+        if meta.max_query_len == 1:
+            rows, kv_heads = meta.block_tables.shape[0], key_cache.shape[2]
+            max_context = meta.block_tables.shape[1] * self.cache.block_size
+            num_splits = self.num_splits or decode_num_splits(
+                rows, kv_heads, max_context, _num_sms(q.device), self.block_n)
+            return paged_decode(q, key_cache, value_cache, meta, self.scale, num_splits,
+                                self.block_n)
+        return paged_prefill(q, key_cache, value_cache, meta, self.scale, self.block_n)
+
+
+def write_kv_cache(
+    key_cache: torch.Tensor,  # [num_blocks, block_size, kv_heads, head_dim]
+    value_cache: torch.Tensor,  # [num_blocks, block_size, kv_heads, head_dim]
+    k: torch.Tensor,  # [num_tokens, kv_heads, head_dim]
+    v: torch.Tensor,  # [num_tokens, kv_heads, head_dim]
+    slot_mapping: torch.Tensor,  # [num_tokens] int64
+) -> None:
+    """Store each token's key and value at its slot (graph-safe: no host sync)."""
+    flat_k = key_cache.view(-1, *key_cache.shape[2:])
+    flat_v = value_cache.view(-1, *value_cache.shape[2:])
+    flat_k.index_copy_(0, slot_mapping, k.to(flat_k.dtype))
+    flat_v.index_copy_(0, slot_mapping, v.to(flat_v.dtype))
+
+
+def decode_num_splits(num_rows: int, num_kv_heads: int, max_context: int, num_sms: int,
+                      block_n: int) -> int:
+    """Splits per (row, kv head): enough programs for ``WAVES`` per SM, at most one per
+    key tile of the largest context. Static inputs only, so every replay agrees."""
+    wanted = triton.cdiv(WAVES * num_sms, num_rows * num_kv_heads)
+    return max(1, min(wanted, triton.cdiv(max_context, block_n), MAX_SPLITS))
+
+
+def paged_decode(
+    q: torch.Tensor,  # [rows, heads, head_dim], one token per row
+    key_cache: torch.Tensor,  # [num_blocks, block_size, kv_heads, head_dim]
+    value_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    num_splits: int,
+    block_n: int,
+) -> torch.Tensor:  # [rows, heads, head_dim]
+    rows, heads, dim = q.shape
+    kv_heads = key_cache.shape[2]
+    q, out = _last_dim_contiguous(q), q.new_empty(q.shape)
+    partial_acc = partial_ml = out  # unused with one split
+    if num_splits > 1:
+        partial_acc = torch.empty(rows, heads, num_splits, dim, dtype=torch.float32,
+                                  device=q.device)  # weighted values, unnormalised
+        partial_ml = torch.empty(2, rows, heads, num_splits, dtype=torch.float32,
+                                 device=q.device)  # running max (log2 units), sum of exp2
+    group = heads // kv_heads
+    _decode_kernel[(rows, kv_heads, num_splits)](
+        q, key_cache, value_cache, out, partial_acc, partial_ml,
+        meta.block_tables, meta.context_lens, meta.positions,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        *_kv_strides(key_cache, value_cache), meta.block_tables.stride(0), scale * LOG2E,
+        GROUP=group, BLOCK_M=max(16, triton.next_power_of_2(group)), HEAD_DIM=dim,
+        BLOCK_N=block_n, BLOCK_SIZE=key_cache.shape[1], NUM_SPLITS=num_splits,
+        IS_FP32=q.dtype == torch.float32, WHILE_LOOP=_INTERPRETED, num_warps=4, num_stages=2,
+    )
+    if num_splits > 1:
+        _merge_splits_kernel[(rows, heads)](
+            partial_acc, partial_ml, out, out.stride(0), out.stride(1),
+            NUM_SPLITS=num_splits, SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=dim,
+            num_warps=4,
+        )
+    return out
+
+
+def paged_prefill(
+    q: torch.Tensor,  # [num_tokens, heads, head_dim], rows contiguous (meta.query_start)
+    key_cache: torch.Tensor,  # [num_blocks, block_size, kv_heads, head_dim]
+    value_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    block_n: int,
+) -> torch.Tensor:  # [num_tokens, heads, head_dim]
+    _, heads, dim = q.shape
+    kv_heads = key_cache.shape[2]
+    q, out = _last_dim_contiguous(q), q.new_empty(q.shape)
+    group = heads // kv_heads
+    group_pad = triton.next_power_of_2(group)
+    block_q = max(1, PREFILL_BLOCK_M // group_pad)
+    grid = (triton.cdiv(meta.max_query_len, block_q), meta.num_rows, kv_heads)
+    _prefill_kernel[grid](
+        q, key_cache, value_cache, out,
+        meta.block_tables, meta.context_lens, meta.positions, meta.query_start,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        *_kv_strides(key_cache, value_cache), meta.block_tables.stride(0), scale * LOG2E,
+        GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, HEAD_DIM=dim, BLOCK_N=block_n,
+        BLOCK_SIZE=key_cache.shape[1], IS_FP32=q.dtype == torch.float32,
+        WHILE_LOOP=_INTERPRETED, num_warps=4, num_stages=2,
+    )
+    return out
+
+
+@triton.jit
+def _dot(a, b, IS_FP32: tl.constexpr):
+    # float32 without TF32, to match torch to ~1e-5; half types accumulate in float32
+    return tl.dot(a, b, input_precision="ieee") if IS_FP32 else tl.dot(a, b)
+
+
+@triton.jit
+def _attend(q, m_i, l_i, acc, tile_lo, tile_hi, q_pos, kv_len,
+            block_table, k_head, v_head, stride_kb, stride_kt, scale_log2,
+            HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+            IS_FP32: tl.constexpr, WHILE_LOOP: tl.constexpr):
+    """Online softmax of q [M, D] over key tiles [tile_lo, tile_hi) of one row's context.
+
+    Key j is visible to query row m when j < kv_len and j <= q_pos[m]. ``k_head`` and
+    ``v_head`` point at the KV head inside block 0; ``block_table`` at the row's table.
+    The interpreter needs a while loop (with numpy >= 2.4 it cannot turn the device
+    scalars it keeps as 1-element arrays into ``range`` bounds); compiled code keeps the
+    for loop, which Triton software-pipelines."""
+    if WHILE_LOOP:
+        tile = tile_lo
+        while tile < tile_hi:
+            m_i, l_i, acc = _attend_tile(
+                q, m_i, l_i, acc, tile, q_pos, kv_len, block_table, k_head, v_head,
+                stride_kb, stride_kt, scale_log2, HEAD_DIM, BLOCK_N, BLOCK_SIZE, IS_FP32)
+            tile += 1
+    else:
+        for tile in range(tile_lo, tile_hi):
+            m_i, l_i, acc = _attend_tile(
+                q, m_i, l_i, acc, tile, q_pos, kv_len, block_table, k_head, v_head,
+                stride_kb, stride_kt, scale_log2, HEAD_DIM, BLOCK_N, BLOCK_SIZE, IS_FP32)
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _attend_tile(q, m_i, l_i, acc, tile, q_pos, kv_len,
+                 block_table, k_head, v_head, stride_kb, stride_kt, scale_log2,
+                 HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                 IS_FP32: tl.constexpr):
+    """One BLOCK_N-key step of the online softmax, K/V gathered through the block table."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    keys = tile * BLOCK_N + tl.arange(0, BLOCK_N)  # [N] key positions
+    in_ctx = keys < kv_len
+    blocks = tl.load(block_table + keys // BLOCK_SIZE, mask=in_ctx, other=0)  # [N]
+    kv_offs = (blocks * stride_kb + (keys % BLOCK_SIZE) * stride_kt)[:, None] + offs_d[None, :]
+    k = tl.load(k_head + kv_offs, mask=in_ctx[:, None], other=0.0)  # [N, D]
+    s = _dot(q, tl.trans(k), IS_FP32) * scale_log2  # [M, N]
+    s = tl.where(in_ctx[None, :] & (keys[None, :] <= q_pos[:, None]), s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(v_head + kv_offs, mask=in_ctx[:, None], other=0.0)  # [N, D]
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IS_FP32)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, partial_acc_ptr, partial_ml_ptr,
+    block_tables_ptr, context_lens_ptr, positions_ptr,
+    stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_kt, stride_kh, stride_bt,
+    scale_log2,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, IS_FP32: tl.constexpr,
+    WHILE_LOOP: tl.constexpr,
+):
+    """One (row, kv head, split): an equal share of the row's key tiles, all GROUP heads."""
+    row, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    kv_len = tl.minimum(tl.load(context_lens_ptr + row), tl.load(positions_ptr + row) + 1)
+    num_tiles = tl.cdiv(kv_len, BLOCK_N)
+    per_split = tl.cdiv(num_tiles, NUM_SPLITS)
+    tile_lo = split * per_split
+    tile_hi = tl.minimum(tile_lo + per_split, num_tiles)
+
+    offs_m, offs_d = tl.arange(0, BLOCK_M), tl.arange(0, HEAD_DIM)
+    is_head = offs_m < GROUP
+    heads = kv_head * GROUP + offs_m  # [M]
+    q = tl.load(q_ptr + row * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=is_head[:, None], other=0.0)  # [M, D]
+    q_pos = tl.zeros([BLOCK_M], dtype=tl.int64) + (kv_len - 1)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    m_i, l_i, acc = _attend(
+        q, m_i, l_i, acc, tile_lo, tile_hi, q_pos, kv_len,
+        block_tables_ptr + row * stride_bt, k_ptr + kv_head * stride_kh,
+        v_ptr + kv_head * stride_kh, stride_kb, stride_kt, scale_log2,
+        HEAD_DIM, BLOCK_N, BLOCK_SIZE, IS_FP32, WHILE_LOOP)
+
+    if NUM_SPLITS == 1:
+        out = out_ptr + row * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
+        tl.store(out, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=is_head[:, None])
+    else:
+        idx = (row * tl.num_programs(1) * GROUP + heads) * NUM_SPLITS + split  # [M]
+        tl.store(partial_acc_ptr + idx[:, None] * HEAD_DIM + offs_d[None, :], acc,
+                 mask=is_head[:, None])
+        ml_stride = tl.num_programs(0) * tl.num_programs(1) * GROUP * NUM_SPLITS
+        tl.store(partial_ml_ptr + idx, m_i, mask=is_head)
+        tl.store(partial_ml_ptr + ml_stride + idx, l_i, mask=is_head)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    partial_acc_ptr, partial_ml_ptr, out_ptr, stride_ot, stride_oh,
+    NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+):
+    """One (row, head): rescale each split's partial sums to the common max and add them."""
+    row, head = tl.program_id(0), tl.program_id(1)
+    offs_s, offs_d = tl.arange(0, SPLITS_PAD), tl.arange(0, HEAD_DIM)
+    is_split = offs_s < NUM_SPLITS
+    idx = (row * tl.num_programs(1) + head) * NUM_SPLITS + offs_s  # [S]
+    ml_stride = tl.num_programs(0) * tl.num_programs(1) * NUM_SPLITS
+    m = tl.load(partial_ml_ptr + idx, mask=is_split, other=float("-inf"))
+    l_sum = tl.load(partial_ml_ptr + ml_stride + idx, mask=is_split, other=0.0)
+    acc = tl.load(partial_acc_ptr + idx[:, None] * HEAD_DIM + offs_d[None, :],
+                  mask=is_split[:, None], other=0.0)  # [S, D]
+    m_max = tl.max(m, 0)
+    weight = tl.where(m > float("-inf"), tl.exp2(m - m_max), 0.0)  # empty splits: 0
+    total = tl.sum(acc * weight[:, None], 0) / tl.sum(l_sum * weight, 0)  # [D]
+    tl.store(out_ptr + row * stride_ot + head * stride_oh + offs_d,
+             total.to(out_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr,
+    block_tables_ptr, context_lens_ptr, positions_ptr, query_start_ptr,
+    stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_kt, stride_kh, stride_bt,
+    scale_log2,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    IS_FP32: tl.constexpr, WHILE_LOOP: tl.constexpr,
+):
+    """One (query tile, row, kv head): BLOCK_Q tokens x GROUP heads, causal by position."""
+    q_tile, row, kv_head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    first = tl.load(query_start_ptr + row)
+    num_queries = tl.load(query_start_ptr + row + 1) - first
+    if q_tile * BLOCK_Q >= num_queries:
+        return
+
+    offs_m, offs_d = tl.arange(0, BLOCK_Q * GROUP_PAD), tl.arange(0, HEAD_DIM)
+    query = q_tile * BLOCK_Q + offs_m // GROUP_PAD  # [M] index of the token in its row
+    heads = kv_head * GROUP + offs_m % GROUP_PAD  # [M]
+    valid = (query < num_queries) & (offs_m % GROUP_PAD < GROUP)
+    tokens = first + query
+    q_pos = tl.load(positions_ptr + tokens, mask=valid, other=0)  # padding sees key 0 only
+    q = tl.load(q_ptr + tokens[:, None] * stride_qt + heads[:, None] * stride_qh
+                + offs_d[None, :], mask=valid[:, None], other=0.0)  # [M, D]
+    context_len = tl.load(context_lens_ptr + row)
+    kv_hi = tl.minimum(context_len, tl.max(q_pos, 0) + 1)
+    m_i = tl.full([BLOCK_Q * GROUP_PAD], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_Q * GROUP_PAD], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_Q * GROUP_PAD, HEAD_DIM], dtype=tl.float32)
+    m_i, l_i, acc = _attend(
+        q, m_i, l_i, acc, 0, tl.cdiv(kv_hi, BLOCK_N), q_pos, context_len,
+        block_tables_ptr + row * stride_bt, k_ptr + kv_head * stride_kh,
+        v_ptr + kv_head * stride_kh, stride_kb, stride_kt, scale_log2,
+        HEAD_DIM, BLOCK_N, BLOCK_SIZE, IS_FP32, WHILE_LOOP)
+
+    out = out_ptr + tokens[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
+    tl.store(out, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=valid[:, None])
+
+
+_INTERPRETED = not isinstance(_attend, triton.runtime.JITFunction)  # TRITON_INTERPRET=1
+
+
+def _kv_strides(key_cache: torch.Tensor, value_cache: torch.Tensor) -> tuple[int, int, int]:
+    """Block, token and head strides, shared by the key and the value cache."""
+    if key_cache.stride() != value_cache.stride() or key_cache.stride(-1) != 1:
+        raise ValueError("key and value caches need the same layout, head_dim contiguous")
+    return key_cache.stride()[:3]
+
+
+def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _is_pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+@functools.cache
+def _sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1  # the interpreter: no parallelism to fill
+    return _sms(device.index if device.index is not None else torch.cuda.current_device())

@@ -1,0 +1,68 @@
+"""The decoder's elementwise steps, two ways with one meaning.
+
+:class:`TorchOps` is the reference (any device; the numerics of Transformers' Llama);
+:class:`TritonOps` runs the same steps as fused Triton kernels (CUDA), each rounding where
+the reference rounds. The model calls ``ops.<step>`` and never knows which it has:
+
+- ``rms_norm(x, weight, eps) -> y``
+- ``add_rms_norm(x, residual, weight, eps) -> (y, residual)``: residual += x in place,
+  then y = rms_norm(residual)
+- ``rope_(q, k, positions, cos_table, signed_sin_table) -> (q, k)``: rotates in place
+- ``silu_and_mul(gate_up) -> silu(gate) * up``
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class TorchOps:
+    name = "torch"
+
+    @staticmethod
+    def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        x32 = x.to(torch.float32)
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        return weight * x32.to(x.dtype)
+
+    @staticmethod
+    def add_rms_norm(x, residual, weight, eps) -> tuple[torch.Tensor, torch.Tensor]:
+        residual.add_(x)
+        return TorchOps.rms_norm(residual, weight, eps), residual
+
+    @staticmethod
+    def rope_(q, k, positions, cos_table, signed_sin_table) -> tuple[torch.Tensor, torch.Tensor]:
+        # rotate_half(x) * sin == cat(x2, x1) * cat(-sin1, sin2): the sign lives in the table
+        cos = cos_table[positions].unsqueeze(1)  # [num_tokens, 1, head_dim]
+        sin = signed_sin_table[positions].unsqueeze(1)
+        for x in (q, k):
+            half = x.shape[-1] // 2
+            x.copy_(x * cos + torch.cat((x[..., half:], x[..., :half]), dim=-1) * sin)
+        return q, k
+
+    @staticmethod
+    def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.split(gate_up.shape[-1] // 2, dim=-1)
+        return F.silu(gate) * up
+
+
+class TritonOps:
+    name = "triton"
+
+    def __init__(self) -> None:
+        from gpu_worker.kernels import fused
+
+        self.rms_norm = fused.rms_norm
+        self.add_rms_norm = fused.add_rms_norm
+        self.rope_ = fused.rope_
+        self.silu_and_mul = fused.silu_and_mul
+
+
+def make_ops(device: torch.device, kind: str = "auto") -> TorchOps | TritonOps:
+    """``auto``: Triton on CUDA, torch elsewhere; or ``triton`` / ``torch``."""
+    if kind not in ("auto", "triton", "torch"):
+        raise ValueError(f"kernels {kind!r}: choose auto, triton or torch")
+    if kind == "triton" or (kind == "auto" and device.type == "cuda"):
+        return TritonOps()
+    return TorchOps()

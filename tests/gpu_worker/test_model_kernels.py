@@ -1,0 +1,68 @@
+"""The model with Triton kernels (attention and fused ops) against the plain-torch model:
+the same logits for a chunked prefill and the decode steps after it. Without a GPU the
+kernels run in Triton's interpreter."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gpu_worker.attention import AttentionMetadata, KVCache, make_attention
+from gpu_worker.model import LlamaModel, load_config
+from gpu_worker.ops import make_ops
+from tandem import models
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, cuda])]
+BLOCK = 16
+
+
+def build(device, kernels):
+    source = models.resolve_model("random:tiny-llama", models.default_cache_dir())
+    config = load_config(source.folder)
+    weights = models.random_state_dict(config, torch.float32, device, seed=3)
+    for name, w in weights.items():  # larger weights: logits that tell kernels apart
+        if not name.endswith("norm.weight"):
+            w.mul_(8)
+    model = LlamaModel(config, weights, torch.float32, device, ops=make_ops(device, kernels))
+    s = model.shape
+    cache = KVCache(s.num_layers, 16, BLOCK, s.num_kv_heads, s.head_dim, torch.float32, device)
+    return model, make_attention(cache, s.head_dim**-0.5, device, kernels)
+
+
+def metadata(starts, counts, tables, device):
+    """Rows computing tokens [start, start + count) of their sequence."""
+    positions = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, counts, strict=True)])
+    rows = torch.cat([torch.full((n,), r) for r, n in enumerate(counts)])
+    table = torch.tensor(tables)
+    slots = table[rows, positions // BLOCK] * BLOCK + positions % BLOCK
+    query_start = torch.tensor([0, *counts]).cumsum(0)
+    ctx = [s + n for s, n in zip(starts, counts, strict=True)]
+    meta = AttentionMetadata(positions, slots, query_start, torch.tensor(ctx), table, rows,
+                             max(counts), max(ctx))
+    return {f.name: getattr(meta, f.name) for f in meta.__dataclass_fields__.values()}, \
+        query_start[1:] - 1
+
+
+def run_steps(device, kernels):
+    model, attention = build(device, kernels)
+    tables = [[3, 0, 9], [5, 1, 2]]
+    gen = torch.Generator().manual_seed(0)
+    steps = [([0, 0], [20, 7]), ([20, 7], [13, 30]), ([33, 37], [1, 1]), ([34, 38], [1, 1])]
+    logits = []
+    for starts, counts in steps:
+        fields, last = metadata(starts, counts, tables, "cpu")
+        fields = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in fields.items()}
+        ids = torch.randint(0, model.shape.vocab, (sum(counts),), generator=gen).to(device)
+        with torch.inference_mode():
+            logits.append(model.forward(ids, AttentionMetadata(**fields), attention,
+                                        last.to(device)).cpu())
+    return logits
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_triton_model_matches_the_torch_model(device):
+    for triton_logits, torch_logits in zip(run_steps(device, "triton"), run_steps(device, "torch"),
+                                           strict=True):
+        torch.testing.assert_close(triton_logits, torch_logits, rtol=1e-4, atol=1e-4)
+        assert torch.equal(triton_logits.argmax(-1), torch_logits.argmax(-1))
