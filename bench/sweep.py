@@ -30,6 +30,7 @@ from bench import analysis
 from bench.device import measure_bandwidth
 from gpu_worker.attention import AttentionMetadata, KVCache, make_attention
 from gpu_worker.model import LlamaModel, load_config
+from gpu_worker.ops import make_ops
 from tandem import models
 
 log = logging.getLogger("bench.sweep")
@@ -50,6 +51,7 @@ class SweepConfig:
     prefill_tokens: int
     device: torch.device
     dtype: torch.dtype
+    kernels: str  # auto (Triton on CUDA), triton or torch: as the worker's --kernels
 
 
 def build_model(cfg: SweepConfig) -> tuple[LlamaModel, analysis.ModelShape]:
@@ -57,7 +59,8 @@ def build_model(cfg: SweepConfig) -> tuple[LlamaModel, analysis.ModelShape]:
     config = load_config(source.folder)
     weights = models.random_state_dict(config, cfg.dtype, cfg.device, seed=0)
     shape = analysis.ModelShape.from_hf_config(config.to_dict())
-    return LlamaModel(config, weights, cfg.dtype, cfg.device), shape
+    ops = make_ops(cfg.device, cfg.kernels)
+    return LlamaModel(config, weights, cfg.dtype, cfg.device, ops=ops), shape
 
 
 def kv_tokens_that_fit(cfg: SweepConfig, shape: analysis.ModelShape) -> int:
@@ -205,7 +208,7 @@ def run(cfg: SweepConfig) -> dict:
     cache = KVCache(shape.num_layers, num_blocks, BLOCK_SIZE, shape.num_kv_heads,
                     shape.head_dim, cfg.dtype, cfg.device)
     cache.data.normal_()
-    attention = make_attention(cache, shape.head_dim**-0.5, cfg.device)
+    attention = make_attention(cache, shape.head_dim**-0.5, cfg.device, cfg.kernels)
     log.info("KV cache %d tokens (%.1f GiB); attention %s", num_blocks * BLOCK_SIZE,
              cache.data.numel() * cfg.dtype.itemsize / 2**30, type(attention).__name__)
     decode = sweep_decode(cfg, model, shape, attention, num_blocks * BLOCK_SIZE, bandwidth,
@@ -213,7 +216,8 @@ def run(cfg: SweepConfig) -> dict:
     prefill = measure_prefill(cfg, model, shape, attention, matmul, timer)
     return {"model": cfg.model, "dtype": str(cfg.dtype).removeprefix("torch."),
             "meaningful": is_cuda, "bandwidth_bytes_per_s": bandwidth,
-            "matmul_flops_per_s": matmul, "attention": type(attention).__name__,
+            "matmul_flops_per_s": matmul,
+            "attention": f"{type(attention).__name__}, {model.ops.name} ops",
             "kv_cache_tokens": num_blocks * BLOCK_SIZE, "decode": decode, "prefill": prefill,
             "config": asdict(cfg) | {"device": str(cfg.device), "dtype": str(cfg.dtype)}}
 
@@ -231,7 +235,7 @@ def make_config(args: argparse.Namespace) -> SweepConfig:
         contexts=tuple(pick(args.contexts, GPU_CONTEXTS, CPU_CONTEXTS)),
         prefill_rows=pick(args.prefill_rows, 8, 2),
         prefill_tokens=pick(args.prefill_tokens, 1024, 64),
-        device=device, dtype=torch.bfloat16 if is_cuda else torch.float32)
+        device=device, dtype=torch.bfloat16 if is_cuda else torch.float32, kernels=args.kernels)
 
 
 def ints(text: str) -> list[int]:
@@ -249,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefill-rows", type=int, help="prompts in the prefill (8)")
     p.add_argument("--prefill-tokens", type=int, help="tokens per prompt (1024)")
     p.add_argument("--device", default="auto", help="auto, cuda or cpu")
+    p.add_argument("--kernels", default="auto", choices=("auto", "triton", "torch"),
+                   help="as the worker's --kernels (auto: Triton on CUDA)")
     torch.backends.cuda.matmul.allow_tf32 = False
     with torch.inference_mode():
         result = run(make_config(p.parse_args(argv)))
