@@ -52,6 +52,7 @@ class SweepConfig:
     device: torch.device
     dtype: torch.dtype
     kernels: str  # auto (Triton on CUDA), triton or torch: as the worker's --kernels
+    profile: tuple[tuple[int, int], ...] = ()  # (batch, context) points to profile (CUDA)
 
 
 def build_model(cfg: SweepConfig) -> tuple[LlamaModel, analysis.ModelShape]:
@@ -143,6 +144,31 @@ def decode_step_fn(model, attention, batch: int, context: int, device):
     return graph.replay
 
 
+def profile_decode(cfg, model, attention, batch: int, context: int) -> list[dict]:
+    """Where one decode step's time goes: device time per kernel name over 10 replays."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step = decode_step_fn(model, attention, batch, context, cfg.device)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            step()
+        torch.cuda.synchronize()
+    totals: dict[str, list[float]] = {}
+    for event in prof.events():
+        if event.device_type.name == "CUDA":
+            entry = totals.setdefault(event.name, [0.0, 0])
+            entry[0] += event.device_time / 10 / 1e3  # ms per step
+            entry[1] += 1 / 10
+    rows = [{"kernel": name[:90], "ms_per_step": ms, "launches_per_step": n}
+            for name, (ms, n) in totals.items()]
+    rows.sort(key=lambda r: -r["ms_per_step"])
+    for r in rows[:25]:
+        log.info("profile b%d c%d: %7.3f ms %5.0fx %s", batch, context, r["ms_per_step"],
+                 r["launches_per_step"], r["kernel"])
+    return rows
+
+
 def sweep_decode(cfg, model, shape, attention, kv_tokens, bandwidth, timer) -> list[dict]:
     points = []
     for batch in cfg.batches:
@@ -211,6 +237,12 @@ def run(cfg: SweepConfig) -> dict:
     attention = make_attention(cache, shape.head_dim**-0.5, cfg.device, cfg.kernels)
     log.info("KV cache %d tokens (%.1f GiB); attention %s", num_blocks * BLOCK_SIZE,
              cache.data.numel() * cfg.dtype.itemsize / 2**30, type(attention).__name__)
+    profiles = {}
+    for b, c in cfg.profile if is_cuda else ():
+        try:
+            profiles[f"{b}x{c}"] = profile_decode(cfg, model, attention, b, c)
+        except Exception as exc:  # noqa: BLE001 - a profile is a diagnosis, not a result
+            log.warning("profiling %dx%d failed: %s", b, c, exc)
     decode = sweep_decode(cfg, model, shape, attention, num_blocks * BLOCK_SIZE, bandwidth,
                           timer)
     prefill = measure_prefill(cfg, model, shape, attention, matmul, timer)
@@ -219,6 +251,7 @@ def run(cfg: SweepConfig) -> dict:
             "matmul_flops_per_s": matmul,
             "attention": f"{type(attention).__name__}, {model.ops.name} ops",
             "kv_cache_tokens": num_blocks * BLOCK_SIZE, "decode": decode, "prefill": prefill,
+            "profiles": profiles,
             "config": asdict(cfg) | {"device": str(cfg.device), "dtype": str(cfg.dtype)}}
 
 
@@ -235,7 +268,8 @@ def make_config(args: argparse.Namespace) -> SweepConfig:
         contexts=tuple(pick(args.contexts, GPU_CONTEXTS, CPU_CONTEXTS)),
         prefill_rows=pick(args.prefill_rows, 8, 2),
         prefill_tokens=pick(args.prefill_tokens, 1024, 64),
-        device=device, dtype=torch.bfloat16 if is_cuda else torch.float32, kernels=args.kernels)
+        device=device, dtype=torch.bfloat16 if is_cuda else torch.float32, kernels=args.kernels,
+        profile=tuple(tuple(ints(point.replace("x", ","))) for point in args.profile))
 
 
 def ints(text: str) -> list[int]:
@@ -255,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto", help="auto, cuda or cpu")
     p.add_argument("--kernels", default="auto", choices=("auto", "triton", "torch"),
                    help="as the worker's --kernels (auto: Triton on CUDA)")
+    p.add_argument("--profile", action="append", default=[], metavar="BATCHxCONTEXT",
+                   help="log the kernels of one decode step at this point (repeatable; CUDA)")
     torch.backends.cuda.matmul.allow_tf32 = False
     with torch.inference_mode():
         result = run(make_config(p.parse_args(argv)))
