@@ -56,6 +56,7 @@ class BenchConfig:
     hf_attn: str
     keep_traces: bool
     sweep: bool
+    hf_trace: bool
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.modes if m not in MODES]
@@ -82,6 +83,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="extra tokenizer_svc argument (repeat), e.g. --engine-arg=--block-size=32")
     p.add_argument("--hf-attn", default="sdpa", help="Transformers attention implementation")
     p.add_argument("--keep-traces", action="store_true", help="keep the workers' trace files")
+    p.add_argument("--no-hf-trace", dest="hf_trace", action="store_false",
+                   help="run Transformers without the kernel profiler (its overhead slows "
+                   "Transformers' host loop; busy% then comes from NVML only)")
     p.add_argument("--no-sweep", dest="sweep", action="store_false",
                    help="skip the decode/prefill sweep against the floor (bench.sweep)")
     return p.parse_args(argv)
@@ -95,7 +99,7 @@ def make_config(args: argparse.Namespace, is_gpu: bool) -> BenchConfig:
                         args.seed)
     return BenchConfig(pick["model"], workload, tuple(m for m in args.modes.split(",") if m),
                        args.out, args.timeline_ms, tuple(args.engine_arg), args.hf_attn,
-                       args.keep_traces, args.sweep)
+                       args.keep_traces, args.sweep, args.hf_trace)
 
 
 def probe_device(device: str) -> dict[str, Any]:
@@ -136,6 +140,8 @@ def run_hf(cfg: BenchConfig, mode: str, device: dict[str, Any], log_dir: Path) -
             "--prompt-tokens", str(wl.prompt_tokens), "--new-tokens", str(wl.new_tokens),
             "--seed", str(wl.seed), "--device", device["kind"], "--attn", cfg.hf_attn,
             "--timeline-ms", str(cfg.timeline_ms), "--out", str(out.resolve())]
+    if not cfg.hf_trace:
+        argv.append("--no-trace")
     with open(log_dir / f"{mode}.log", "w") as log_file:
         done = subprocess.run(argv, cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT,
                               check=False)

@@ -37,6 +37,7 @@ class HfRunConfig:
     attn: str  # Transformers attention implementation, e.g. "sdpa"
     slice_us: float
     out: Path
+    trace: bool = True  # record the kernel timeline (CUDA); its overhead slows Transformers
 
     @property
     def is_cuda(self) -> bool:
@@ -166,7 +167,7 @@ def measure(hf, model: ModelInfo, cfg: HfRunConfig) -> dict:
     warm_up(hf, cfg, gen, cb, warmup_prompts(wl, model, WARMUP_REQUESTS))
     pci = pci_bus_id(torch.cuda.get_device_properties(cfg.device)) if cfg.is_cuda else None
     sampler = NvmlSampler(cfg.is_cuda, pci)
-    with kernel_trace(cfg.is_cuda, cfg.device) as box, sampler:
+    with kernel_trace(cfg.is_cuda and cfg.trace, cfg.device) as box, sampler:
         started = time.perf_counter()
         outputs = hf.generate_batch(prompts, generation_config=gen,
                                     continuous_batching_config=cb, max_new_tokens=wl.new_tokens,
@@ -218,10 +219,12 @@ def parse_args(argv: list[str]) -> HfRunConfig:
     p.add_argument("--attn", default="sdpa", help="Transformers attention implementation")
     p.add_argument("--timeline-ms", type=float, default=30.0)
     p.add_argument("--out", type=Path, required=True, help="where the JSON row goes")
+    p.add_argument("--no-trace", dest="trace", action="store_false",
+                   help="no kernel timeline (the profiler slows Transformers' host loop)")
     a = p.parse_args(argv)
     return HfRunConfig(a.model, a.mode == "async",
                        Workload(a.num_requests, a.prompt_tokens, a.new_tokens, a.seed),
-                       a.device, a.attn, a.timeline_ms * 1e3, a.out)
+                       a.device, a.attn, a.timeline_ms * 1e3, a.out, a.trace)
 
 
 def main(argv: list[str] | None = None) -> int:

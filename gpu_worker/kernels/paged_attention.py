@@ -72,11 +72,35 @@ def write_kv_cache(
     v: torch.Tensor,  # [num_tokens, kv_heads, head_dim]
     slot_mapping: torch.Tensor,  # [num_tokens] int64
 ) -> None:
-    """Store each token's key and value at its slot (graph-safe: no host sync)."""
-    flat_k = key_cache.view(-1, *key_cache.shape[2:])
-    flat_v = value_cache.view(-1, *value_cache.shape[2:])
-    flat_k.index_copy_(0, slot_mapping, k.to(flat_k.dtype))
-    flat_v.index_copy_(0, slot_mapping, v.to(flat_v.dtype))
+    """Store each token's key and value at its slot: one kernel for both (graph-safe)."""
+    num_tokens, kv_heads, head_dim = k.shape
+    if not num_tokens:
+        return
+    if k.stride(2) != 1 or v.stride(2) != 1 or k.stride(1) != v.stride(1):
+        raise ValueError("k and v need a contiguous head_dim and the same head stride")
+    if not (key_cache.is_contiguous() and value_cache.is_contiguous()):
+        raise ValueError("the key and value caches of a layer must be contiguous")
+    _write_kv_kernel[(num_tokens,)](
+        k, v, key_cache, value_cache, slot_mapping, k.stride(0), v.stride(0), k.stride(1),
+        HEADS=triton.next_power_of_2(kv_heads), NUM_HEADS=kv_heads, DIM=head_dim, num_warps=4,
+    )
+
+
+@triton.jit
+def _write_kv_kernel(k_ptr, v_ptr, key_cache, value_cache, slot_mapping, k_stride, v_stride,
+                     head_stride, HEADS: tl.constexpr, NUM_HEADS: tl.constexpr,
+                     DIM: tl.constexpr):
+    token = tl.program_id(0)
+    slot = tl.load(slot_mapping + token).to(tl.int64)
+    heads = tl.arange(0, HEADS)[:, None]
+    dims = tl.arange(0, DIM)[None, :]
+    mask = heads < NUM_HEADS
+    src = heads * head_stride + dims
+    dst = slot * (NUM_HEADS * DIM) + heads * DIM + dims
+    key = tl.load(k_ptr + token * k_stride + src, mask=mask)
+    tl.store(key_cache + dst, key.to(key_cache.dtype.element_ty), mask=mask)
+    value = tl.load(v_ptr + token * v_stride + src, mask=mask)
+    tl.store(value_cache + dst, value.to(value_cache.dtype.element_ty), mask=mask)
 
 
 def decode_num_splits(num_rows: int, num_kv_heads: int, max_context: int, num_sms: int,
