@@ -57,6 +57,7 @@ class BenchConfig:
     keep_traces: bool
     sweep: bool
     hf_trace: bool
+    hf_timeout_s: float
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.modes if m not in MODES]
@@ -86,6 +87,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--no-hf-trace", dest="hf_trace", action="store_false",
                    help="run Transformers without the kernel profiler (its overhead slows "
                    "Transformers' host loop; busy% then comes from NVML only)")
+    p.add_argument("--hf-timeout", type=float, default=1800.0, metavar="S",
+                   help="give up on a Transformers mode after this long (default 1800)")
     p.add_argument("--no-sweep", dest="sweep", action="store_false",
                    help="skip the decode/prefill sweep against the floor (bench.sweep)")
     return p.parse_args(argv)
@@ -99,7 +102,7 @@ def make_config(args: argparse.Namespace, is_gpu: bool) -> BenchConfig:
                         args.seed)
     return BenchConfig(pick["model"], workload, tuple(m for m in args.modes.split(",") if m),
                        args.out, args.timeline_ms, tuple(args.engine_arg), args.hf_attn,
-                       args.keep_traces, args.sweep, args.hf_trace)
+                       args.keep_traces, args.sweep, args.hf_trace, args.hf_timeout)
 
 
 def probe_device(device: str) -> dict[str, Any]:
@@ -143,8 +146,12 @@ def run_hf(cfg: BenchConfig, mode: str, device: dict[str, Any], log_dir: Path) -
     if not cfg.hf_trace:
         argv.append("--no-trace")
     with open(log_dir / f"{mode}.log", "w") as log_file:
-        done = subprocess.run(argv, cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT,
-                              check=False)
+        try:
+            done = subprocess.run(argv, cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT,
+                                  check=False, timeout=cfg.hf_timeout_s)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"no result within {cfg.hf_timeout_s:g} s (--hf-timeout); "
+                               f"see {log_dir / f'{mode}.log'}") from None
     if done.returncode != 0:
         raise RuntimeError(f"exit code {done.returncode}; see {log_dir / f'{mode}.log'}")
     return json.loads(out.read_text())
@@ -208,6 +215,9 @@ def run(cfg: BenchConfig, device: dict[str, Any], started: float) -> dict[str, A
         except Exception as exc:  # one broken mode must not lose the others
             log.exception("%s failed", mode)
             rows.append(analysis.skipped_row(mode, "failed", f"{type(exc).__name__}: {exc}"))
+        # What is done so far survives a run that is cut short.
+        report.write_json(assemble(cfg, device, model, rows, started) | {"sweep": sweep},
+                          cfg.out_dir / "bench.json")
     return assemble(cfg, device, model, rows, started) | {"sweep": sweep}
 
 
