@@ -220,3 +220,30 @@ async def wait_until(predicate, timeout: float = 5.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout} s")
         await asyncio.sleep(0.02)
+
+
+# --- running async test bodies ------------------------------------------------------
+
+
+def run(coro, timeout: float = 30) -> None:
+    """Runs an async test body, failing it after ``timeout`` seconds."""
+    asyncio.run(asyncio.wait_for(coro, timeout=timeout))
+
+
+async def rpc_error(awaitable) -> grpc.aio.AioRpcError:
+    """The error that ``awaitable`` (a call) ends with; fails the test if it succeeds."""
+    import pytest
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await awaitable
+    return caught.value
+
+
+async def stream_error(call) -> grpc.aio.AioRpcError:
+    """The error that a streaming call ends with, after whatever it streamed first."""
+
+    async def consume() -> None:
+        async for _ in call:
+            pass
+
+    return await rpc_error(consume())

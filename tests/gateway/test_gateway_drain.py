@@ -11,7 +11,16 @@ import time
 
 import grpc
 import pytest
-from gateway_fakes import NOT_SERVING, SERVING, gateway_with_engine, wait_for_status, wait_until
+from gateway_fakes import (
+    NOT_SERVING,
+    SERVING,
+    gateway_with_engine,
+    rpc_error,
+    run,
+    stream_error,
+    wait_for_status,
+    wait_until,
+)
 from grpc_health.v1 import health_pb2
 
 from gateway.admission import Admission
@@ -22,24 +31,6 @@ pytestmark = pytest.mark.timeout(60)
 
 GOOD = pb.GenerateRequest(text="Say hello", request_id="drain-1")
 SHUTTING_DOWN = (grpc.StatusCode.UNAVAILABLE, "server is shutting down")
-
-
-def run(coro) -> None:
-    asyncio.run(asyncio.wait_for(coro, timeout=30))
-
-
-async def rpc_error(awaitable) -> grpc.aio.AioRpcError:
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await awaitable
-    return caught.value
-
-
-async def stream_error(call) -> grpc.aio.AioRpcError:
-    async def consume() -> None:
-        async for _ in call:
-            pass
-
-    return await rpc_error(consume())
 
 
 def test_drain_finishes_in_flight_requests_and_refuses_new_ones() -> None:

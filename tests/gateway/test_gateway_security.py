@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import grpc
 import pytest
 from gateway_certs import Certs, make_certs
-from gateway_fakes import SERVING, gateway_with_engine
+from gateway_fakes import SERVING, gateway_with_engine, rpc_error, run, stream_error
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -22,25 +21,6 @@ pytestmark = pytest.mark.timeout(60)
 
 GOOD = pb.GenerateRequest(text="Say hello")
 KEYS = ("k1-secret-0123", "k2-secret-4567")
-
-
-def run(coro) -> None:
-    asyncio.run(asyncio.wait_for(coro, timeout=30))
-
-
-async def rpc_error(awaitable) -> grpc.aio.AioRpcError:
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await awaitable
-    return caught.value
-
-
-async def stream_error(call) -> grpc.aio.AioRpcError:
-    return await rpc_error(_drain_stream(call))
-
-
-async def _drain_stream(call) -> None:
-    async for _ in call:
-        pass
 
 
 @pytest.fixture(scope="module")

@@ -12,10 +12,14 @@ from gateway_fakes import (
     SERVING,
     fast_config,
     gateway_with_engine,
+    rpc_error,
     running_gateway,
     start_fake_engine,
     wait_for_status,
     wait_until,
+)
+from gateway_fakes import (
+    run as run_body,
 )
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -28,13 +32,7 @@ GOOD = pb.GenerateRequest(text="Say hello", request_id="client-1")
 
 
 def run(coro) -> None:
-    asyncio.run(asyncio.wait_for(coro, timeout=20))
-
-
-async def rpc_error(awaitable) -> grpc.aio.AioRpcError:
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await awaitable
-    return caught.value
+    run_body(coro, timeout=20)
 
 
 async def stream_error(call) -> tuple[list, grpc.aio.AioRpcError]:
