@@ -208,17 +208,17 @@ def run(cfg: BenchConfig, device: dict[str, Any], started: float) -> dict[str, A
     if cfg.sweep:
         log.info("running the decode/prefill sweep")
         sweep = run_sweep(cfg, device, log_dir)
-    rows = []
+    rows, result = [], {}
     for mode in cfg.modes:
         try:
             rows.append(run_one(cfg, mode, device, model, log_dir))
         except Exception as exc:  # one broken mode must not lose the others
             log.exception("%s failed", mode)
             rows.append(analysis.skipped_row(mode, "failed", f"{type(exc).__name__}: {exc}"))
-        # What is done so far survives a run that is cut short.
-        report.write_json(assemble(cfg, device, model, rows, started) | {"sweep": sweep},
-                          cfg.out_dir / "bench.json")
-    return assemble(cfg, device, model, rows, started) | {"sweep": sweep}
+        # Written after every mode: what is done survives a run that is cut short.
+        result = assemble(cfg, device, model, rows, started) | {"sweep": sweep}
+        report.write_json(result, cfg.out_dir / "bench.json")
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -232,8 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"python -m bench: {exc}", file=sys.stderr)
         return 2
     log.info("device: %s; model %s; %s", device["name"], cfg.model, cfg.workload)
-    result = run(cfg, device, started)
-    report.write_json(result, cfg.out_dir / "bench.json")
+    result = run(cfg, device, started)  # bench.json is written as the modes finish
     why_not = report.draw_png(result, cfg.out_dir / "bench.png")
     print(report.format_table(result))
     print(f"wrote {cfg.out_dir / 'bench.json'}"

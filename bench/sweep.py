@@ -29,6 +29,7 @@ import torch
 from bench import analysis
 from bench.device import measure_bandwidth
 from gpu_worker.attention import AttentionMetadata, KVCache, make_attention
+from gpu_worker.config import KERNELS
 from gpu_worker.model import LlamaModel, load_config
 from gpu_worker.ops import make_ops
 from tandem import models
@@ -287,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefill-rows", type=int, help="prompts in the prefill (8)")
     p.add_argument("--prefill-tokens", type=int, help="tokens per prompt (1024)")
     p.add_argument("--device", default="auto", help="auto, cuda or cpu")
-    p.add_argument("--kernels", default="auto", choices=("auto", "triton", "torch"),
+    p.add_argument("--kernels", default="auto", choices=KERNELS,
                    help="as the worker's --kernels (auto: Triton on CUDA)")
     p.add_argument("--profile", action="append", default=[], metavar="BATCHxCONTEXT",
                    help="log the kernels of one decode step at this point (repeatable; CUDA)")

@@ -171,9 +171,9 @@ def _pad_queries(q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
 def make_attention(cache: KVCache, scale: float, device: torch.device,
                    kind: str = "auto") -> AttentionBackend:
     """``auto``: Triton kernels on CUDA, the torch reference elsewhere; or ``triton``/``torch``."""
-    if kind not in ("auto", "triton", "torch"):
-        raise ValueError(f"attention backend {kind!r}: choose auto, triton or torch")
-    if kind == "triton" or (kind == "auto" and device.type == "cuda"):
+    from gpu_worker.ops import use_triton
+
+    if use_triton(device, kind):
         from gpu_worker.kernels.paged_attention import TritonPagedAttention
 
         return TritonPagedAttention(cache, scale)

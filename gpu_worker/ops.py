@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from gpu_worker.config import KERNELS
+
 
 class TorchOps:
     name = "torch"
@@ -59,10 +61,12 @@ class TritonOps:
         self.silu_and_mul = fused.silu_and_mul
 
 
+def use_triton(device: torch.device, kind: str) -> bool:
+    """Whether ``--kernels kind`` means Triton: ``auto`` on CUDA, or ``triton``."""
+    if kind not in KERNELS:
+        raise ValueError(f"kernels {kind!r}: choose one of {', '.join(KERNELS)}")
+    return kind == "triton" or (kind == "auto" and device.type == "cuda")
+
+
 def make_ops(device: torch.device, kind: str = "auto") -> TorchOps | TritonOps:
-    """``auto``: Triton on CUDA, torch elsewhere; or ``triton`` / ``torch``."""
-    if kind not in ("auto", "triton", "torch"):
-        raise ValueError(f"kernels {kind!r}: choose auto, triton or torch")
-    if kind == "triton" or (kind == "auto" and device.type == "cuda"):
-        return TritonOps()
-    return TorchOps()
+    return TritonOps() if use_triton(device, kind) else TorchOps()

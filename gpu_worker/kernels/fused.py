@@ -17,7 +17,8 @@ import torch
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
-from triton.runtime.interpreter import InterpretedFunction
+
+from gpu_worker.kernels import INTERPRETED
 
 # ---------------------------------------------------------------- kernels
 
@@ -141,7 +142,7 @@ def _silu_and_mul_kernel(
 # ---------------------------------------------------------------- launchers
 
 # libdevice's exp and rsqrt are the ones torch's CUDA kernels call; the interpreter has none.
-_LIBDEVICE = not isinstance(_rms_norm_kernel, InterpretedFunction)
+_LIBDEVICE = not INTERPRETED
 
 
 def _norm_config(n_cols: int) -> tuple[int, int]:

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from gpu_worker.attention import AttentionMetadata, KVCache
+from gpu_worker.kernels import INTERPRETED
 
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 64  # decode splits per (row, kv head)
@@ -137,7 +138,7 @@ def paged_decode(
         *_kv_strides(key_cache, value_cache), meta.block_tables.stride(0), scale * LOG2E,
         GROUP=group, BLOCK_M=max(16, triton.next_power_of_2(group)), HEAD_DIM=dim,
         BLOCK_N=block_n, BLOCK_SIZE=key_cache.shape[1], NUM_SPLITS=num_splits,
-        IS_FP32=q.dtype == torch.float32, WHILE_LOOP=_INTERPRETED, num_warps=4, num_stages=2,
+        IS_FP32=q.dtype == torch.float32, WHILE_LOOP=INTERPRETED, num_warps=4, num_stages=2,
     )
     if num_splits > 1:
         _merge_splits_kernel[(rows, heads)](
@@ -170,7 +171,7 @@ def paged_prefill(
         *_kv_strides(key_cache, value_cache), meta.block_tables.stride(0), scale * LOG2E,
         GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, HEAD_DIM=dim, BLOCK_N=block_n,
         BLOCK_SIZE=key_cache.shape[1], IS_FP32=q.dtype == torch.float32,
-        WHILE_LOOP=_INTERPRETED, num_warps=4, num_stages=2,
+        WHILE_LOOP=INTERPRETED, num_warps=4, num_stages=2,
     )
     return out
 
@@ -338,7 +339,6 @@ def _prefill_kernel(
     tl.store(out, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=valid[:, None])
 
 
-_INTERPRETED = not isinstance(_attend, triton.runtime.JITFunction)  # TRITON_INTERPRET=1
 
 
 def _kv_strides(key_cache: torch.Tensor, value_cache: torch.Tensor) -> tuple[int, int, int]:
