@@ -1,0 +1,191 @@
+"""Skinny matrix products for decode steps: ``y = x @ w.T`` with few rows in ``x``.
+
+A decode step multiplies a handful of token rows by every weight matrix once, so the
+product is bound by reading the weights, and what matters is keeping every multiprocessor
+streaming weight tiles from the first microsecond to the last. cuBLAS gets there with
+split-K plus a separate reduce kernel (two launches, a ramp and a tail each). Here a
+program takes ``block_n`` output columns and one of ``split_k`` slices of K, puts the
+weight tile in the M slot of ``tl.dot`` (so the wide side feeds the tensor cores, the
+token rows are the narrow N side), and the reduction of the slices happens inside the same
+launch: every program stores its float32 partial sums, bumps a per-column-tile counter,
+and the program that arrives last adds the slices up in slice order and writes the output.
+The order is fixed, so the result does not depend on which program finishes last: two
+runs of the same batch agree bit for bit (the async pipeline must equal the sync one).
+
+``silu_mul=True`` takes ``x`` as a fused gate/up output ``[M, 2K]`` and multiplies
+``silu(gate) * up`` (rounded as :meth:`gpu_worker.ops.TorchOps.silu_and_mul` rounds) by
+``w``: the MLP's activation then costs no launch and no round trip through memory.
+
+The launcher never syncs with the host and allocates only its output and partial sums:
+it is safe inside CUDA graphs. Its config is a fixed function of the shapes (no
+autotuning), so every process picks the same one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+from gpu_worker.kernels import INTERPRETED
+
+MAX_ROWS = 64  # larger batches leave the weights' stream to cuBLAS
+_LOCKS = 1 << 16  # counters per device: one per column tile of the widest product
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearConfig:
+    block_n: int  # output columns per program
+    block_k: int  # reduction depth per loop iteration
+    split_k: int  # programs along K per column tile
+    num_warps: int = 4
+    num_stages: int = 4
+
+
+def supports(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether :func:`linear` takes this product (else the caller uses ``F.linear``)."""
+    return (x.is_cuda or INTERPRETED) and x.dtype in (torch.bfloat16, torch.float16) and \
+        w.dtype == x.dtype and 0 < x.shape[0] <= MAX_ROWS and w.is_contiguous()
+
+
+def default_config(num_rows: int, n: int, k: int, num_sms: int) -> LinearConfig:
+    """Enough programs to keep ~4 per multiprocessor streaming, K slices of >= 512."""
+    block_n = 64
+    tiles = triton.cdiv(n, block_n)
+    split_k = 1
+    while tiles * split_k < 3 * num_sms and k % (2 * split_k * 128) == 0 and \
+            k // (2 * split_k) >= 512:
+        split_k *= 2
+    return LinearConfig(block_n=block_n, block_k=128, split_k=split_k)
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *,
+           silu_mul: bool = False, config: LinearConfig | None = None) -> torch.Tensor:
+    """``x @ w.T (+ bias)``; with ``silu_mul``, ``silu_and_mul(x) @ w.T``.
+
+    x [M, K] (or [M, 2K] with silu_mul), rows may be strided, K contiguous; w [N, K]
+    contiguous; M <= MAX_ROWS. Returns [M, N] in x's dtype."""
+    m, width = x.shape
+    n, k = w.shape
+    if width != (2 * k if silu_mul else k) or x.stride(1) != 1:
+        raise ValueError(f"x {tuple(x.shape)} does not fit w {tuple(w.shape)}")
+    cfg = config or default_config(m, n, k, _num_sms(x.device))
+    if k % (cfg.split_k * cfg.block_k):
+        raise ValueError(f"K={k} is not a multiple of split_k x block_k in {cfg}")
+    y = x.new_empty(m, n)
+    partial = y  # unused with one slice
+    if cfg.split_k > 1:
+        partial = torch.empty(cfg.split_k, m, n, dtype=torch.float32, device=x.device)
+    block_m = max(16, triton.next_power_of_2(m))
+    grid = (triton.cdiv(n, cfg.block_n), cfg.split_k)
+    if grid[0] > _LOCKS:
+        raise ValueError(f"N={n} needs more than {_LOCKS} column tiles")
+    _linear_kernel[grid](
+        x, w, y, bias if bias is not None else y, partial, _locks(x.device),
+        m, n, x.stride(0), y.stride(0), K=k,
+        BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,
+        HAS_BIAS=bias is not None, SILU_MUL=silu_mul, LIBDEVICE=not INTERPRETED,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return y
+
+
+@triton.jit
+def _silu_times(gate, up, LIBDEVICE: tl.constexpr):
+    """``silu(gate) * up`` rounded as torch rounds (silu once, the product once)."""
+    g = gate.to(tl.float32)
+    e = libdevice.exp(-g) if LIBDEVICE else tl.exp(-g)
+    silu = tl.math.div_rn(g, 1.0 + e).to(gate.dtype)
+    return (silu.to(tl.float32) * up.to(tl.float32)).to(gate.dtype)
+
+
+@triton.jit
+def _linear_kernel(
+    x_ptr, w_ptr, y_ptr, bias_ptr, partial_ptr, lock_ptr,
+    M, N, stride_xm, stride_ym, K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr,
+    LIBDEVICE: tl.constexpr,
+):
+    """One (column tile, K slice): acc[n, m] = sum_k w[n, k] * x[m, k] over the slice."""
+    tile, split = tl.program_id(0), tl.program_id(1)
+    offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    n_ok, m_ok = offs_n < N, offs_m < M
+    k_per_split: tl.constexpr = K // SPLIT_K  # K is static: the loop's trip count is known
+    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * K + (split * k_per_split + offs_k)[None, :]
+    x_ptrs = x_ptr + offs_m[None, :] * stride_xm + (split * k_per_split + offs_k)[:, None]
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    for _ in range(0, k_per_split, BLOCK_K):
+        w = tl.load(w_ptrs, mask=n_ok[:, None], other=0.0)  # [BLOCK_N, BLOCK_K]
+        if SILU_MUL:
+            gate = tl.load(x_ptrs, mask=m_ok[None, :], other=0.0)  # [BLOCK_K, BLOCK_M]
+            up = tl.load(x_ptrs + K, mask=m_ok[None, :], other=0.0)
+            xt = _silu_times(gate, up, LIBDEVICE)
+        else:
+            xt = tl.load(x_ptrs, mask=m_ok[None, :], other=0.0)
+        acc = tl.dot(w, xt, acc)
+        w_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K
+
+    y_offs = offs_m[None, :] * stride_ym + offs_n[:, None]  # [BLOCK_N, BLOCK_M]
+    out_ok = n_ok[:, None] & m_ok[None, :]
+    if SPLIT_K > 1:
+        # store this slice, then the last of the tile's programs reduces in slice order
+        part_offs = offs_m[None, :] * N + offs_n[:, None]
+        tl.store(partial_ptr + split * M * N + part_offs, acc, mask=out_ok)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT_K - 1:
+            acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+            for s in range(SPLIT_K):
+                acc += tl.load(partial_ptr + s * M * N + part_offs, mask=out_ok, other=0.0,
+                               cache_modifier=".cg")
+            _store_output(y_ptr, bias_ptr, acc, y_offs, offs_n, out_ok, n_ok, HAS_BIAS)
+            tl.atomic_xchg(lock_ptr + tile, 0, sem="relaxed", scope="gpu")  # next launch
+    else:
+        _store_output(y_ptr, bias_ptr, acc, y_offs, offs_n, out_ok, n_ok, HAS_BIAS)
+
+
+@triton.jit
+def _store_output(y_ptr, bias_ptr, acc, y_offs, offs_n, out_ok, n_ok, HAS_BIAS: tl.constexpr):
+    if HAS_BIAS:  # added in float32 before the one rounding, as cuBLAS's epilogue does
+        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+    tl.store(y_ptr + y_offs, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
+
+
+def _device_key(device: torch.device) -> str:
+    if device.type == "cuda" and device.index is None:
+        return f"cuda:{torch.cuda.current_device()}"
+    return str(device)
+
+
+@functools.cache
+def _locks_on(device: str) -> torch.Tensor:
+    return torch.zeros(_LOCKS, dtype=torch.int32, device=device)
+
+
+def _locks(device: torch.device) -> torch.Tensor:
+    """The column-tile counters: zero between launches (each launch's last programs reset
+    theirs). Kernels of one stream run one after another, so they share them. Call
+    :func:`prepare` before capturing a graph, so that they are not allocated inside it."""
+    return _locks_on(_device_key(device))
+
+
+def prepare(device: torch.device) -> None:
+    """Allocate the device's counters now (outside any CUDA graph capture)."""
+    _locks(device)
+
+
+@functools.cache
+def _sms(device: str) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _num_sms(device: torch.device) -> int:
+    return _sms(_device_key(device)) if device.type == "cuda" else 1
