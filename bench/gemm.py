@@ -13,6 +13,7 @@ how the default configs are chosen. Prints JSON on the last line of stdout. CUDA
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import logging
@@ -59,11 +60,12 @@ def graph_us(fn, copies: int) -> float:
 def candidates(n: int, k: int, num_sms: int) -> list[lin.LinearConfig]:
     out = []
     for bn, bk, split, stages in itertools.product(
-            (32, 64, 128), (128, 256), (1, 2, 4, 8, 16), (3, 5)):
+            (32, 64, 128), (64, 128), (1, 2, 4, 8), (3, 5)):
         programs = -(-n // bn) * split
         if k % (split * bk) or not num_sms <= programs <= 8 * num_sms:
             continue
-        out.append(lin.LinearConfig(bn, bk, split, 8 if bn == 128 else 4, stages))
+        for prefetch in (True, False):
+            out.append(lin.LinearConfig(bn, bk, split, 8 if bn == 128 else 4, stages, prefetch))
     return out
 
 
@@ -77,14 +79,17 @@ def measure(name, n, k, silu_mul, rows, bandwidth, search) -> dict:
     def cublas(i):
         return F.linear(fused.silu_and_mul(x) if silu_mul else x, weights[i])
 
-    def tandem(cfg):
-        return lambda i: lin.linear(x, weights[i], silu_mul=silu_mul, config=cfg)
+    def tandem(cfg, pdl=None):
+        return lambda i: lin.linear(x, weights[i], silu_mul=silu_mul, config=cfg, pdl=pdl)
 
     row = {"product": name, "n": n, "k": k, "rows": rows, "floor_us": floor_us,
            "cublas_us": graph_us(cublas, copies)}
     default = lin.default_config(rows, n, k, lin._num_sms(dev))
     row["tandem_us"] = graph_us(tandem(default), copies)
     row["tandem_config"] = vars(default)
+    row["no_pdl_us"] = graph_us(tandem(default, pdl=False), copies)
+    no_prefetch = dataclasses.replace(default, prefetch=False)
+    row["no_prefetch_us"] = graph_us(tandem(no_prefetch), copies)
     if search:
         best = None
         for cfg in candidates(n, k, lin._num_sms(dev)):
@@ -97,12 +102,14 @@ def measure(name, n, k, silu_mul, rows, bandwidth, search) -> dict:
                 best = (us, cfg)
         if best:
             row["best_us"], row["best_config"] = best[0], vars(best[1])
-    for key in ("cublas_us", "tandem_us", "best_us"):
+    for key in ("cublas_us", "tandem_us", "no_pdl_us", "no_prefetch_us", "best_us"):
         if key in row:
             row[key.replace("_us", "_of_floor")] = floor_us / row[key]
-    log.info("%-9s rows %3d: floor %6.1f us, cuBLAS %6.1f (%.0f%%), tandem %6.1f (%.0f%%)%s",
+    log.info("%-9s rows %3d: floor %6.1f us, cuBLAS %6.1f (%.0f%%), tandem %6.1f (%.0f%%; "
+             "no PDL %.1f, no prefetch %.1f)%s",
              name, rows, floor_us, row["cublas_us"], 100 * row["cublas_of_floor"],
-             row["tandem_us"], 100 * row["tandem_of_floor"],
+             row["tandem_us"], 100 * row["tandem_of_floor"], row["no_pdl_us"],
+             row["no_prefetch_us"],
              f", best {row['best_us']:.1f} ({100 * row['best_of_floor']:.0f}%) "
              f"{row['best_config']}" if "best_us" in row else "")
     return row
