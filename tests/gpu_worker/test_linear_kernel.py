@@ -113,3 +113,25 @@ def test_llama_shapes_in_bfloat16_under_a_graph(shape, rows):
         torch.cuda.synchronize()
         assert torch.equal(out, eager)  # same bits every replay
     torch.testing.assert_close(out.float(), F.linear(x, w).float(), rtol=2e-2, atol=2e-2)
+
+
+@cuda
+@pytest.mark.gpu
+def test_dependent_chain_under_pdl_sees_each_previous_output():
+    """Each product reads the one before it: with programmatic dependent launch a kernel
+    that skipped its wait would read a stale or half-written input."""
+    lin.prepare(torch.device("cuda"))
+    ws = [torch.randn(4096, 4096, dtype=torch.bfloat16, device="cuda") / 64 for _ in range(8)]
+    x = torch.randn(32, 4096, dtype=torch.bfloat16, device="cuda")
+    expected = x
+    for w in ws:
+        expected = lin.linear(expected, w, pdl=False)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = x
+        for w in ws:
+            y = lin.linear(y, w)
+    for _ in range(5):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y, expected)
