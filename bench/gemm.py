@@ -13,7 +13,6 @@ how the default configs are chosen. Prints JSON on the last line of stdout. CUDA
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import itertools
 import json
 import logging
@@ -64,8 +63,7 @@ def candidates(n: int, k: int, num_sms: int) -> list[lin.LinearConfig]:
         programs = -(-n // bn) * split
         if k % (split * bk) or not num_sms <= programs <= 8 * num_sms:
             continue
-        for prefetch in (True, False):
-            out.append(lin.LinearConfig(bn, bk, split, 8 if bn == 128 else 4, stages, prefetch))
+        out.append(lin.LinearConfig(bn, bk, split, 8 if bn == 128 else 4, stages))
     return out
 
 
@@ -88,8 +86,7 @@ def measure(name, n, k, silu_mul, rows, bandwidth, search) -> dict:
     row["tandem_us"] = graph_us(tandem(default), copies)
     row["tandem_config"] = vars(default)
     row["no_pdl_us"] = graph_us(tandem(default, pdl=False), copies)
-    no_prefetch = dataclasses.replace(default, prefetch=False)
-    row["no_prefetch_us"] = graph_us(tandem(no_prefetch), copies)
+
     if search:
         best = None
         for cfg in candidates(n, k, lin._num_sms(dev)):
@@ -102,14 +99,13 @@ def measure(name, n, k, silu_mul, rows, bandwidth, search) -> dict:
                 best = (us, cfg)
         if best:
             row["best_us"], row["best_config"] = best[0], vars(best[1])
-    for key in ("cublas_us", "tandem_us", "no_pdl_us", "no_prefetch_us", "best_us"):
+    for key in ("cublas_us", "tandem_us", "no_pdl_us", "best_us"):
         if key in row:
             row[key.replace("_us", "_of_floor")] = floor_us / row[key]
     log.info("%-9s rows %3d: floor %6.1f us, cuBLAS %6.1f (%.0f%%), tandem %6.1f (%.0f%%; "
-             "no PDL %.1f, no prefetch %.1f)%s",
+             "no PDL %.1f)%s",
              name, rows, floor_us, row["cublas_us"], 100 * row["cublas_of_floor"],
              row["tandem_us"], 100 * row["tandem_of_floor"], row["no_pdl_us"],
-             row["no_prefetch_us"],
              f", best {row['best_us']:.1f} ({100 * row['best_of_floor']:.0f}%) "
              f"{row['best_config']}" if "best_us" in row else "")
     return row

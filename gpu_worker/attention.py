@@ -1,7 +1,8 @@
 """Attention over the paged KV cache, behind one small interface.
 
-The model calls ``backend.forward(layer, q, k, v, meta)``; the backend writes the
-new keys and values into the cache and attends over each row's whole context.
+The model calls ``backend.forward(layer, q, k, v, meta, rope)``; the backend applies
+RoPE to the new queries and keys, writes the keys and values into the cache and attends
+over each row's whole context.
 :class:`TorchPagedAttention` is the portable reference (CPU and GPU, plain torch
 ops, CUDA-graph safe for a fixed shape); faster kernels implement the same
 interface.
@@ -66,6 +67,11 @@ class AttentionMetadata:
         return {}
 
 
+class RopeTables(Protocol):
+    cos: torch.Tensor  # [max_positions, head_dim]
+    signed_sin: torch.Tensor  # [max_positions, head_dim], first half negated
+
+
 class AttentionBackend(Protocol):
     # False: a decode step's work depends on the batch's max_context_len (its graphs are
     # captured per context bucket); True: it reads each row's length on the device, so one
@@ -79,7 +85,9 @@ class AttentionBackend(Protocol):
         k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
         v: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
         meta: AttentionMetadata,
+        rope: RopeTables,
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+        """q is rotated in place; k may be left unrotated (only the cache holds keys)."""
         ...
 
 
@@ -127,7 +135,10 @@ class TorchPagedAttention:
         self.cache = cache
         self.scale = scale
 
-    def forward(self, layer, q, k, v, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, layer, q, k, v, meta: AttentionMetadata, rope: RopeTables) -> torch.Tensor:
+        from gpu_worker.ops import TorchOps
+
+        TorchOps.rope_(q, k, meta.positions, rope.cos, rope.signed_sin)
         key_cache, value_cache = self.cache.keys(layer), self.cache.values(layer)
         _write_cache(key_cache, value_cache, k, v, meta.slot_mapping)
         keys = _gather_context(key_cache, meta)  # [rows, ctx, kv_heads, dim]
@@ -169,12 +180,13 @@ def _pad_queries(q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
 
 
 def make_attention(cache: KVCache, scale: float, device: torch.device,
-                   kind: str = "auto") -> AttentionBackend:
-    """``auto``: Triton kernels on CUDA, the torch reference elsewhere; or ``triton``/``torch``."""
+                   kind: str = "auto", pdl: bool | None = None) -> AttentionBackend:
+    """``auto``: Triton kernels on CUDA, the torch reference elsewhere; or ``triton``/``torch``.
+    ``pdl`` overrides whether Triton kernels use programmatic dependent launch."""
     from gpu_worker.ops import use_triton
 
     if use_triton(device, kind):
         from gpu_worker.kernels.paged_attention import TritonPagedAttention
 
-        return TritonPagedAttention(cache, scale)
+        return TritonPagedAttention(cache, scale, pdl=pdl)
     return TorchPagedAttention(cache, scale)

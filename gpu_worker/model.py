@@ -68,10 +68,11 @@ class RotaryTable:
 class LlamaModel:
     """Weights as plain tensors and a forward pass over a flat batch of tokens.
 
-    Each layer's residual add is fused with the next norm (``ops.add_rms_norm``), RoPE
-    rotates q and k in place inside the fused QKV output, and the MLP's activation reads the
-    fused gate/up output once: with ``TritonOps`` a layer is four matrix products, the
-    attention and four small kernels."""
+    Each layer's residual add is fused with the next norm (``ops.add_rms_norm``), the
+    attention backend applies RoPE to the views of the fused QKV output as it writes the
+    cache, and the MLP's activation reads the fused gate/up output once: with ``TritonOps``
+    and Triton attention a layer is four matrix products, RoPE with the cache write, the
+    attention and three small kernels."""
 
     def __init__(self, config, weights: dict[str, torch.Tensor], dtype, device,
                  ops: Ops | None = None) -> None:
@@ -97,7 +98,7 @@ class LlamaModel:
         for i, w in enumerate(self.layers):
             out = self._attention(i, w, h, meta, attention)
             h, residual = ops.add_rms_norm(out, residual, w["post_norm"], s.eps)
-            out = F.linear(ops.silu_and_mul(F.linear(h, w["gate_up"])), w["down"])
+            out = ops.linear(ops.silu_and_mul(ops.linear(h, w["gate_up"])), w["down"])
             if i + 1 < len(self.layers):
                 h, residual = ops.add_rms_norm(out, residual, self.layers[i + 1]["in_norm"], s.eps)
         last = residual[sample_index] + out[sample_index]  # only the sampled tokens go on
@@ -105,13 +106,12 @@ class LlamaModel:
 
     def _attention(self, i, w, h, meta: AttentionMetadata, attention: AttentionBackend):
         s = self.shape
-        qkv = F.linear(h, w["qkv"], w.get("qkv_bias"))  # [num_tokens, q_size + 2 * kv_size]
+        qkv = self.ops.linear(h, w["qkv"], w.get("qkv_bias"))  # [num_tokens, q + 2 * kv]
         q, k, v = qkv.split([s.q_size, s.kv_size, s.kv_size], dim=-1)
         q = q.view(-1, s.num_heads, s.head_dim)
         k = k.view(-1, s.num_kv_heads, s.head_dim)
-        self.ops.rope_(q, k, meta.positions, self.rope.cos, self.rope.signed_sin)
-        out = attention.forward(i, q, k, v.view(-1, s.num_kv_heads, s.head_dim), meta)
-        return F.linear(out.reshape(-1, s.q_size), w["o"])
+        out = attention.forward(i, q, k, v.view(-1, s.num_kv_heads, s.head_dim), meta, self.rope)
+        return self.ops.linear(out.reshape(-1, s.q_size), w["o"])
 
 
 def _fuse_layer(weights: dict[str, torch.Tensor], i: int, s: LlamaShape) -> dict:

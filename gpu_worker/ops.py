@@ -7,11 +7,13 @@ the reference rounds. The model calls ``ops.<step>`` and never knows which it ha
 - ``rms_norm(x, weight, eps) -> y``
 - ``add_rms_norm(x, residual, weight, eps) -> (y, residual)``: residual += x in place,
   then y = rms_norm(residual)
-- ``rope_(q, k, positions, cos_table, signed_sin_table) -> (q, k)``: rotates in place
 - ``silu_and_mul(gate_up) -> silu(gate) * up``
+- ``linear(x, w, bias=None) -> x @ w.T + bias``
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +23,8 @@ from gpu_worker.config import KERNELS
 
 class TorchOps:
     name = "torch"
+    # and rope_(q, k, positions, cos_table, signed_sin_table): rotates q and k in place; the
+    # torch attention calls it (Triton attention fuses RoPE into its cache write)
 
     @staticmethod
     def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -49,16 +53,34 @@ class TorchOps:
         return F.silu(gate) * up
 
 
+    linear = staticmethod(F.linear)
+
+
 class TritonOps:
+    """The fused kernels, and for decode-sized batches the narrow matrix products too: below
+    ``LINEAR_ROWS`` rows and ``LINEAR_MAX_N`` output columns cuBLAS splits K and adds a
+    reduce launch, where :mod:`gpu_worker.kernels.linear` reduces inside its one launch."""
+
     name = "triton"
+    LINEAR_ROWS, LINEAR_MAX_N = 32, 4096
 
-    def __init__(self) -> None:
-        from gpu_worker.kernels import fused
+    def __init__(self, device: torch.device, pdl: bool | None = None) -> None:
+        from gpu_worker.kernels import fused, linear, use_pdl
 
-        self.rms_norm = fused.rms_norm
-        self.add_rms_norm = fused.add_rms_norm
-        self.rope_ = fused.rope_
-        self.silu_and_mul = fused.silu_and_mul
+        device = torch.device(device)
+        self.pdl = use_pdl(device) if pdl is None else pdl
+        self.rms_norm = functools.partial(fused.rms_norm, pdl=self.pdl)
+        self.add_rms_norm = functools.partial(fused.add_rms_norm, pdl=self.pdl)
+        self.silu_and_mul = functools.partial(fused.silu_and_mul, pdl=self.pdl)
+        self._linear = linear
+        linear.prepare(device)  # its counters, before any graph is captured
+
+    def linear(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None):
+        lin = self._linear
+        if x.shape[0] <= self.LINEAR_ROWS and w.shape[0] <= self.LINEAR_MAX_N and \
+                lin.supports(x, w):
+            return lin.linear(x, w, bias, pdl=self.pdl)
+        return F.linear(x, w, bias)
 
 
 def use_triton(device: torch.device, kind: str) -> bool:
@@ -68,5 +90,7 @@ def use_triton(device: torch.device, kind: str) -> bool:
     return kind == "triton" or (kind == "auto" and device.type == "cuda")
 
 
-def make_ops(device: torch.device, kind: str = "auto") -> TorchOps | TritonOps:
-    return TritonOps() if use_triton(device, kind) else TorchOps()
+def make_ops(device: torch.device, kind: str = "auto",
+             pdl: bool | None = None) -> TorchOps | TritonOps:
+    """``pdl`` overrides whether Triton kernels use programmatic dependent launch."""
+    return TritonOps(device, pdl) if use_triton(device, kind) else TorchOps()

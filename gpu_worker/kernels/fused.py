@@ -1,12 +1,13 @@
 """Fused elementwise kernels of the Llama-family decoder, each with its plain-torch twin.
 
-RMSNorm (alone and after the residual add), RoPE (position lookup and rotation, in place)
-and SiLU-and-mul. Every kernel rounds where the torch twin rounds, so the two agree
-bit-for-bit up to the order of the RMSNorm sum (and to the last ulp of exp in SiLU).
-The norms and RoPE compile without FMA contraction, since torch rounds each product (x^2,
-x * cos) before the add. The launchers allocate only outputs, never sync with the host, and
-use fixed configs (no autotune): safe to capture in a CUDA graph. Every tensor's last dim must be
-contiguous; rows may be strided (views into a fused projection's output work).
+RMSNorm (alone and after the residual add), RoPE with the KV cache write (position lookup,
+rotation of q in place and of k into the cache) and SiLU-and-mul. Every kernel rounds where
+the torch twin rounds, so the two agree bit-for-bit up to the order of the RMSNorm sum (and
+to the last ulp of exp in SiLU). The norms and RoPE compile without FMA contraction, since
+torch rounds each product (x^2, x * cos) before the add. The launchers allocate only
+outputs, never sync with the host, and use fixed configs (no autotune): safe to capture in a
+CUDA graph. Every tensor's last dim must be contiguous; rows may be strided (views into a
+fused projection's output work). On sm_90+ they launch with PDL (``gpu_worker.kernels``).
 
 Their torch twins, the reference the CPU runs, are ``gpu_worker.ops.TorchOps``.
 """
@@ -18,7 +19,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from gpu_worker.kernels import INTERPRETED
+from gpu_worker.kernels import INTERPRETED, use_pdl, wait_for_previous
 
 # ---------------------------------------------------------------- kernels
 
@@ -49,8 +50,9 @@ def _normalize(x32, w, n_cols, eps, LIBDEVICE: tl.constexpr):
 @triton.jit
 def _rms_norm_kernel(
     x_ptr, w_ptr, y_ptr, x_stride, y_stride, n_cols, eps,
-    BLOCK: tl.constexpr, LIBDEVICE: tl.constexpr,
+    BLOCK: tl.constexpr, LIBDEVICE: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    wait_for_previous(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -62,8 +64,9 @@ def _rms_norm_kernel(
 @triton.jit
 def _add_rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, y_ptr, x_stride, res_stride, y_stride, n_cols, eps,
-    BLOCK: tl.constexpr, LIBDEVICE: tl.constexpr,
+    BLOCK: tl.constexpr, LIBDEVICE: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    wait_for_previous(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -101,12 +104,16 @@ def _rotate_heads(
 
 
 @triton.jit
-def _rope_kernel(
-    q_ptr, k_ptr, pos_ptr, cos_ptr, sin_ptr,
-    q_token_stride, q_head_stride, k_token_stride, k_head_stride, table_stride,
-    num_heads, num_kv_heads,
+def _rope_write_kv_kernel(
+    q_ptr, k_ptr, v_ptr, key_cache, value_cache, slot_ptr, pos_ptr, cos_ptr, sin_ptr,
+    q_token_stride, q_head_stride, k_token_stride, v_token_stride, kv_head_stride,
+    table_stride, num_heads, num_kv_heads,
     HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    """One token: rotate its query heads in place, its key heads into the cache at its
+    slot, and copy its value heads there."""
+    wait_for_previous(USE_PDL)
     token = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + token).to(tl.int64)
     dims = tl.arange(0, BLOCK_D)
@@ -118,15 +125,30 @@ def _rope_kernel(
     sin2 = tl.load(sin_row + HALF, mask=mask, other=0.0)[None, :]
     _rotate_heads(q_ptr + token * q_token_stride, q_head_stride, num_heads,
                   cos1, cos2, sin1, sin2, HALF, BLOCK_HQ, BLOCK_D)
-    _rotate_heads(k_ptr + token * k_token_stride, k_head_stride, num_kv_heads,
-                  cos1, cos2, sin1, sin2, HALF, BLOCK_HK, BLOCK_D)
+
+    slot = tl.load(slot_ptr + token).to(tl.int64)
+    heads = tl.arange(0, BLOCK_HK)[:, None]
+    kv_mask = (heads < num_kv_heads) & mask[None, :]
+    src = heads * kv_head_stride + dims[None, :]
+    dst = slot * (num_kv_heads * 2 * HALF) + heads * (2 * HALF) + dims[None, :]
+    k_src = k_ptr + token * k_token_stride + src
+    k1 = tl.load(k_src, mask=kv_mask, other=0.0)
+    k2 = tl.load(k_src + HALF, mask=kv_mask, other=0.0)
+    cache_dtype = key_cache.dtype.element_ty
+    tl.store(key_cache + dst, _mul_add(k1, cos1, k2, sin1).to(cache_dtype), mask=kv_mask)
+    tl.store(key_cache + dst + HALF, _mul_add(k2, cos2, k1, sin2).to(cache_dtype), mask=kv_mask)
+    v_src = v_ptr + token * v_token_stride + src
+    tl.store(value_cache + dst, tl.load(v_src, mask=kv_mask).to(cache_dtype), mask=kv_mask)
+    tl.store(value_cache + dst + HALF, tl.load(v_src + HALF, mask=kv_mask).to(cache_dtype),
+             mask=kv_mask)
 
 
 @triton.jit
 def _silu_and_mul_kernel(
     gate_up_ptr, out_ptr, in_stride, out_stride, n_cols,
-    BLOCK: tl.constexpr, LIBDEVICE: tl.constexpr,
+    BLOCK: tl.constexpr, LIBDEVICE: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    wait_for_previous(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -145,6 +167,12 @@ def _silu_and_mul_kernel(
 _LIBDEVICE = not INTERPRETED
 
 
+def _pdl(device: torch.device, pdl: bool | None) -> dict:
+    """The launch's PDL switches: as given, else on where the device has it."""
+    on = use_pdl(device) if pdl is None else pdl
+    return {"USE_PDL": on, "launch_pdl": on}
+
+
 def _norm_config(n_cols: int) -> tuple[int, int]:
     block = triton.next_power_of_2(n_cols)
     return block, 4 if block < 2048 else 8 if block < 8192 else 16
@@ -156,7 +184,8 @@ def _check_rows(name: str, t: torch.Tensor, n_cols: int) -> None:
                          f"got shape {tuple(t.shape)} strides {t.stride()}")
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *,
+             pdl: bool | None = None) -> torch.Tensor:
     """``TorchOps.rms_norm`` in one kernel: x [num_tokens, hidden], weight [hidden] (x's dtype)."""
     hidden = weight.shape[0]
     _check_rows("x", x, hidden)
@@ -167,13 +196,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         block, num_warps = _norm_config(hidden)
         _rms_norm_kernel[(x.shape[0],)](
             x, weight.contiguous(), y, x.stride(0), y.stride(0), hidden, eps,
-            BLOCK=block, LIBDEVICE=_LIBDEVICE, num_warps=num_warps, enable_fp_fusion=False,
+            BLOCK=block, LIBDEVICE=_LIBDEVICE, **_pdl(x.device, pdl), num_warps=num_warps,
+            enable_fp_fusion=False,
         )
     return y
 
 
 def add_rms_norm(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, *,
+    pdl: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``residual += x`` (rounded to dtype, in place), then ``rms_norm(residual)``.
 
@@ -193,53 +224,68 @@ def add_rms_norm(
         _add_rms_norm_kernel[(x.shape[0],)](
             x, residual, weight.contiguous(), y,
             x.stride(0), residual.stride(0), y.stride(0), hidden, eps,
-            BLOCK=block, LIBDEVICE=_LIBDEVICE, num_warps=num_warps, enable_fp_fusion=False,
+            BLOCK=block, LIBDEVICE=_LIBDEVICE, **_pdl(x.device, pdl), num_warps=num_warps,
+            enable_fp_fusion=False,
         )
     return y, residual
 
 
-def rope_(
+def rope_write_kv(
     q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
     k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    v: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
     positions: torch.Tensor,  # [num_tokens] integer
     cos_table: torch.Tensor,  # [max_positions, head_dim]
     signed_sin_table: torch.Tensor,  # [max_positions, head_dim], first half negated
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotates q and k in place: ``x * cos + cat(x2, x1) * signed_sin`` at each position.
+    key_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,  # [num_tokens] int64
+    *, pdl: bool | None = None,
+) -> torch.Tensor:
+    """RoPE and the cache write in one kernel: rotates q in place, stores the rotated k and
+    v at each token's slot (k itself is left as it was). Returns q.
 
-    q and k may be strided views (e.g. of a fused qkv output); only head_dim must be
-    contiguous. Computed in the tables' dtype as torch would: both products and the
-    sum are each rounded to dtype (exact against ``TorchOps.rope_`` in every dtype).
+    ``x * cos + cat(x2, x1) * signed_sin``, computed as torch would: both products and the
+    sum are each rounded to dtype, so the result equals ``TorchOps.rope_`` followed by an
+    index copy into the cache, in every dtype. q, k and v may be strided views of a fused
+    qkv output (k and v with the same head stride); only head_dim must be contiguous.
     """
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
-    if k.shape != (num_tokens, num_kv_heads, head_dim) or head_dim % 2:
-        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)}: want one even head_dim")
-    if q.stride(2) != 1 or k.stride(2) != 1 or cos_table.stride(1) != 1:
-        raise ValueError("q, k and the tables need a contiguous head_dim")
-    if positions.shape != (num_tokens,):
-        raise ValueError(f"positions {tuple(positions.shape)}: want [{num_tokens}]")
+    if k.shape != (num_tokens, num_kv_heads, head_dim) or v.shape != k.shape or head_dim % 2:
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: "
+                         "want one even head_dim and matching k and v")
+    if q.stride(2) != 1 or k.stride(2) != 1 or v.stride(2) != 1 or cos_table.stride(1) != 1:
+        raise ValueError("q, k, v and the tables need a contiguous head_dim")
+    if k.stride(1) != v.stride(1):
+        raise ValueError("k and v need the same head stride")
+    if positions.shape != (num_tokens,) or slot_mapping.shape != (num_tokens,):
+        raise ValueError(f"positions and slot_mapping: want [{num_tokens}]")
     if not q.dtype == k.dtype == cos_table.dtype == signed_sin_table.dtype:
         raise ValueError("q, k and the tables must share a dtype")
     if cos_table.shape != signed_sin_table.shape or cos_table.stride() != signed_sin_table.stride():
         raise ValueError("cos and signed sin tables must have the same shape and strides")
+    if not (key_cache.is_contiguous() and value_cache.is_contiguous()):
+        raise ValueError("the key and value caches of a layer must be contiguous")
+    if key_cache.shape[2:] != (num_kv_heads, head_dim) or value_cache.shape != key_cache.shape:
+        raise ValueError(f"caches {tuple(key_cache.shape)} do not fit k {tuple(k.shape)}")
     if num_tokens:
-        _rope_kernel[(num_tokens,)](
-            q, k, positions, cos_table, signed_sin_table,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_table.stride(0),
-            num_heads, num_kv_heads,
+        _rope_write_kv_kernel[(num_tokens,)](
+            q, k, v, key_cache, value_cache, slot_mapping, positions, cos_table,
+            signed_sin_table, q.stride(0), q.stride(1), k.stride(0), v.stride(0), k.stride(1),
+            cos_table.stride(0), num_heads, num_kv_heads,
             HALF=head_dim // 2, BLOCK_D=triton.next_power_of_2(head_dim // 2),
             BLOCK_HQ=triton.next_power_of_2(num_heads),
-            BLOCK_HK=triton.next_power_of_2(num_kv_heads),
+            BLOCK_HK=triton.next_power_of_2(num_kv_heads), **_pdl(q.device, pdl),
             num_warps=4, enable_fp_fusion=False,
         )
-    return q, k
+    return q
 
 
 _SILU_BLOCK = 1024
 
 
-def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+def silu_and_mul(gate_up: torch.Tensor, *, pdl: bool | None = None) -> torch.Tensor:
     """``silu(gate) * up`` of gate_up [num_tokens, 2 * intermediate] (gate first)."""
     intermediate = gate_up.shape[-1] // 2
     _check_rows("gate_up", gate_up, 2 * intermediate)
@@ -248,6 +294,6 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
         grid = (gate_up.shape[0], triton.cdiv(intermediate, _SILU_BLOCK))
         _silu_and_mul_kernel[grid](
             gate_up, out, gate_up.stride(0), out.stride(0), intermediate,
-            BLOCK=_SILU_BLOCK, LIBDEVICE=_LIBDEVICE, num_warps=4,
+            BLOCK=_SILU_BLOCK, LIBDEVICE=_LIBDEVICE, **_pdl(gate_up.device, pdl), num_warps=4,
         )
     return out

@@ -44,21 +44,25 @@ class LinearConfig:
     split_k: int  # programs along K per column tile
     num_warps: int = 4
     num_stages: int = 4
-    prefetch: bool = True  # with PDL: pull the weight slice into L2 before the wait
 
 
 def supports(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether :func:`linear` takes this product (else the caller uses ``F.linear``)."""
-    return (x.is_cuda or INTERPRETED) and x.dtype in (torch.bfloat16, torch.float16) and \
-        w.dtype == x.dtype and 0 < x.shape[0] <= MAX_ROWS and w.is_contiguous() and \
-        w.data_ptr() % 16 == 0
+    """Whether :func:`linear` takes this product with its default config (else the caller
+    uses ``F.linear``): half precision, at most MAX_ROWS rows, K a multiple of its block."""
+    if not ((x.is_cuda or INTERPRETED) and x.dtype in (torch.bfloat16, torch.float16) and
+            w.dtype == x.dtype and 0 < x.shape[0] <= MAX_ROWS and w.is_contiguous()):
+        return False
+    n, k = w.shape
+    cfg = default_config(x.shape[0], n, k, _num_sms(x.device))
+    return x.shape[1] == k and k % (cfg.split_k * cfg.block_k) == 0
 
 
 def default_config(num_rows: int, n: int, k: int, num_sms: int) -> LinearConfig:
     """Narrow column tiles for narrow products, and K split in two or four until there are
     ~1.4 programs per multiprocessor (``python -m bench.gemm --search`` chose these on an
     H200 for the Llama-3-8B products at 32 rows)."""
-    block_n, block_k = (32 if n <= 4096 else 64), 128
+    block_n = 32 if n <= 4096 else 64
+    block_k = next((b for b in (128, 64, 32, 16) if k % b == 0), 16)
     tiles, split_k = triton.cdiv(n, block_n), 1
     while tiles * split_k * 10 < 14 * num_sms and k % (2 * split_k * block_k) == 0:
         split_k *= 2
@@ -94,7 +98,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *
         m, n, x.stride(0), y.stride(0), K=k,
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,
         HAS_BIAS=bias is not None, SILU_MUL=silu_mul, LIBDEVICE=not INTERPRETED,
-        USE_PDL=pdl, PREFETCH=pdl and cfg.prefetch,
+        USE_PDL=pdl,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=pdl,
     )
     return y
@@ -115,7 +119,7 @@ def _linear_kernel(
     M, N, stride_xm, stride_ym, K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr,
-    LIBDEVICE: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH: tl.constexpr,
+    LIBDEVICE: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """One (column tile, K slice): acc[n, m] = sum_k w[n, k] * x[m, k] over the slice."""
     tile, split = tl.program_id(0), tl.program_id(1)
@@ -126,10 +130,6 @@ def _linear_kernel(
     k_per_split: tl.constexpr = K // SPLIT_K  # K is static: the loop's trip count is known
     w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * K + (split * k_per_split + offs_k)[None, :]
     x_ptrs = x_ptr + offs_m[None, :] * stride_xm + (split * k_per_split + offs_k)[:, None]
-    if PREFETCH:  # the weights do not depend on the previous kernel: stream them now
-        rows = w_ptr + offs_n.to(tl.int64) * K + split * k_per_split
-        _prefetch_l2(tl.where(n_ok, rows, w_ptr),
-                     tl.full([BLOCK_N], k_per_split * 2, tl.int32))  # half-precision bytes
     wait_for_previous(USE_PDL)
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for _ in range(0, k_per_split, BLOCK_K):
@@ -161,15 +161,6 @@ def _linear_kernel(
             tl.atomic_xchg(lock_ptr + tile, 0, sem="relaxed", scope="gpu")  # next launch
     else:
         _store_output(y_ptr, bias_ptr, acc, y_offs, offs_n, out_ok, n_ok, HAS_BIAS)
-
-
-@triton.jit
-def _prefetch_l2(ptrs, nbytes):
-    """Ask the copy engine to bring ``nbytes`` (multiples of 16) from each of ``ptrs``
-    into L2 (sm_90's bulk prefetch; no registers or shared memory are used)."""
-    tl.inline_asm_elementwise(
-        "cp.async.bulk.prefetch.L2.global [$1], $2; // $0", "=r,l,r", [ptrs, nbytes],
-        dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit

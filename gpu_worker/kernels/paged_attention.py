@@ -16,10 +16,11 @@ import triton
 import triton.language as tl
 
 from gpu_worker.attention import AttentionMetadata, KVCache
-from gpu_worker.kernels import INTERPRETED
+from gpu_worker.kernels import INTERPRETED, fused, use_pdl, wait_for_previous
 
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 64  # decode splits per (row, kv head)
+MAX_ROW_HEADS = 1 << 16  # decode rows x kv heads: one split counter each
 WAVES = 4  # decode launches at least this many programs per SM, where rows allow
 PREFILL_BLOCK_M = 64  # query tokens x grouped heads per prefill program
 
@@ -29,7 +30,8 @@ class TritonPagedAttention:
 
     Decode batches (``max_query_len == 1``) use flash-decoding: each (row, kv head) is cut
     into ``num_splits`` programs along its context, the loop bounds are read from
-    ``context_lens`` on the device and a second kernel merges the splits. The launch
+    ``context_lens`` on the device, and the last split of each (row, kv head) to finish
+    merges them all, in split order, in the same launch. The launch
     depends on static shapes only (never on ``max_context_len``), so one captured CUDA
     graph serves every context length up to ``block_tables.shape[1] * block_size``.
     Other batches use a varlen kernel over (query tiles of each row, kv heads), causal by
@@ -42,7 +44,7 @@ class TritonPagedAttention:
     any_context = True  # decode reads each row's length on the device
 
     def __init__(self, cache: KVCache, scale: float, *, num_splits: int | None = None,
-                 block_n: int | None = None) -> None:
+                 block_n: int | None = None, pdl: bool | None = None) -> None:
         head_dim = cache.data.shape[-1]
         if not (_is_pow2(cache.block_size) and _is_pow2(head_dim) and head_dim >= 16):
             raise ValueError("block_size and head_dim must be powers of two, head_dim >= 16")
@@ -52,56 +54,24 @@ class TritonPagedAttention:
         self.scale = scale
         self.num_splits = num_splits
         self.block_n = block_n or max(64 if head_dim >= 128 else 128, cache.block_size)
+        self.pdl = use_pdl(cache.data.device) if pdl is None else pdl
+        # decode: how many splits of each (row, kv head) have finished (zero between launches)
+        self.split_counters = torch.zeros(MAX_ROW_HEADS, dtype=torch.int32,
+                                          device=cache.data.device)
 
-    def forward(self, layer, q, k, v, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, layer, q, k, v, meta: AttentionMetadata, rope) -> torch.Tensor:
         key_cache, value_cache = self.cache.keys(layer), self.cache.values(layer)
-        write_kv_cache(key_cache, value_cache, k, v, meta.slot_mapping)
+        fused.rope_write_kv(q, k, v, meta.positions, rope.cos, rope.signed_sin, key_cache,
+                            value_cache, meta.slot_mapping, pdl=self.pdl)
         if meta.max_query_len == 1:
             rows, kv_heads = meta.block_tables.shape[0], key_cache.shape[2]
             max_context = meta.block_tables.shape[1] * self.cache.block_size
             num_splits = self.num_splits or decode_num_splits(
                 rows, kv_heads, max_context, _num_sms(q.device), self.block_n)
             return paged_decode(q, key_cache, value_cache, meta, self.scale, num_splits,
-                                self.block_n)
-        return paged_prefill(q, key_cache, value_cache, meta, self.scale, self.block_n)
-
-
-def write_kv_cache(
-    key_cache: torch.Tensor,  # [num_blocks, block_size, kv_heads, head_dim]
-    value_cache: torch.Tensor,  # [num_blocks, block_size, kv_heads, head_dim]
-    k: torch.Tensor,  # [num_tokens, kv_heads, head_dim]
-    v: torch.Tensor,  # [num_tokens, kv_heads, head_dim]
-    slot_mapping: torch.Tensor,  # [num_tokens] int64
-) -> None:
-    """Store each token's key and value at its slot: one kernel for both (graph-safe)."""
-    num_tokens, kv_heads, head_dim = k.shape
-    if not num_tokens:
-        return
-    if k.stride(2) != 1 or v.stride(2) != 1 or k.stride(1) != v.stride(1):
-        raise ValueError("k and v need a contiguous head_dim and the same head stride")
-    if not (key_cache.is_contiguous() and value_cache.is_contiguous()):
-        raise ValueError("the key and value caches of a layer must be contiguous")
-    _write_kv_kernel[(num_tokens,)](
-        k, v, key_cache, value_cache, slot_mapping, k.stride(0), v.stride(0), k.stride(1),
-        HEADS=triton.next_power_of_2(kv_heads), NUM_HEADS=kv_heads, DIM=head_dim, num_warps=4,
-    )
-
-
-@triton.jit
-def _write_kv_kernel(k_ptr, v_ptr, key_cache, value_cache, slot_mapping, k_stride, v_stride,
-                     head_stride, HEADS: tl.constexpr, NUM_HEADS: tl.constexpr,
-                     DIM: tl.constexpr):
-    token = tl.program_id(0)
-    slot = tl.load(slot_mapping + token).to(tl.int64)
-    heads = tl.arange(0, HEADS)[:, None]
-    dims = tl.arange(0, DIM)[None, :]
-    mask = heads < NUM_HEADS
-    src = heads * head_stride + dims
-    dst = slot * (NUM_HEADS * DIM) + heads * DIM + dims
-    key = tl.load(k_ptr + token * k_stride + src, mask=mask)
-    tl.store(key_cache + dst, key.to(key_cache.dtype.element_ty), mask=mask)
-    value = tl.load(v_ptr + token * v_stride + src, mask=mask)
-    tl.store(value_cache + dst, value.to(value_cache.dtype.element_ty), mask=mask)
+                                self.block_n, self.split_counters, self.pdl)
+        return paged_prefill(q, key_cache, value_cache, meta, self.scale, self.block_n,
+                             self.pdl)
 
 
 def decode_num_splits(num_rows: int, num_kv_heads: int, max_context: int, num_sms: int,
@@ -120,9 +90,14 @@ def paged_decode(
     scale: float,
     num_splits: int,
     block_n: int,
+    split_counters: torch.Tensor,  # [>= rows * kv_heads] int32, zero
+    pdl: bool = False,
 ) -> torch.Tensor:  # [rows, heads, head_dim]
     rows, heads, dim = q.shape
     kv_heads = key_cache.shape[2]
+    if rows * kv_heads > split_counters.numel():
+        raise ValueError(f"{rows} rows x {kv_heads} kv heads: more than the "
+                         f"{split_counters.numel()} split counters")
     q, out = _last_dim_contiguous(q), q.new_empty(q.shape)
     partial_acc = partial_ml = out  # unused with one split
     if num_splits > 1:
@@ -132,20 +107,15 @@ def paged_decode(
                                  device=q.device)  # running max (log2 units), sum of exp2
     group = heads // kv_heads
     _decode_kernel[(rows, kv_heads, num_splits)](
-        q, key_cache, value_cache, out, partial_acc, partial_ml,
+        q, key_cache, value_cache, out, partial_acc, partial_ml, split_counters,
         meta.block_tables, meta.context_lens, meta.positions,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         *_kv_strides(key_cache, value_cache), meta.block_tables.stride(0), scale * LOG2E,
         GROUP=group, BLOCK_M=max(16, triton.next_power_of_2(group)), HEAD_DIM=dim,
         BLOCK_N=block_n, BLOCK_SIZE=key_cache.shape[1], NUM_SPLITS=num_splits,
-        IS_FP32=q.dtype == torch.float32, WHILE_LOOP=INTERPRETED, num_warps=4, num_stages=2,
+        IS_FP32=q.dtype == torch.float32, WHILE_LOOP=INTERPRETED, USE_PDL=pdl,
+        launch_pdl=pdl, num_warps=4, num_stages=2,
     )
-    if num_splits > 1:
-        _merge_splits_kernel[(rows, heads)](
-            partial_acc, partial_ml, out, out.stride(0), out.stride(1),
-            NUM_SPLITS=num_splits, SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=dim,
-            num_warps=4,
-        )
     return out
 
 
@@ -156,6 +126,7 @@ def paged_prefill(
     meta: AttentionMetadata,
     scale: float,
     block_n: int,
+    pdl: bool = False,
 ) -> torch.Tensor:  # [num_tokens, heads, head_dim]
     _, heads, dim = q.shape
     kv_heads = key_cache.shape[2]
@@ -171,7 +142,7 @@ def paged_prefill(
         *_kv_strides(key_cache, value_cache), meta.block_tables.stride(0), scale * LOG2E,
         GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, HEAD_DIM=dim, BLOCK_N=block_n,
         BLOCK_SIZE=key_cache.shape[1], IS_FP32=q.dtype == torch.float32,
-        WHILE_LOOP=INTERPRETED, num_warps=4, num_stages=2,
+        WHILE_LOOP=INTERPRETED, USE_PDL=pdl, launch_pdl=pdl, num_warps=4, num_stages=2,
     )
     return out
 
@@ -234,15 +205,17 @@ def _attend_tile(q, m_i, l_i, acc, tile, q_pos, kv_len,
 
 @triton.jit
 def _decode_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, partial_acc_ptr, partial_ml_ptr,
+    q_ptr, k_ptr, v_ptr, out_ptr, partial_acc_ptr, partial_ml_ptr, counters_ptr,
     block_tables_ptr, context_lens_ptr, positions_ptr,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_kt, stride_kh, stride_bt,
     scale_log2,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, IS_FP32: tl.constexpr,
-    WHILE_LOOP: tl.constexpr,
+    WHILE_LOOP: tl.constexpr, USE_PDL: tl.constexpr,
 ):
-    """One (row, kv head, split): an equal share of the row's key tiles, all GROUP heads."""
+    """One (row, kv head, split): an equal share of the row's key tiles, all GROUP heads.
+    The split that finishes last merges all of them."""
+    wait_for_previous(USE_PDL)
     row, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     kv_len = tl.minimum(tl.load(context_lens_ptr + row), tl.load(positions_ptr + row) + 1)
     num_tiles = tl.cdiv(kv_len, BLOCK_N)
@@ -265,38 +238,45 @@ def _decode_kernel(
         v_ptr + kv_head * stride_kh, stride_kb, stride_kt, scale_log2,
         HEAD_DIM, BLOCK_N, BLOCK_SIZE, IS_FP32, WHILE_LOOP)
 
+    out = out_ptr + row * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
     if NUM_SPLITS == 1:
-        out = out_ptr + row * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
+        l_i = tl.where(is_head, l_i, 1.0)  # padding lanes: no 0 / 0
         tl.store(out, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=is_head[:, None])
     else:
-        idx = (row * tl.num_programs(1) * GROUP + heads) * NUM_SPLITS + split  # [M]
-        tl.store(partial_acc_ptr + idx[:, None] * HEAD_DIM + offs_d[None, :], acc,
-                 mask=is_head[:, None])
+        first = (row * tl.num_programs(1) * GROUP + heads) * NUM_SPLITS  # [M], split 0
+        acc_ptrs = partial_acc_ptr + first[:, None] * HEAD_DIM + offs_d[None, :]
         ml_stride = tl.num_programs(0) * tl.num_programs(1) * GROUP * NUM_SPLITS
-        tl.store(partial_ml_ptr + idx, m_i, mask=is_head)
-        tl.store(partial_ml_ptr + ml_stride + idx, l_i, mask=is_head)
+        tl.store(acc_ptrs + split * HEAD_DIM, acc, mask=is_head[:, None])
+        tl.store(partial_ml_ptr + first + split, m_i, mask=is_head)
+        tl.store(partial_ml_ptr + ml_stride + first + split, l_i, mask=is_head)
+        tl.debug_barrier()  # every thread's partials are written before the count goes up
+        counter = counters_ptr + row * tl.num_programs(1) + kv_head
+        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == NUM_SPLITS - 1:
+            _merge_splits(out, acc_ptrs, partial_ml_ptr + first, ml_stride, is_head,
+                          NUM_SPLITS, HEAD_DIM, BLOCK_M)
+            tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # ready for the next launch
 
 
 @triton.jit
-def _merge_splits_kernel(
-    partial_acc_ptr, partial_ml_ptr, out_ptr, stride_ot, stride_oh,
-    NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-):
-    """One (row, head): rescale each split's partial sums to the common max and add them."""
-    row, head = tl.program_id(0), tl.program_id(1)
-    offs_s, offs_d = tl.arange(0, SPLITS_PAD), tl.arange(0, HEAD_DIM)
-    is_split = offs_s < NUM_SPLITS
-    idx = (row * tl.num_programs(1) + head) * NUM_SPLITS + offs_s  # [S]
-    ml_stride = tl.num_programs(0) * tl.num_programs(1) * NUM_SPLITS
-    m = tl.load(partial_ml_ptr + idx, mask=is_split, other=float("-inf"))
-    l_sum = tl.load(partial_ml_ptr + ml_stride + idx, mask=is_split, other=0.0)
-    acc = tl.load(partial_acc_ptr + idx[:, None] * HEAD_DIM + offs_d[None, :],
-                  mask=is_split[:, None], other=0.0)  # [S, D]
-    m_max = tl.max(m, 0)
-    weight = tl.where(m > float("-inf"), tl.exp2(m - m_max), 0.0)  # empty splits: 0
-    total = tl.sum(acc * weight[:, None], 0) / tl.sum(l_sum * weight, 0)  # [D]
-    tl.store(out_ptr + row * stride_ot + head * stride_oh + offs_d,
-             total.to(out_ptr.dtype.element_ty))
+def _merge_splits(out, acc_ptrs, ml_ptrs, ml_stride, is_head,
+                  NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Rescale each split's partial sums to the common max and add them, in split order
+    (so the result does not depend on which split merges). Empty splits weigh 0."""
+    m_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    for s in range(NUM_SPLITS):
+        m_max = tl.maximum(m_max, tl.load(ml_ptrs + s, mask=is_head, other=float("-inf"),
+                                          cache_modifier=".cg"))
+    total = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    l_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for s in range(NUM_SPLITS):
+        m = tl.load(ml_ptrs + s, mask=is_head, other=float("-inf"), cache_modifier=".cg")
+        weight = tl.where(m > float("-inf"), tl.exp2(m - m_max), 0.0)
+        l_sum += weight * tl.load(ml_ptrs + ml_stride + s, mask=is_head, other=0.0,
+                                  cache_modifier=".cg")
+        total += weight[:, None] * tl.load(acc_ptrs + s * HEAD_DIM, mask=is_head[:, None],
+                                           other=0.0, cache_modifier=".cg")
+    l_sum = tl.where(is_head, l_sum, 1.0)  # padding lanes: no 0 / 0
+    tl.store(out, (total / l_sum[:, None]).to(out.dtype.element_ty), mask=is_head[:, None])
 
 
 @triton.jit
@@ -307,9 +287,10 @@ def _prefill_kernel(
     scale_log2,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    IS_FP32: tl.constexpr, WHILE_LOOP: tl.constexpr,
+    IS_FP32: tl.constexpr, WHILE_LOOP: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """One (query tile, row, kv head): BLOCK_Q tokens x GROUP heads, causal by position."""
+    wait_for_previous(USE_PDL)
     q_tile, row, kv_head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     first = tl.load(query_start_ptr + row)
     num_queries = tl.load(query_start_ptr + row + 1) - first

@@ -11,6 +11,7 @@ import torch
 
 from gpu_worker.kernels import fused
 from gpu_worker.ops import TorchOps as ref
+from tests.gpu_worker.kernel_helpers import rope_tables
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 DTYPES = [torch.float32, torch.float16]
@@ -23,16 +24,6 @@ def close(actual, expected):
         torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-6)
     else:
         torch.testing.assert_close(actual, expected)  # about one ulp of float16/bfloat16
-
-
-def rope_tables(max_positions, head_dim, dtype, device="cpu"):
-    """cos and signed sin as RotaryTable builds them (Llama's default inverse frequencies)."""
-    inv_freq = 1.0 / 500000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
-    emb = torch.cat((freqs, freqs), dim=-1)
-    sin, half = emb.sin(), head_dim // 2
-    signed_sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
-    return emb.cos().to(device, dtype), signed_sin.to(device, dtype)
 
 
 def qkv_views(qkv, num_heads, num_kv_heads, head_dim):
@@ -83,22 +74,49 @@ def test_add_rms_norm_adds_the_residual_in_place(dtype, hidden):
     close(y, ref.rms_norm(expected_residual, weight, EPS))
 
 
+def caches(num_slots, num_kv_heads, head_dim, dtype, device="cpu", block_size=4):
+    shape = (num_slots // block_size, block_size, num_kv_heads, head_dim)
+    return (torch.full(shape, float("nan"), dtype=dtype, device=device),
+            torch.full(shape, float("nan"), dtype=dtype, device=device))
+
+
+def rope_write_reference(qkv, positions, cos, signed_sin, slots, num_heads, num_kv_heads,
+                         head_dim, key_cache, value_cache):
+    """TorchOps.rope_ on a copy, then an index copy of k and v into copies of the caches."""
+    expected = qkv.clone()
+    q, k, v = qkv_views(expected, num_heads, num_kv_heads, head_dim)
+    ref.rope_(q, k, positions, cos, signed_sin)
+    keys, values = key_cache.clone(), value_cache.clone()
+    keys.view(-1, num_kv_heads, head_dim)[slots] = k
+    values.view(-1, num_kv_heads, head_dim)[slots] = v.view(-1, num_kv_heads, head_dim)
+    return expected, keys, values
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("num_heads", "num_kv_heads", "head_dim"), [(4, 2, 64), (3, 1, 96)])
-def test_rope_rotates_fused_qkv_views_in_place(dtype, num_heads, num_kv_heads, head_dim):
+def test_rope_write_kv_rotates_q_in_place_and_k_into_the_cache(
+        dtype, num_heads, num_kv_heads, head_dim):
     qkv, (q, k, v) = fused_qkv(7, num_heads, num_kv_heads, head_dim, dtype)
     assert q.stride(0) != num_heads * head_dim  # a real strided view
     cos, signed_sin = rope_tables(64, head_dim, dtype)
     positions = torch.tensor([0, 5, 63, 3, 3, 42, 1])
-    expected = qkv.clone()
-    q_ref, k_ref, _ = qkv_views(expected, num_heads, num_kv_heads, head_dim)
-    ref.rope_(q_ref, k_ref, positions, cos, signed_sin)
-    v_before = v.clone()
+    slots = torch.tensor([9, 0, 15, 4, 5, 2, 11])
+    key_cache, value_cache = caches(16, num_kv_heads, head_dim, dtype)
+    expected_qkv, expected_keys, expected_values = rope_write_reference(
+        qkv, positions, cos, signed_sin, slots, num_heads, num_kv_heads, head_dim,
+        key_cache, value_cache)
+    k_before, v_before = k.clone(), v.clone()
+    v3 = v.view(-1, num_kv_heads, head_dim)
 
-    out_q, out_k = fused.rope_(q, k, positions, cos, signed_sin)
-    assert out_q is q and out_k is k
-    assert torch.equal(qkv, expected)  # every op rounds as torch's does: exact
-    assert torch.equal(v, v_before)
+    out_q = fused.rope_write_kv(q, k, v3, positions, cos, signed_sin, key_cache, value_cache,
+                                slots)
+    assert out_q is q
+    q_expected = qkv_views(expected_qkv, num_heads, num_kv_heads, head_dim)[0]
+    assert torch.equal(q, q_expected)  # every op rounds as torch's does: exact
+    assert torch.equal(k, k_before) and torch.equal(v, v_before)  # k and v: read only
+    # exact, and the slots no token maps to are left alone (still NaN)
+    torch.testing.assert_close(key_cache, expected_keys, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(value_cache, expected_values, rtol=0, atol=0, equal_nan=True)
     assert not torch.equal(q[0], q[1])  # positions 0 and 5 differ
 
 
@@ -118,7 +136,10 @@ def test_empty_batches_launch_nothing():
     assert fused.silu_and_mul(torch.empty(0, 192)).shape == (0, 96)
     cos, sin = rope_tables(8, 64, torch.float32)
     q, k = torch.empty(0, 2, 64), torch.empty(0, 1, 64)
-    fused.rope_(q, k, torch.empty(0, dtype=torch.long), cos, sin)
+    key_cache, value_cache = caches(8, 1, 64, torch.float32)
+    fused.rope_write_kv(q, k, k, torch.empty(0, dtype=torch.long), cos, sin, key_cache,
+                        value_cache, torch.empty(0, dtype=torch.long))
+    assert key_cache.isnan().all()
 
 
 @pytest.mark.gpu
@@ -131,15 +152,18 @@ def test_bf16_at_llama3_8b_widths_in_a_cuda_graph():
     residual = torch.randn(num_tokens, hidden, dtype=dtype, device=dev)
     residual_start = residual.clone()
     gate_up = torch.randn(num_tokens, 2 * intermediate, dtype=dtype, device=dev)
-    qkv, (q, k, _) = fused_qkv(num_tokens, num_heads, num_kv_heads, head_dim, dtype, dev)
+    qkv, (q, k, v) = fused_qkv(num_tokens, num_heads, num_kv_heads, head_dim, dtype, dev)
     qkv_start = qkv.clone()
     cos, sin = rope_tables(8192, head_dim, dtype, dev)
     positions = torch.randint(0, 8192, (num_tokens,), device=dev)
+    slots = torch.randperm(64, device=dev)[:num_tokens]
+    key_cache, value_cache = caches(64, num_kv_heads, head_dim, dtype, dev, block_size=16)
+    v3 = v.view(-1, num_kv_heads, head_dim)
 
     def step():
         residual.copy_(residual_start)
         qkv.copy_(qkv_start)
-        fused.rope_(q, k, positions, cos, sin)
+        fused.rope_write_kv(q, k, v3, positions, cos, sin, key_cache, value_cache, slots)
         return (fused.rms_norm(x, weight, EPS), *fused.add_rms_norm(x, residual, weight, EPS),
                 fused.silu_and_mul(gate_up))
 
@@ -150,10 +174,15 @@ def test_bf16_at_llama3_8b_widths_in_a_cuda_graph():
         close(normed, ref.rms_norm(x, weight, EPS))
         close(added_normed, ref.rms_norm(expected_residual, weight, EPS))
         close(act, ref.silu_and_mul(gate_up))
-        expected = qkv_start.clone()
-        q_ref, k_ref, _ = qkv_views(expected, num_heads, num_kv_heads, head_dim)
-        ref.rope_(q_ref, k_ref, positions, cos, sin)
-        assert torch.equal(qkv, expected)
+        expected, keys, values = rope_write_reference(
+            qkv_start, positions, cos, sin, slots, num_heads, num_kv_heads, head_dim,
+            key_cache, value_cache)
+        q_size = num_heads * head_dim
+        assert torch.equal(qkv[:, :q_size], expected[:, :q_size])
+        assert torch.equal(key_cache.view(-1, num_kv_heads, head_dim)[slots],
+                           keys.view(-1, num_kv_heads, head_dim)[slots])
+        assert torch.equal(value_cache.view(-1, num_kv_heads, head_dim)[slots],
+                           values.view(-1, num_kv_heads, head_dim)[slots])
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())

@@ -13,6 +13,7 @@ import torch
 
 from gpu_worker.attention import AttentionMetadata, KVCache, TorchPagedAttention
 from gpu_worker.kernels.paged_attention import TritonPagedAttention, decode_num_splits
+from tests.gpu_worker.kernel_helpers import Rope
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 # The small cases run compiled where a GPU is present, else in the interpreter on CPU.
@@ -94,8 +95,14 @@ def check(shape: Shape, cached: list[int], new: list[int], layer: int = 1, pad_r
     ref_cache, tri_cache = make_caches(shape)
     q, k, v = make_qkv(shape, meta.positions.shape[0], strided)
     scale = shape.head_dim**-0.5
-    expected = TorchPagedAttention(ref_cache, scale).forward(layer, q, k, v, meta)
-    got = TritonPagedAttention(tri_cache, scale, **backend_options).forward(layer, q, k, v, meta)
+    rope = Rope.make(256, shape.head_dim, shape.dtype, shape.device)
+    q_ref, k_ref, v_ref = (t.clone() for t in (q, k, v))  # each backend rotates its own q
+    expected = TorchPagedAttention(ref_cache, scale).forward(layer, q_ref, k_ref, v_ref, meta,
+                                                             rope)
+    backend = TritonPagedAttention(tri_cache, scale, **backend_options)
+    got = backend.forward(layer, q, k, v, meta, rope)
+    assert torch.equal(q, q_ref)  # both rotate q in place, exactly alike
+    assert not backend.split_counters.any()  # every merge reset its counter
     tol = TOLERANCE[shape.dtype]
     torch.testing.assert_close(got, expected, atol=tol, rtol=tol)
     assert torch.equal(tri_cache.data, ref_cache.data)  # the new k, v at slot_mapping
@@ -193,10 +200,11 @@ def test_gpu_decode_graph_replays_for_every_context_length():
     reference = TorchPagedAttention(ref_cache, scale)
     meta = make_meta(shape, [100] * rows, [1] * rows)  # the static buffers
     q, k, v = make_qkv(shape, rows)
-    backend.forward(0, q, k, v, meta)  # compile outside the graph
+    rope = Rope.make(4096, shape.head_dim, shape.dtype, shape.device)
+    backend.forward(0, q, k, v, meta, rope)  # compile outside the graph
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = backend.forward(0, q, k, v, meta)
+        out = backend.forward(0, q, k, v, meta, rope)
     for cached in ([0] * rows, [5, 17, 4000, 15, 16, 900, 2047, 3], [4095] * rows):
         step = make_meta(shape, cached, [1] * rows)
         for name in ("positions", "slot_mapping", "context_lens", "block_tables"):
@@ -204,8 +212,9 @@ def test_gpu_decode_graph_replays_for_every_context_length():
         for static, fresh in zip((q, k, v), make_qkv(shape, rows), strict=True):
             static.copy_(fresh)
         ref_cache.data.copy_(tri_cache.data)
+        q_ref, k_ref, v_ref = (t.clone() for t in (q, k, v))
         graph.replay()
-        expected = reference.forward(0, q, k, v, step)
+        expected = reference.forward(0, q_ref, k_ref, v_ref, step, rope)
         tol = TOLERANCE[shape.dtype]
         torch.testing.assert_close(out, expected, atol=tol, rtol=tol)
         assert torch.equal(tri_cache.data, ref_cache.data)
