@@ -95,7 +95,8 @@ def check(shape: Shape, cached: list[int], new: list[int], layer: int = 1, pad_r
     ref_cache, tri_cache = make_caches(shape)
     q, k, v = make_qkv(shape, meta.positions.shape[0], strided)
     scale = shape.head_dim**-0.5
-    rope = Rope.make(256, shape.head_dim, shape.dtype, shape.device)
+    rope = Rope.make(shape.max_blocks * shape.block_size, shape.head_dim, shape.dtype,
+                     shape.device)
     q_ref, k_ref, v_ref = (t.clone() for t in (q, k, v))  # each backend rotates its own q
     expected = TorchPagedAttention(ref_cache, scale).forward(layer, q_ref, k_ref, v_ref, meta,
                                                              rope)
