@@ -1,11 +1,11 @@
 """``python -m bench.gemm``: a decode step's matrix products, Tandem's kernel against cuBLAS.
 
-For each product of a Llama layer (fused QKV, O, fused gate/up, down, and down with the
-SiLU-and-mul fused into it) at each batch size, a CUDA graph runs the product over enough
-distinct copies of the weight that they do not fit in L2, back to back as in a model, and
-CUDA events time its replays. Each row gives microseconds per product and the fraction of
-the measured copy bandwidth that reading the weight once achieves, for ``F.linear``
-(cuBLAS) and for :func:`gpu_worker.kernels.linear.linear` with its default config.
+For each product of a Llama layer (fused QKV, O, fused gate/up, down) at each batch size,
+a CUDA graph runs the product over enough distinct copies of the weight that they do not
+fit in L2, back to back as in a model, and CUDA events time its replays. Each row gives
+microseconds per product and the fraction of the measured copy bandwidth that reading the
+weight once achieves, for ``F.linear`` (cuBLAS) and for
+:func:`gpu_worker.kernels.linear.linear` with its default config.
 ``--search`` also times a grid of configs and reports the fastest per product, which is
 how the default configs are chosen. Prints JSON on the last line of stdout. CUDA only.
 """
@@ -22,14 +22,12 @@ import torch
 import torch.nn.functional as F
 
 from bench.device import measure_bandwidth
-from gpu_worker.kernels import fused
 from gpu_worker.kernels import linear as lin
 
 log = logging.getLogger("bench.gemm")
-# (name, N, K, silu_mul) of one Llama-3-8B layer
-LLAMA3_8B = (("qkv", 6144, 4096, False), ("o", 4096, 4096, False),
-             ("gate_up", 28672, 4096, False), ("down", 4096, 14336, False),
-             ("silu_down", 4096, 14336, True))
+# (name, N, K) of one Llama-3-8B layer
+LLAMA3_8B = (("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096),
+             ("down", 4096, 14336))
 COPIES_BYTES = 2 << 30  # weight copies per graph: well past the 50-60 MB of L2
 REPLAYS = 10
 
@@ -67,25 +65,24 @@ def candidates(n: int, k: int, num_sms: int) -> list[lin.LinearConfig]:
     return out
 
 
-def measure(name, n, k, silu_mul, rows, bandwidth, search) -> dict:
+def measure(name, n, k, rows, bandwidth, search) -> dict:
     dev, dtype = torch.device("cuda"), torch.bfloat16
     copies = max(4, COPIES_BYTES // (n * k * 2))
     weights = [torch.randn(n, k, device=dev, dtype=dtype) / 64 for _ in range(copies)]
-    x = torch.randn(rows, 2 * k if silu_mul else k, device=dev, dtype=dtype)
+    x = torch.randn(rows, k, device=dev, dtype=dtype)
     floor_us = n * k * 2 / bandwidth * 1e6
 
     def cublas(i):
-        return F.linear(fused.silu_and_mul(x) if silu_mul else x, weights[i])
+        return F.linear(x, weights[i])
 
-    def tandem(cfg, pdl=None):
-        return lambda i: lin.linear(x, weights[i], silu_mul=silu_mul, config=cfg, pdl=pdl)
+    def tandem(cfg):
+        return lambda i: lin.linear(x, weights[i], config=cfg)
 
     row = {"product": name, "n": n, "k": k, "rows": rows, "floor_us": floor_us,
            "cublas_us": graph_us(cublas, copies)}
     default = lin.default_config(rows, n, k, lin._num_sms(dev))
     row["tandem_us"] = graph_us(tandem(default), copies)
     row["tandem_config"] = vars(default)
-    row["no_pdl_us"] = graph_us(tandem(default, pdl=False), copies)
 
     if search:
         best = None
@@ -99,13 +96,12 @@ def measure(name, n, k, silu_mul, rows, bandwidth, search) -> dict:
                 best = (us, cfg)
         if best:
             row["best_us"], row["best_config"] = best[0], vars(best[1])
-    for key in ("cublas_us", "tandem_us", "no_pdl_us", "best_us"):
+    for key in ("cublas_us", "tandem_us", "best_us"):
         if key in row:
             row[key.replace("_us", "_of_floor")] = floor_us / row[key]
-    log.info("%-9s rows %3d: floor %6.1f us, cuBLAS %6.1f (%.0f%%), tandem %6.1f (%.0f%%; "
-             "no PDL %.1f)%s",
+    log.info("%-9s rows %3d: floor %6.1f us, cuBLAS %6.1f (%.0f%%), tandem %6.1f (%.0f%%)%s",
              name, rows, floor_us, row["cublas_us"], 100 * row["cublas_of_floor"],
-             row["tandem_us"], 100 * row["tandem_of_floor"], row["no_pdl_us"],
+             row["tandem_us"], 100 * row["tandem_of_floor"],
              f", best {row['best_us']:.1f} ({100 * row['best_of_floor']:.0f}%) "
              f"{row['best_config']}" if "best_us" in row else "")
     return row
@@ -129,9 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     wanted = set(a.products.split(","))
     rows = []
     for r in (int(r) for r in a.rows.split(",") if r):
-        for name, n, k, silu in LLAMA3_8B:
+        for name, n, k in LLAMA3_8B:
             if name in wanted:
-                rows.append(measure(name, n, k, silu, r, bandwidth, r in search))
+                rows.append(measure(name, n, k, r, bandwidth, r in search))
                 torch.cuda.empty_cache()  # the weight copies of the last product
     print(json.dumps({"bandwidth_bytes_per_s": bandwidth, "products": rows}), flush=True)
     return 0

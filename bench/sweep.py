@@ -54,7 +54,6 @@ class SweepConfig:
     dtype: torch.dtype
     kernels: str  # auto (Triton on CUDA), triton or torch: as the worker's --kernels
     profile: tuple[tuple[int, int], ...] = ()  # (batch, context) points to profile (CUDA)
-    pdl: bool | None = None  # Triton kernels' programmatic dependent launch (None: where able)
 
 
 def build_model(cfg: SweepConfig) -> tuple[LlamaModel, analysis.ModelShape]:
@@ -62,7 +61,7 @@ def build_model(cfg: SweepConfig) -> tuple[LlamaModel, analysis.ModelShape]:
     config = load_config(source.folder)
     weights = models.random_state_dict(config, cfg.dtype, cfg.device, seed=0)
     shape = analysis.ModelShape.from_hf_config(config.to_dict())
-    ops = make_ops(cfg.device, cfg.kernels, cfg.pdl)
+    ops = make_ops(cfg.device, cfg.kernels)
     return LlamaModel(config, weights, cfg.dtype, cfg.device, ops=ops), shape
 
 
@@ -236,7 +235,7 @@ def run(cfg: SweepConfig) -> dict:
     cache = KVCache(shape.num_layers, num_blocks, BLOCK_SIZE, shape.num_kv_heads,
                     shape.head_dim, cfg.dtype, cfg.device)
     cache.data.normal_()
-    attention = make_attention(cache, shape.head_dim**-0.5, cfg.device, cfg.kernels, cfg.pdl)
+    attention = make_attention(cache, shape.head_dim**-0.5, cfg.device, cfg.kernels)
     log.info("KV cache %d tokens (%.1f GiB); attention %s", num_blocks * BLOCK_SIZE,
              cache.data.numel() * cfg.dtype.itemsize / 2**30, type(attention).__name__)
     profiles = {}
@@ -271,8 +270,7 @@ def make_config(args: argparse.Namespace) -> SweepConfig:
         prefill_rows=pick(args.prefill_rows, 8, 2),
         prefill_tokens=pick(args.prefill_tokens, 1024, 64),
         device=device, dtype=torch.bfloat16 if is_cuda else torch.float32, kernels=args.kernels,
-        profile=tuple(tuple(ints(point.replace("x", ","))) for point in args.profile),
-        pdl=False if args.no_pdl else None)
+        profile=tuple(tuple(ints(point.replace("x", ","))) for point in args.profile))
 
 
 def ints(text: str) -> list[int]:
@@ -294,8 +292,6 @@ def main(argv: list[str] | None = None) -> int:
                    help="as the worker's --kernels (auto: Triton on CUDA)")
     p.add_argument("--profile", action="append", default=[], metavar="BATCHxCONTEXT",
                    help="log the kernels of one decode step at this point (repeatable; CUDA)")
-    p.add_argument("--no-pdl", action="store_true",
-                   help="launch Triton kernels without programmatic dependent launch")
     torch.backends.cuda.matmul.allow_tf32 = False
     with torch.inference_mode():
         result = run(make_config(p.parse_args(argv)))

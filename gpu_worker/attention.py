@@ -180,13 +180,12 @@ def _pad_queries(q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
 
 
 def make_attention(cache: KVCache, scale: float, device: torch.device,
-                   kind: str = "auto", pdl: bool | None = None) -> AttentionBackend:
-    """``auto``: Triton kernels on CUDA, the torch reference elsewhere; or ``triton``/``torch``.
-    ``pdl`` overrides whether Triton kernels use programmatic dependent launch."""
+                   kind: str = "auto") -> AttentionBackend:
+    """``auto``: Triton kernels on CUDA, the torch reference elsewhere; or ``triton``/``torch``."""
     from gpu_worker.ops import use_triton
 
     if use_triton(device, kind):
         from gpu_worker.kernels.paged_attention import TritonPagedAttention
 
-        return TritonPagedAttention(cache, scale, pdl=pdl)
+        return TritonPagedAttention(cache, scale)
     return TorchPagedAttention(cache, scale)

@@ -13,8 +13,6 @@ the reference rounds. The model calls ``ops.<step>`` and never knows which it ha
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
@@ -64,22 +62,20 @@ class TritonOps:
     name = "triton"
     LINEAR_ROWS, LINEAR_MAX_N = 32, 4096
 
-    def __init__(self, device: torch.device, pdl: bool | None = None) -> None:
-        from gpu_worker.kernels import fused, linear, use_pdl
+    def __init__(self, device: torch.device) -> None:
+        from gpu_worker.kernels import fused, linear
 
-        device = torch.device(device)
-        self.pdl = use_pdl(device) if pdl is None else pdl
-        self.rms_norm = functools.partial(fused.rms_norm, pdl=self.pdl)
-        self.add_rms_norm = functools.partial(fused.add_rms_norm, pdl=self.pdl)
-        self.silu_and_mul = functools.partial(fused.silu_and_mul, pdl=self.pdl)
+        self.rms_norm = fused.rms_norm
+        self.add_rms_norm = fused.add_rms_norm
+        self.silu_and_mul = fused.silu_and_mul
         self._linear = linear
-        linear.prepare(device)  # its counters, before any graph is captured
+        linear.prepare(torch.device(device))  # its counters, before any graph is captured
 
     def linear(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None):
         lin = self._linear
         if x.shape[0] <= self.LINEAR_ROWS and w.shape[0] <= self.LINEAR_MAX_N and \
                 lin.supports(x, w):
-            return lin.linear(x, w, bias, pdl=self.pdl)
+            return lin.linear(x, w, bias)
         return F.linear(x, w, bias)
 
 
@@ -90,7 +86,5 @@ def use_triton(device: torch.device, kind: str) -> bool:
     return kind == "triton" or (kind == "auto" and device.type == "cuda")
 
 
-def make_ops(device: torch.device, kind: str = "auto",
-             pdl: bool | None = None) -> TorchOps | TritonOps:
-    """``pdl`` overrides whether Triton kernels use programmatic dependent launch."""
-    return TritonOps(device, pdl) if use_triton(device, kind) else TorchOps()
+def make_ops(device: torch.device, kind: str = "auto") -> TorchOps | TritonOps:
+    return TritonOps(device) if use_triton(device, kind) else TorchOps()

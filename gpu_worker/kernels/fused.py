@@ -7,7 +7,7 @@ to the last ulp of exp in SiLU). The norms and RoPE compile without FMA contract
 torch rounds each product (x^2, x * cos) before the add. The launchers allocate only
 outputs, never sync with the host, and use fixed configs (no autotune): safe to capture in a
 CUDA graph. Every tensor's last dim must be contiguous; rows may be strided (views into a
-fused projection's output work). On sm_90+ they launch with PDL (``gpu_worker.kernels``).
+fused projection's output work).
 
 Their torch twins, the reference the CPU runs, are ``gpu_worker.ops.TorchOps``.
 """
@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from gpu_worker.kernels import INTERPRETED, use_pdl, wait_for_previous
+from gpu_worker.kernels import INTERPRETED
 
 # ---------------------------------------------------------------- kernels
 
@@ -50,9 +50,8 @@ def _normalize(x32, w, n_cols, eps, LIBDEVICE: tl.constexpr):
 @triton.jit
 def _rms_norm_kernel(
     x_ptr, w_ptr, y_ptr, x_stride, y_stride, n_cols, eps,
-    BLOCK: tl.constexpr, LIBDEVICE: tl.constexpr, USE_PDL: tl.constexpr,
+    BLOCK: tl.constexpr, LIBDEVICE: tl.constexpr,
 ):
-    wait_for_previous(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -64,9 +63,8 @@ def _rms_norm_kernel(
 @triton.jit
 def _add_rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, y_ptr, x_stride, res_stride, y_stride, n_cols, eps,
-    BLOCK: tl.constexpr, LIBDEVICE: tl.constexpr, USE_PDL: tl.constexpr,
+    BLOCK: tl.constexpr, LIBDEVICE: tl.constexpr,
 ):
-    wait_for_previous(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -109,11 +107,9 @@ def _rope_write_kv_kernel(
     q_token_stride, q_head_stride, k_token_stride, v_token_stride, kv_head_stride,
     table_stride, num_heads, num_kv_heads,
     HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
-    USE_PDL: tl.constexpr,
 ):
     """One token: rotate its query heads in place, its key heads into the cache at its
     slot, and copy its value heads there."""
-    wait_for_previous(USE_PDL)
     token = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + token).to(tl.int64)
     dims = tl.arange(0, BLOCK_D)
@@ -146,9 +142,8 @@ def _rope_write_kv_kernel(
 @triton.jit
 def _silu_and_mul_kernel(
     gate_up_ptr, out_ptr, in_stride, out_stride, n_cols,
-    BLOCK: tl.constexpr, LIBDEVICE: tl.constexpr, USE_PDL: tl.constexpr,
+    BLOCK: tl.constexpr, LIBDEVICE: tl.constexpr,
 ):
-    wait_for_previous(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -167,12 +162,6 @@ def _silu_and_mul_kernel(
 _LIBDEVICE = not INTERPRETED
 
 
-def _pdl(device: torch.device, pdl: bool | None) -> dict:
-    """The launch's PDL switches: as given, else on where the device has it."""
-    on = use_pdl(device) if pdl is None else pdl
-    return {"USE_PDL": on, "launch_pdl": on}
-
-
 def _norm_config(n_cols: int) -> tuple[int, int]:
     block = triton.next_power_of_2(n_cols)
     return block, 4 if block < 2048 else 8 if block < 8192 else 16
@@ -184,8 +173,7 @@ def _check_rows(name: str, t: torch.Tensor, n_cols: int) -> None:
                          f"got shape {tuple(t.shape)} strides {t.stride()}")
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *,
-             pdl: bool | None = None) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``TorchOps.rms_norm`` in one kernel: x [num_tokens, hidden], weight [hidden] (x's dtype)."""
     hidden = weight.shape[0]
     _check_rows("x", x, hidden)
@@ -196,15 +184,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *,
         block, num_warps = _norm_config(hidden)
         _rms_norm_kernel[(x.shape[0],)](
             x, weight.contiguous(), y, x.stride(0), y.stride(0), hidden, eps,
-            BLOCK=block, LIBDEVICE=_LIBDEVICE, **_pdl(x.device, pdl), num_warps=num_warps,
-            enable_fp_fusion=False,
+            BLOCK=block, LIBDEVICE=_LIBDEVICE, num_warps=num_warps, enable_fp_fusion=False,
         )
     return y
 
 
 def add_rms_norm(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, *,
-    pdl: bool | None = None,
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``residual += x`` (rounded to dtype, in place), then ``rms_norm(residual)``.
 
@@ -224,8 +210,7 @@ def add_rms_norm(
         _add_rms_norm_kernel[(x.shape[0],)](
             x, residual, weight.contiguous(), y,
             x.stride(0), residual.stride(0), y.stride(0), hidden, eps,
-            BLOCK=block, LIBDEVICE=_LIBDEVICE, **_pdl(x.device, pdl), num_warps=num_warps,
-            enable_fp_fusion=False,
+            BLOCK=block, LIBDEVICE=_LIBDEVICE, num_warps=num_warps, enable_fp_fusion=False,
         )
     return y, residual
 
@@ -240,7 +225,6 @@ def rope_write_kv(
     key_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
     value_cache: torch.Tensor,
     slot_mapping: torch.Tensor,  # [num_tokens] int64
-    *, pdl: bool | None = None,
 ) -> torch.Tensor:
     """RoPE and the cache write in one kernel: rotates q in place, stores the rotated k and
     v at each token's slot (k itself is left as it was). Returns q.
@@ -276,8 +260,7 @@ def rope_write_kv(
             cos_table.stride(0), num_heads, num_kv_heads,
             HALF=head_dim // 2, BLOCK_D=triton.next_power_of_2(head_dim // 2),
             BLOCK_HQ=triton.next_power_of_2(num_heads),
-            BLOCK_HK=triton.next_power_of_2(num_kv_heads), **_pdl(q.device, pdl),
-            num_warps=4, enable_fp_fusion=False,
+            BLOCK_HK=triton.next_power_of_2(num_kv_heads), num_warps=4, enable_fp_fusion=False,
         )
     return q
 
@@ -285,7 +268,7 @@ def rope_write_kv(
 _SILU_BLOCK = 1024
 
 
-def silu_and_mul(gate_up: torch.Tensor, *, pdl: bool | None = None) -> torch.Tensor:
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` of gate_up [num_tokens, 2 * intermediate] (gate first)."""
     intermediate = gate_up.shape[-1] // 2
     _check_rows("gate_up", gate_up, 2 * intermediate)
@@ -294,6 +277,6 @@ def silu_and_mul(gate_up: torch.Tensor, *, pdl: bool | None = None) -> torch.Ten
         grid = (gate_up.shape[0], triton.cdiv(intermediate, _SILU_BLOCK))
         _silu_and_mul_kernel[grid](
             gate_up, out, gate_up.stride(0), out.stride(0), intermediate,
-            BLOCK=_SILU_BLOCK, LIBDEVICE=_LIBDEVICE, **_pdl(gate_up.device, pdl), num_warps=4,
+            BLOCK=_SILU_BLOCK, LIBDEVICE=_LIBDEVICE, num_warps=4,
         )
     return out

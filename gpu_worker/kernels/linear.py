@@ -12,10 +12,6 @@ and the program that arrives last adds the slices up in slice order and writes t
 The order is fixed, so the result does not depend on which program finishes last: two
 runs of the same batch agree bit for bit (the async pipeline must equal the sync one).
 
-``silu_mul=True`` takes ``x`` as a fused gate/up output ``[M, 2K]`` and multiplies
-``silu(gate) * up`` (rounded as :meth:`gpu_worker.ops.TorchOps.silu_and_mul` rounds) by
-``w``: the MLP's activation then costs no launch and no round trip through memory.
-
 The launcher never syncs with the host and allocates only its output and partial sums:
 it is safe inside CUDA graphs. Its config is a fixed function of the shapes (no
 autotuning), so every process picks the same one.
@@ -29,9 +25,8 @@ import functools
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
 
-from gpu_worker.kernels import INTERPRETED, use_pdl, wait_for_previous
+from gpu_worker.kernels import INTERPRETED
 
 MAX_ROWS = 64  # larger batches leave the weights' stream to cuBLAS
 _LOCKS = 1 << 16  # counters per device: one per column tile of the widest product
@@ -70,16 +65,12 @@ def default_config(num_rows: int, n: int, k: int, num_sms: int) -> LinearConfig:
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *,
-           silu_mul: bool = False, config: LinearConfig | None = None,
-           pdl: bool | None = None) -> torch.Tensor:
-    """``x @ w.T (+ bias)``; with ``silu_mul``, ``silu_and_mul(x) @ w.T``.
-
-    x [M, K] (or [M, 2K] with silu_mul), rows may be strided, K contiguous; w [N, K]
-    contiguous; M <= MAX_ROWS. Returns [M, N] in x's dtype. ``pdl`` overrides
-    :func:`gpu_worker.kernels.use_pdl` (benchmarks compare the two)."""
+           config: LinearConfig | None = None) -> torch.Tensor:
+    """``x @ w.T (+ bias)``: x [M, K], rows may be strided, K contiguous; w [N, K]
+    contiguous; M <= MAX_ROWS. Returns [M, N] in x's dtype."""
     m, width = x.shape
     n, k = w.shape
-    if width != (2 * k if silu_mul else k) or x.stride(1) != 1:
+    if width != k or x.stride(1) != 1:
         raise ValueError(f"x {tuple(x.shape)} does not fit w {tuple(w.shape)}")
     cfg = config or default_config(m, n, k, _num_sms(x.device))
     if k % (cfg.split_k * cfg.block_k):
@@ -89,7 +80,6 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *
     if cfg.split_k > 1:
         partial = torch.empty(cfg.split_k, m, n, dtype=torch.float32, device=x.device)
     block_m = max(16, triton.next_power_of_2(m))
-    pdl = use_pdl(x.device) if pdl is None else pdl
     grid = (triton.cdiv(n, cfg.block_n), cfg.split_k)
     if grid[0] > _LOCKS:
         raise ValueError(f"N={n} needs more than {_LOCKS} column tiles")
@@ -97,20 +87,9 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *
         x, w, y, bias if bias is not None else y, partial, _locks(x.device),
         m, n, x.stride(0), y.stride(0), K=k,
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,
-        HAS_BIAS=bias is not None, SILU_MUL=silu_mul, LIBDEVICE=not INTERPRETED,
-        USE_PDL=pdl,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=pdl,
+        HAS_BIAS=bias is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return y
-
-
-@triton.jit
-def _silu_times(gate, up, LIBDEVICE: tl.constexpr):
-    """``silu(gate) * up`` rounded as torch rounds (silu once, the product once)."""
-    g = gate.to(tl.float32)
-    e = libdevice.exp(-g) if LIBDEVICE else tl.exp(-g)
-    silu = tl.math.div_rn(g, 1.0 + e).to(gate.dtype)
-    return (silu.to(tl.float32) * up.to(tl.float32)).to(gate.dtype)
 
 
 @triton.jit
@@ -118,8 +97,7 @@ def _linear_kernel(
     x_ptr, w_ptr, y_ptr, bias_ptr, partial_ptr, lock_ptr,
     M, N, stride_xm, stride_ym, K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr,
-    LIBDEVICE: tl.constexpr, USE_PDL: tl.constexpr,
+    SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
     """One (column tile, K slice): acc[n, m] = sum_k w[n, k] * x[m, k] over the slice."""
     tile, split = tl.program_id(0), tl.program_id(1)
@@ -130,16 +108,10 @@ def _linear_kernel(
     k_per_split: tl.constexpr = K // SPLIT_K  # K is static: the loop's trip count is known
     w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * K + (split * k_per_split + offs_k)[None, :]
     x_ptrs = x_ptr + offs_m[None, :] * stride_xm + (split * k_per_split + offs_k)[:, None]
-    wait_for_previous(USE_PDL)
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for _ in range(0, k_per_split, BLOCK_K):
         w = tl.load(w_ptrs, mask=n_ok[:, None], other=0.0)  # [BLOCK_N, BLOCK_K]
-        if SILU_MUL:
-            gate = tl.load(x_ptrs, mask=m_ok[None, :], other=0.0)  # [BLOCK_K, BLOCK_M]
-            up = tl.load(x_ptrs + K, mask=m_ok[None, :], other=0.0)
-            xt = _silu_times(gate, up, LIBDEVICE)
-        else:
-            xt = tl.load(x_ptrs, mask=m_ok[None, :], other=0.0)
+        xt = tl.load(x_ptrs, mask=m_ok[None, :], other=0.0)  # [BLOCK_K, BLOCK_M]
         acc = tl.dot(w, xt, acc)
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from gpu_worker.attention import AttentionMetadata, KVCache
-from gpu_worker.kernels import INTERPRETED, fused, use_pdl, wait_for_previous
+from gpu_worker.kernels import INTERPRETED, fused
 
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 64  # decode splits per (row, kv head)
@@ -44,7 +44,7 @@ class TritonPagedAttention:
     any_context = True  # decode reads each row's length on the device
 
     def __init__(self, cache: KVCache, scale: float, *, num_splits: int | None = None,
-                 block_n: int | None = None, pdl: bool | None = None) -> None:
+                 block_n: int | None = None) -> None:
         head_dim = cache.data.shape[-1]
         if not (_is_pow2(cache.block_size) and _is_pow2(head_dim) and head_dim >= 16):
             raise ValueError("block_size and head_dim must be powers of two, head_dim >= 16")
@@ -54,7 +54,6 @@ class TritonPagedAttention:
         self.scale = scale
         self.num_splits = num_splits
         self.block_n = block_n or max(64 if head_dim >= 128 else 128, cache.block_size)
-        self.pdl = use_pdl(cache.data.device) if pdl is None else pdl
         # decode: how many splits of each (row, kv head) have finished (zero between launches)
         self.split_counters = torch.zeros(MAX_ROW_HEADS, dtype=torch.int32,
                                           device=cache.data.device)
@@ -62,16 +61,15 @@ class TritonPagedAttention:
     def forward(self, layer, q, k, v, meta: AttentionMetadata, rope) -> torch.Tensor:
         key_cache, value_cache = self.cache.keys(layer), self.cache.values(layer)
         fused.rope_write_kv(q, k, v, meta.positions, rope.cos, rope.signed_sin, key_cache,
-                            value_cache, meta.slot_mapping, pdl=self.pdl)
+                            value_cache, meta.slot_mapping)
         if meta.max_query_len == 1:
             rows, kv_heads = meta.block_tables.shape[0], key_cache.shape[2]
             max_context = meta.block_tables.shape[1] * self.cache.block_size
             num_splits = self.num_splits or decode_num_splits(
                 rows, kv_heads, max_context, _num_sms(q.device), self.block_n)
             return paged_decode(q, key_cache, value_cache, meta, self.scale, num_splits,
-                                self.block_n, self.split_counters, self.pdl)
-        return paged_prefill(q, key_cache, value_cache, meta, self.scale, self.block_n,
-                             self.pdl)
+                                self.block_n, self.split_counters)
+        return paged_prefill(q, key_cache, value_cache, meta, self.scale, self.block_n)
 
 
 def decode_num_splits(num_rows: int, num_kv_heads: int, max_context: int, num_sms: int,
@@ -91,7 +89,6 @@ def paged_decode(
     num_splits: int,
     block_n: int,
     split_counters: torch.Tensor,  # [>= rows * kv_heads] int32, zero
-    pdl: bool = False,
 ) -> torch.Tensor:  # [rows, heads, head_dim]
     rows, heads, dim = q.shape
     kv_heads = key_cache.shape[2]
@@ -113,8 +110,7 @@ def paged_decode(
         *_kv_strides(key_cache, value_cache), meta.block_tables.stride(0), scale * LOG2E,
         GROUP=group, BLOCK_M=max(16, triton.next_power_of_2(group)), HEAD_DIM=dim,
         BLOCK_N=block_n, BLOCK_SIZE=key_cache.shape[1], NUM_SPLITS=num_splits,
-        IS_FP32=q.dtype == torch.float32, WHILE_LOOP=INTERPRETED, USE_PDL=pdl,
-        launch_pdl=pdl, num_warps=4, num_stages=2,
+        IS_FP32=q.dtype == torch.float32, WHILE_LOOP=INTERPRETED, num_warps=4, num_stages=2,
     )
     return out
 
@@ -126,7 +122,6 @@ def paged_prefill(
     meta: AttentionMetadata,
     scale: float,
     block_n: int,
-    pdl: bool = False,
 ) -> torch.Tensor:  # [num_tokens, heads, head_dim]
     _, heads, dim = q.shape
     kv_heads = key_cache.shape[2]
@@ -142,7 +137,7 @@ def paged_prefill(
         *_kv_strides(key_cache, value_cache), meta.block_tables.stride(0), scale * LOG2E,
         GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, HEAD_DIM=dim, BLOCK_N=block_n,
         BLOCK_SIZE=key_cache.shape[1], IS_FP32=q.dtype == torch.float32,
-        WHILE_LOOP=INTERPRETED, USE_PDL=pdl, launch_pdl=pdl, num_warps=4, num_stages=2,
+        WHILE_LOOP=INTERPRETED, num_warps=4, num_stages=2,
     )
     return out
 
@@ -211,11 +206,10 @@ def _decode_kernel(
     scale_log2,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, IS_FP32: tl.constexpr,
-    WHILE_LOOP: tl.constexpr, USE_PDL: tl.constexpr,
+    WHILE_LOOP: tl.constexpr,
 ):
     """One (row, kv head, split): an equal share of the row's key tiles, all GROUP heads.
     The split that finishes last merges all of them."""
-    wait_for_previous(USE_PDL)
     row, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     kv_len = tl.minimum(tl.load(context_lens_ptr + row), tl.load(positions_ptr + row) + 1)
     num_tiles = tl.cdiv(kv_len, BLOCK_N)
@@ -287,10 +281,9 @@ def _prefill_kernel(
     scale_log2,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    IS_FP32: tl.constexpr, WHILE_LOOP: tl.constexpr, USE_PDL: tl.constexpr,
+    IS_FP32: tl.constexpr, WHILE_LOOP: tl.constexpr,
 ):
     """One (query tile, row, kv head): BLOCK_Q tokens x GROUP heads, causal by position."""
-    wait_for_previous(USE_PDL)
     q_tile, row, kv_head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     first = tl.load(query_start_ptr + row)
     num_queries = tl.load(query_start_ptr + row + 1) - first
