@@ -38,13 +38,16 @@ class TritonPagedAttention:
     position.
 
     ``num_splits`` (decode splits) and ``block_n`` (keys per loop iteration, a power of
-    two >= 16) override the defaults; tests use them to reach every code path.
+    two >= 16) override the defaults; tests use them to reach every code path. ``waves``
+    (programs per SM that the split count aims for), ``num_warps`` and ``num_stages`` tune
+    the decode kernel (``python -m bench.attention`` compares them).
     """
 
     any_context = True  # decode reads each row's length on the device
 
     def __init__(self, cache: KVCache, scale: float, *, num_splits: int | None = None,
-                 block_n: int | None = None) -> None:
+                 block_n: int | None = None, waves: int = WAVES, num_warps: int = 4,
+                 num_stages: int = 2) -> None:
         head_dim = cache.data.shape[-1]
         if not (_is_pow2(cache.block_size) and _is_pow2(head_dim) and head_dim >= 16):
             raise ValueError("block_size and head_dim must be powers of two, head_dim >= 16")
@@ -54,6 +57,7 @@ class TritonPagedAttention:
         self.scale = scale
         self.num_splits = num_splits
         self.block_n = block_n or max(64 if head_dim >= 128 else 128, cache.block_size)
+        self.waves, self.num_warps, self.num_stages = waves, num_warps, num_stages
         # decode: how many splits of each (row, kv head) have finished (zero between launches)
         self.split_counters = torch.zeros(MAX_ROW_HEADS, dtype=torch.int32,
                                           device=cache.data.device)
@@ -66,17 +70,18 @@ class TritonPagedAttention:
             rows, kv_heads = meta.block_tables.shape[0], key_cache.shape[2]
             max_context = meta.block_tables.shape[1] * self.cache.block_size
             num_splits = self.num_splits or decode_num_splits(
-                rows, kv_heads, max_context, _num_sms(q.device), self.block_n)
+                rows, kv_heads, max_context, _num_sms(q.device), self.block_n, self.waves)
             return paged_decode(q, key_cache, value_cache, meta, self.scale, num_splits,
-                                self.block_n, self.split_counters)
+                                self.block_n, self.split_counters, self.num_warps,
+                                self.num_stages)
         return paged_prefill(q, key_cache, value_cache, meta, self.scale, self.block_n)
 
 
 def decode_num_splits(num_rows: int, num_kv_heads: int, max_context: int, num_sms: int,
-                      block_n: int) -> int:
+                      block_n: int, waves: int = WAVES) -> int:
     """Splits per (row, kv head): enough programs for ``WAVES`` per SM, at most one per
     key tile of the largest context. Static inputs only, so every replay agrees."""
-    wanted = triton.cdiv(WAVES * num_sms, num_rows * num_kv_heads)
+    wanted = triton.cdiv(waves * num_sms, num_rows * num_kv_heads)
     return max(1, min(wanted, triton.cdiv(max_context, block_n), MAX_SPLITS))
 
 
@@ -89,6 +94,8 @@ def paged_decode(
     num_splits: int,
     block_n: int,
     split_counters: torch.Tensor,  # [>= rows * kv_heads] int32, zero
+    num_warps: int = 4,
+    num_stages: int = 2,
 ) -> torch.Tensor:  # [rows, heads, head_dim]
     rows, heads, dim = q.shape
     kv_heads = key_cache.shape[2]
@@ -110,7 +117,8 @@ def paged_decode(
         *_kv_strides(key_cache, value_cache), meta.block_tables.stride(0), scale * LOG2E,
         GROUP=group, BLOCK_M=max(16, triton.next_power_of_2(group)), HEAD_DIM=dim,
         BLOCK_N=block_n, BLOCK_SIZE=key_cache.shape[1], NUM_SPLITS=num_splits,
-        IS_FP32=q.dtype == torch.float32, WHILE_LOOP=INTERPRETED, num_warps=4, num_stages=2,
+        IS_FP32=q.dtype == torch.float32, WHILE_LOOP=INTERPRETED, num_warps=num_warps,
+        num_stages=num_stages,
     )
     return out
 
