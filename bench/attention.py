@@ -27,7 +27,6 @@ from gpu_worker.kernels.paged_attention import TritonPagedAttention
 
 log = logging.getLogger("bench.attention")
 LAYERS, HEADS, KV_HEADS, HEAD_DIM = 32, 32, 8, 128  # Llama-3-8B
-DEFAULT = {"block_n": 64, "num_stages": 2, "num_warps": 4, "waves": 4}
 
 
 class _Rope:
@@ -59,8 +58,10 @@ def measure(batch: int, context: int, bandwidth: float, search: bool) -> dict:
         backend = TritonPagedAttention(cache, HEAD_DIM**-0.5, **opts)
         return graph_us(lambda i: backend.forward(i, q, k, v, meta, rope), LAYERS)
 
-    row = {"batch": batch, "context": context, "floor_us": floor_us, "default": DEFAULT,
-           "default_us": time(DEFAULT)}
+    default = TritonPagedAttention(cache, HEAD_DIM**-0.5)
+    row = {"batch": batch, "context": context, "floor_us": floor_us, "default_us": time({}),
+           "default": {"block_n": default.block_n, "num_stages": default.num_stages,
+                       "num_warps": default.num_warps, "waves": default.waves}}
     if search:
         results = []
         for opts in settings():

@@ -21,7 +21,9 @@ from gpu_worker.kernels import INTERPRETED, fused
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 64  # decode splits per (row, kv head)
 MAX_ROW_HEADS = 1 << 16  # decode rows x kv heads: one split counter each
-WAVES = 4  # decode launches at least this many programs per SM, where rows allow
+WAVES = 2  # decode launches at least this many programs per SM, where rows allow
+DECODE_STAGES = 4  # K/V tiles in flight per decode program, where shared memory allows
+STAGE_BYTES = 160 << 10  # shared memory the decode pipeline may take
 PREFILL_BLOCK_M = 64  # query tokens x grouped heads per prefill program
 
 
@@ -47,7 +49,7 @@ class TritonPagedAttention:
 
     def __init__(self, cache: KVCache, scale: float, *, num_splits: int | None = None,
                  block_n: int | None = None, waves: int = WAVES, num_warps: int = 4,
-                 num_stages: int = 2) -> None:
+                 num_stages: int | None = None) -> None:
         head_dim = cache.data.shape[-1]
         if not (_is_pow2(cache.block_size) and _is_pow2(head_dim) and head_dim >= 16):
             raise ValueError("block_size and head_dim must be powers of two, head_dim >= 16")
@@ -57,7 +59,10 @@ class TritonPagedAttention:
         self.scale = scale
         self.num_splits = num_splits
         self.block_n = block_n or max(64 if head_dim >= 128 else 128, cache.block_size)
-        self.waves, self.num_warps, self.num_stages = waves, num_warps, num_stages
+        self.waves, self.num_warps = waves, num_warps
+        tile_bytes = 2 * self.block_n * head_dim * cache.data.element_size()  # one K + V
+        self.num_stages = num_stages or (DECODE_STAGES if DECODE_STAGES * tile_bytes
+                                         <= STAGE_BYTES else 2)
         # decode: how many splits of each (row, kv head) have finished (zero between launches)
         self.split_counters = torch.zeros(MAX_ROW_HEADS, dtype=torch.int32,
                                           device=cache.data.device)

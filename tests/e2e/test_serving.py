@@ -71,9 +71,10 @@ def test_metrics_show_latency_device_time_and_freed_cache(async_service):
 
 
 def test_full_queue_is_refused_at_once_with_the_limit_named(small_queue_service):
-    results = {}
+    results, start = {}, threading.Barrier(4)
 
     def run(i):
+        start.wait()  # all four at once: a fast device must not finish one before the next
         try:
             results[i] = small_queue_service.stub.Generate(long_request(60), timeout=120)
         except grpc.RpcError as exc:
@@ -82,7 +83,6 @@ def test_full_queue_is_refused_at_once_with_the_limit_named(small_queue_service)
     threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
     for t in threads:
         t.start()
-        time.sleep(0.3)
     for t in threads:
         t.join()
     refused = [r for r in results.values() if isinstance(r, grpc.RpcError)]
