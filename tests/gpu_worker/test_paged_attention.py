@@ -149,9 +149,11 @@ def test_larger_cache_blocks_with_tiles_smaller_or_larger_than_a_block(block_n):
 
 
 def test_split_count_fills_the_gpu_and_never_exceeds_the_tiles():
-    assert decode_num_splits(1, 8, 4096, 132, 64) == 64  # capped at 4096 / 64 tiles
+    assert decode_num_splits(1, 8, 4096, 132, 64, waves=4) == 64  # capped at 4096 / 64 tiles
     assert decode_num_splits(1, 8, 1024, 132, 64) == 16
-    assert decode_num_splits(32, 8, 8192, 132, 64) == 3  # >= 4 programs per SM
+    assert decode_num_splits(1, 8, 4096, 132, 64) == 33  # >= 2 programs per SM (default)
+    assert decode_num_splits(32, 8, 8192, 132, 64) == 2
+    assert decode_num_splits(32, 8, 8192, 132, 64, waves=4) == 3
     assert decode_num_splits(256, 8, 8192, 132, 64) == 1
 
 
