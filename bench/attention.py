@@ -11,7 +11,6 @@ Prints JSON on the last line of stdout. CUDA only.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import logging
@@ -19,7 +18,7 @@ import sys
 
 import torch
 
-from bench.device import measure_bandwidth
+from bench.device import measure_bandwidth, tool_parser
 from bench.gemm import graph_us
 from bench.sweep import BLOCK_SIZE, decode_metadata
 from gpu_worker.attention import KVCache
@@ -80,10 +79,7 @@ def measure(batch: int, context: int, bandwidth: float, search: bool) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s",
-                        stream=sys.stderr)
-    p = argparse.ArgumentParser(prog="python -m bench.attention", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = tool_parser("bench.attention", __doc__)
     p.add_argument("--points", default="32x1024,32x4096,128x1024,8x4096",
                    help="BATCHxCONTEXT, comma-separated")
     p.add_argument("--search", action="store_true", help="time the grid of settings too")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import logging
 import platform
 import sys
 import threading
@@ -192,6 +193,15 @@ class NvmlSampler:
 
 def result_dict(sampler: NvmlSampler) -> dict:
     return asdict(sampler.result())
+
+
+def tool_parser(prog: str, doc: str) -> argparse.ArgumentParser:
+    """How each ``python -m bench.<tool>`` starts: logging on stderr (stdout carries its
+    JSON), and an argument parser whose help is the module's docstring."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s",
+                        stream=sys.stderr)
+    return argparse.ArgumentParser(prog=f"python -m {prog}", description=doc,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,7 +12,6 @@ how the default configs are chosen. Prints JSON on the last line of stdout. CUDA
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import logging
@@ -21,7 +20,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from bench.device import measure_bandwidth
+from bench.device import measure_bandwidth, tool_parser
 from gpu_worker.kernels import linear as lin
 
 log = logging.getLogger("bench.gemm")
@@ -108,10 +107,7 @@ def measure(name, n, k, rows, bandwidth, search) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s",
-                        stream=sys.stderr)
-    p = argparse.ArgumentParser(prog="python -m bench.gemm", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = tool_parser("bench.gemm", __doc__)
     p.add_argument("--rows", default="1,8,32,64", help="batch sizes, comma-separated")
     p.add_argument("--search", default="", help="batch sizes to search configs at (e.g. 32)")
     p.add_argument("--products", default=",".join(p[0] for p in LLAMA3_8B))

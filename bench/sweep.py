@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from bench import analysis
-from bench.device import measure_bandwidth
+from bench.device import measure_bandwidth, tool_parser
 from gpu_worker.attention import AttentionMetadata, KVCache, make_attention
 from gpu_worker.config import KERNELS
 from gpu_worker.model import LlamaModel, load_config
@@ -278,10 +278,7 @@ def ints(text: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s",
-                        stream=sys.stderr)
-    p = argparse.ArgumentParser(prog="python -m bench.sweep", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = tool_parser("bench.sweep", __doc__)
     p.add_argument("--model", help="random:llama3-8b on a GPU, random:tiny-llama on the CPU")
     p.add_argument("--batches", type=ints, help="comma-separated (1,8,32,64,128,256)")
     p.add_argument("--contexts", type=ints, help="comma-separated (1024,4096,8192)")
