@@ -66,17 +66,45 @@ class GapStats:
     max_us: float
 
 
-def idle_gaps(merged: np.ndarray, window: Window) -> GapStats:
-    """Gaps between the disjoint sorted intervals ``merged`` (from :func:`busy_union`)."""
+def _gaps(merged: np.ndarray, window: Window) -> tuple[np.ndarray, np.ndarray]:
+    """(starts, lengths) of the idle gaps around the disjoint sorted intervals ``merged``,
+    the leading and trailing ones included; empty gaps dropped."""
     merged = as_intervals(merged)
     edges = np.concatenate([[window[0]], merged.ravel(), [window[1]]])
-    gaps = edges[1::2] - edges[0::2]  # [num_intervals + 1]: idle before, between, after
-    gaps = gaps[gaps > 0]
+    starts, lengths = edges[0::2], edges[1::2] - edges[0::2]  # before, between, after
+    keep = lengths > 0
+    return starts[keep], lengths[keep]
+
+
+def idle_gaps(merged: np.ndarray, window: Window) -> GapStats:
+    """Gaps between the disjoint sorted intervals ``merged`` (from :func:`busy_union`)."""
+    _, gaps = _gaps(merged, window)
     if len(gaps) == 0:
         return GapStats(0, 0.0, 0.0, 0.0, 0.0, 0.0)
     p50, p99 = np.percentile(gaps, [50, 99])
     return GapStats(len(gaps), float(gaps.sum()), float(gaps.mean()), float(p50), float(p99),
                     float(gaps.max()))
+
+
+GAP_CLASSES_US = (2.0, 50.0, 1000.0)  # upper edges: launch gaps, hand-offs, stalls, long
+
+
+def idle_by_gap_size(merged: np.ndarray, window: Window, top: int = 5) -> dict[str, Any]:
+    """Where the idle time is: count and total of the gaps in each size class (below 2 µs,
+    the spacing of kernels in a graph; 2-50 µs, hand-offs such as one batch's graph to the
+    next; 50 µs-1 ms and longer, waits on the host), and the ``top`` longest gaps with
+    their offset from the window's start."""
+    starts, gaps = _gaps(merged, window)
+    edges = (0.0, *GAP_CLASSES_US, float("inf"))
+    classes = []
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        chosen = gaps[(gaps >= lo) & (gaps < hi)]
+        classes.append({"from_us": lo, "below_us": hi if hi != float("inf") else None,
+                        "num_gaps": int(len(chosen)), "total_us": float(chosen.sum())})
+    longest = np.argsort(gaps)[::-1][:top]
+    return {"classes": classes,
+            "longest": [{"offset_us": float(starts[i] - window[0]), "length_us": float(gaps[i])}
+                        for i in longest]}
 
 
 # --- the device timeline of one run ---------------------------------------------------
@@ -130,6 +158,7 @@ def analyse_timeline(trace: dict[str, Any], slice_us: float) -> dict[str, Any]:
         "num_kernels": len(kernels),
         "busy": busy if len(kernels) else None,
         "idle_gaps": asdict(idle_gaps(merged, window)) if len(kernels) else None,
+        "idle_by_gap_size": idle_by_gap_size(merged, window) if len(kernels) else None,
         "steps": asdict(stats) if stats else None,
         "slice": timeline_slice(merged, steps, window, slice_us) if len(kernels) else None,
     }

@@ -134,7 +134,20 @@ def _summary_lines(result: dict[str, Any]) -> list[str]:
                  f"async: {_yes(s.get('tandem_gateway_outputs_equal_async'))}")
     for row in result["modes"]:
         lines += [f"note [{row['mode']}]: {note}" for note in row.get("notes", [])]
+        lines += _idle_line(row)
     return lines
+
+
+def _idle_line(row: dict[str, Any]) -> list[str]:
+    """Where an async mode's idle time is, by gap size (kernel timeline)."""
+    by_size = (row.get("timeline") or {}).get("idle_by_gap_size")
+    if not by_size or row["mode"] == "tandem-sync":
+        return []
+    parts = [f"{c['total_us'] / 1e3:.1f} ms in {c['num_gaps']} gaps of "
+             + (f"{c['from_us']:g}-{c['below_us']:g} us" if c["below_us"]
+                else f">= {c['from_us']:g} us")
+             for c in by_size["classes"] if c["num_gaps"]]
+    return [f"idle [{row['mode']}]: " + "; ".join(parts)]
 
 
 def _yes(same: bool | None) -> str:

@@ -66,6 +66,18 @@ def test_idle_gaps_of_a_fully_busy_and_of_an_idle_window():
     assert idle.num_gaps == 1 and idle.total_us == 100
 
 
+def test_idle_by_gap_size_sorts_gaps_into_classes_and_names_the_longest():
+    # gaps: 1 (lead), 1, 10 (hand-off), 100 (stall), 2000 (trailing)
+    kernels = [[1, 5], [6, 20], [30, 40], [140, 1000]]
+    by_size = analysis.idle_by_gap_size(analysis.busy_union(kernels, (0, 3000)), (0, 3000),
+                                        top=2)
+    counts = [(c["num_gaps"], c["total_us"]) for c in by_size["classes"]]
+    assert counts == [(2, 2.0), (1, 10.0), (1, 100.0), (1, 2000.0)]
+    assert by_size["classes"][-1]["below_us"] is None
+    assert by_size["longest"] == [{"offset_us": 1000.0, "length_us": 2000.0},
+                                  {"offset_us": 40.0, "length_us": 100.0}]
+
+
 def test_step_stats_leave_prefill_batches_out():
     steps = [[0, 500]] + [[500 + 10 * i, 510 + 10 * i] for i in range(20)]
     stats = analysis.step_stats(steps)
@@ -80,6 +92,7 @@ def test_analyse_timeline_on_a_synthetic_trace():
     assert timeline["num_kernels"] == 2000
     assert timeline["idle_gaps"]["num_gaps"] == 1000
     assert timeline["idle_gaps"]["p50_us"] == pytest.approx(1.0)
+    assert [c["num_gaps"] for c in timeline["idle_by_gap_size"]["classes"]] == [1000, 0, 0, 0]
     assert timeline["steps"]["mean_decode_us"] == pytest.approx(9.0)
     part = timeline["slice"]
     assert part["width_us"] == 100.0 and part["start_us"] == pytest.approx(4950.0)
@@ -167,6 +180,16 @@ def test_summary_without_a_gateway_or_an_engine_row():
     assert report.summarize(failed)["gateway_over_engine"] is None
 
 
+def test_table_says_where_an_async_mode_was_idle():
+    result = fake_result()
+    timeline = analysis.analyse_timeline(synthetic_trace(), slice_us=100.0)
+    for row in result["modes"][:2]:
+        row["timeline"] = timeline
+    text = report.format_table(result)
+    assert "idle [tandem-async]: 1.0 ms in 1000 gaps of 0-2 us" in text
+    assert "idle [tandem-sync]" not in text  # the sync run's idle is the point of it
+
+
 def test_gateway_mode_runs_right_after_the_async_engine_by_default():
     assert MODES.index(GATEWAY_MODE) == MODES.index("tandem-async") + 1
 
@@ -182,5 +205,6 @@ def test_table_has_the_columns_the_card_and_the_notes():
     assert "tandem-gateway" in text and "94.0%" in text
     assert "gateway vs the engine's own (async): 0.941x" in text
     assert "gateway outputs equal async: yes" in text
+    assert "idle [" not in text  # no timeline, no breakdown
     assert report.NOT_MEANINGFUL not in text
     assert report.NOT_MEANINGFUL in report.format_table(fake_result(meaningful=False))
