@@ -2,9 +2,11 @@
 # Everything that needs a GPU, in one call on a GPU machine: the GPU tests, the
 # end-to-end suite with the worker on CUDA, and the benchmark. Results go to $OUT.
 #
-#   scripts/device_run.sh [gpu|tests|sweep|bench|all] [extra bench args...]
+#   scripts/device_run.sh [gpu|tests|sweep|kernels|bench|all] [extra bench args...]
 #   (gpu: only the tests marked gpu; tests: those and the e2e suite on CUDA; sweep: the
-#   gpu tests and the decode/prefill sweep alone; bench: `python -m bench`, sweep included)
+#   gpu tests and the decode/prefill sweep alone; kernels: the gpu tests and the component
+#   benchmarks, bench.gemm and bench.attention, with their searches; bench: `python -m
+#   bench`, sweep included)
 #
 # Missing Python packages travel as wheels in .whl/ and the tokenizer cache in
 # .device/cache/ (see README, "Running on a GPU machine").
@@ -24,7 +26,8 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv \
     | tee "$OUT/gpu.txt"
 status=0
-if [ "$what" = gpu ] || [ "$what" = tests ] || [ "$what" = sweep ] || [ "$what" = all ]; then
+if [ "$what" = gpu ] || [ "$what" = tests ] || [ "$what" = sweep ] || [ "$what" = kernels ] ||
+        [ "$what" = all ]; then
     python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tee "$OUT/gpu_tests.txt"
     status=$(( status | PIPESTATUS[0] ))
 fi
@@ -32,6 +35,13 @@ if [ "$what" = sweep ]; then
     python3 -m bench.sweep "$@" > "$OUT/sweep.json" 2> "$OUT/sweep.log"
     status=$(( status | $? ))
     tail -n 40 "$OUT/sweep.log"
+fi
+if [ "$what" = kernels ]; then
+    python3 -m bench.gemm --search 32 > "$OUT/gemm.json" 2> "$OUT/gemm.log"
+    status=$(( status | $? ))
+    python3 -m bench.attention --search > "$OUT/attention.json" 2> "$OUT/attention.log"
+    status=$(( status | $? ))
+    grep -hE "rows|batch" "$OUT/gemm.log" "$OUT/attention.log"
 fi
 if [ "$what" = tests ] || [ "$what" = all ]; then
     TANDEM_TEST_MODEL=random:smollm2-135m TANDEM_TEST_DEVICE=cuda \
