@@ -1,8 +1,9 @@
-"""``python -m bench.attention``: decode attention alone against its KV-cache floor.
+"""``python -m bench.attention``: decode attention against its KV-cache floor.
 
-For each (batch, context) point, a CUDA graph runs the Triton decode attention over every
-layer of a Llama-3-8B-shaped paged cache (so the keys and values come from memory, not
-L2), and CUDA events time its replays. The floor is the bytes of K and V each row reads
+For each (batch, context) point, a CUDA graph runs the Triton attention backend's decode
+step (RoPE with the cache write of the new token, then the attention) over every layer of a
+Llama-3-8B-shaped paged cache (so the keys and values come from memory, not L2), and CUDA
+events time its replays. The floor is the bytes of K and V each row reads
 over the measured copy bandwidth. With ``--search`` it also times a grid of kernel
 settings (keys per tile, pipeline stages, warps, programs per SM) and reports the fastest
 per point, which is how the defaults in ``gpu_worker.kernels.paged_attention`` are chosen.
@@ -68,6 +69,8 @@ def measure(batch: int, context: int, bandwidth: float, search: bool) -> dict:
                 results.append((time(opts), opts))
             except Exception as exc:  # noqa: BLE001 - a setting that does not compile
                 log.warning("%s: %s", opts, str(exc)[:200])
+        if not results:
+            raise RuntimeError(f"no setting ran at batch {batch}, context {context}")
         results.sort(key=lambda r: r[0])
         row["best_us"], row["best"] = results[0]
         row["top"] = [{"us": us, **opts} for us, opts in results[:8]]

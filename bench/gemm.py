@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from bench.device import measure_bandwidth, tool_parser
 from gpu_worker.kernels import linear as lin
+from gpu_worker.kernels import num_sms, shared_memory
 
 log = logging.getLogger("bench.gemm")
 # (name, N, K) of one Llama-3-8B layer
@@ -69,23 +70,25 @@ def measure(name, n, k, rows, bandwidth, search) -> dict:
     copies = max(4, COPIES_BYTES // (n * k * 2))
     weights = [torch.randn(n, k, device=dev, dtype=dtype) / 64 for _ in range(copies)]
     x = torch.randn(rows, k, device=dev, dtype=dtype)
+    counters = lin.new_counters(dev)
     floor_us = n * k * 2 / bandwidth * 1e6
 
     def cublas(i):
         return F.linear(x, weights[i])
 
     def tandem(cfg):
-        return lambda i: lin.linear(x, weights[i], config=cfg)
+        return lambda i: lin.linear(x, weights[i], counters=counters, config=cfg)
 
     row = {"product": name, "n": n, "k": k, "rows": rows, "floor_us": floor_us,
            "cublas_us": graph_us(cublas, copies)}
-    default = lin.default_config(rows, n, k, lin._num_sms(dev))
+    sms, shared = num_sms(dev), shared_memory(dev)
+    default = lin.default_config(rows, n, k, sms, shared)
     row["tandem_us"] = graph_us(tandem(default), copies)
     row["tandem_config"] = vars(default)
 
     if search:
         best = None
-        for cfg in candidates(n, k, lin._num_sms(dev)):
+        for cfg in candidates(n, k, sms):
             try:
                 us = graph_us(tandem(cfg), copies)
             except Exception as exc:  # noqa: BLE001 - a config that does not compile
@@ -115,7 +118,6 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("bench.gemm needs a CUDA GPU", file=sys.stderr)
         return 2
-    lin.prepare(torch.device("cuda"))
     bandwidth = measure_bandwidth("cuda", nbytes=2 << 30, iters=50)
     search = {int(r) for r in a.search.split(",") if r}
     wanted = set(a.products.split(","))

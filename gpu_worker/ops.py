@@ -1,8 +1,10 @@
-"""The decoder's elementwise steps, two ways with one meaning.
+"""The decoder's steps besides attention, two ways with one meaning.
 
 :class:`TorchOps` is the reference (any device; the numerics of Transformers' Llama);
-:class:`TritonOps` runs the same steps as fused Triton kernels (CUDA), each rounding where
-the reference rounds. The model calls ``ops.<step>`` and never knows which it has:
+:class:`TritonOps` runs the same steps as Triton kernels (CUDA). The elementwise ones round
+where the reference rounds; the matrix product sums in another order (so its results agree
+to a few half-precision ulps, and with itself bit for bit). The model calls
+``ops.<step>`` and never knows which it has:
 
 - ``rms_norm(x, weight, eps) -> y``
 - ``add_rms_norm(x, residual, weight, eps) -> (y, residual)``: residual += x in place,
@@ -55,9 +57,10 @@ class TorchOps:
 
 
 class TritonOps:
-    """The fused kernels, and for decode-sized batches the narrow matrix products too: below
+    """The fused kernels, and for decode-sized batches the narrow matrix products too: up to
     ``LINEAR_ROWS`` rows and ``LINEAR_MAX_N`` output columns cuBLAS splits K and adds a
-    reduce launch, where :mod:`gpu_worker.kernels.linear` reduces inside its one launch."""
+    reduce launch, where :mod:`gpu_worker.kernels.linear` reduces inside its one launch.
+    Its counters are this object's: use one per stream (the worker has one compute stream)."""
 
     name = "triton"
     LINEAR_ROWS, LINEAR_MAX_N = 32, 4096
@@ -69,13 +72,13 @@ class TritonOps:
         self.add_rms_norm = fused.add_rms_norm
         self.silu_and_mul = fused.silu_and_mul
         self._linear = linear
-        linear.prepare(torch.device(device))  # its counters, before any graph is captured
+        self._counters = linear.new_counters(torch.device(device))  # before any capture
 
     def linear(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None):
         lin = self._linear
         if x.shape[0] <= self.LINEAR_ROWS and w.shape[0] <= self.LINEAR_MAX_N and \
-                lin.supports(x, w):
-            return lin.linear(x, w, bias)
+                lin.supports(x, w, bias):
+            return lin.linear(x, w, bias, counters=self._counters)
         return F.linear(x, w, bias)
 
 

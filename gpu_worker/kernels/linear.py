@@ -13,23 +13,25 @@ The order is fixed, so the result does not depend on which program finishes last
 runs of the same batch agree bit for bit (the async pipeline must equal the sync one).
 
 The launcher never syncs with the host and allocates only its output and partial sums:
-it is safe inside CUDA graphs. Its config is a fixed function of the shapes (no
-autotuning), so every process picks the same one.
+it is safe inside CUDA graphs. The counters are the caller's (:func:`new_counters`, made
+before any capture): every launch leaves them at zero, and launches that share them must
+not run at the same time (one stream). Its config is a fixed function of the shapes and the
+device (no autotuning), so every process picks the same one.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import torch
 import triton
 import triton.language as tl
 
-from gpu_worker.kernels import INTERPRETED
+from gpu_worker.kernels import INTERPRETED, num_sms, shared_memory
 
 MAX_ROWS = 64  # larger batches leave the weights' stream to cuBLAS
-_LOCKS = 1 << 16  # counters per device: one per column tile of the widest product
+MAX_TILES = 1 << 16  # counters in a set: one per column tile of the widest product
+SPARE_SHARED = 16 << 10  # shared memory left to the compiler beyond the pipeline stages
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,52 +43,67 @@ class LinearConfig:
     num_stages: int = 4
 
 
-def supports(x: torch.Tensor, w: torch.Tensor) -> bool:
+def new_counters(device: torch.device) -> torch.Tensor:
+    """A set of column-tile counters for :func:`linear` (zero; make it outside captures)."""
+    return torch.zeros(MAX_TILES, dtype=torch.int32, device=device)
+
+
+def supports(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
     """Whether :func:`linear` takes this product with its default config (else the caller
-    uses ``F.linear``): half precision, at most MAX_ROWS rows, K a multiple of its block."""
+    uses ``F.linear``): half precision, at most MAX_ROWS rows, K contiguous and a multiple
+    of its block, a contiguous weight and bias."""
     if not ((x.is_cuda or INTERPRETED) and x.dtype in (torch.bfloat16, torch.float16) and
-            w.dtype == x.dtype and 0 < x.shape[0] <= MAX_ROWS and w.is_contiguous()):
+            w.dtype == x.dtype and x.dim() == 2 and 0 < x.shape[0] <= MAX_ROWS and
+            x.stride(1) == 1 and w.is_contiguous() and
+            (bias is None or (bias.is_contiguous() and bias.shape == w.shape[:1]))):
         return False
     n, k = w.shape
-    cfg = default_config(x.shape[0], n, k, _num_sms(x.device))
+    cfg = default_config(x.shape[0], n, k, num_sms(x.device), shared_memory(x.device))
     return x.shape[1] == k and k % (cfg.split_k * cfg.block_k) == 0
 
 
-def default_config(num_rows: int, n: int, k: int, num_sms: int) -> LinearConfig:
-    """Narrow column tiles for narrow products, and K split in two or four until there are
-    ~1.4 programs per multiprocessor (``python -m bench.gemm --search`` chose these on an
-    H200 for the Llama-3-8B products at 32 rows)."""
+def default_config(num_rows: int, n: int, k: int, sms: int, shared: int) -> LinearConfig:
+    """Narrow column tiles for narrow products; K split in two, four, ... until there are
+    ~1.4 programs per multiprocessor; up to four pipeline stages, as many as ``shared``
+    bytes of shared memory hold (``python -m bench.gemm --search`` chose these on an H200
+    for the Llama-3-8B products at 32 rows)."""
     block_n = 32 if n <= 4096 else 64
     block_k = next((b for b in (128, 64, 32, 16) if k % b == 0), 16)
     tiles, split_k = triton.cdiv(n, block_n), 1
-    while tiles * split_k * 10 < 14 * num_sms and k % (2 * split_k * block_k) == 0:
+    while tiles * split_k * 10 < 14 * sms and k % (2 * split_k * block_k) == 0:
         split_k *= 2
-    return LinearConfig(block_n=block_n, block_k=block_k, split_k=split_k)
+    stage_bytes = (block_n + _block_m(num_rows)) * block_k * 2  # a weight and an x tile
+    stages = max(2, min(4, (shared - SPARE_SHARED) // stage_bytes))
+    return LinearConfig(block_n=block_n, block_k=block_k, split_k=split_k, num_stages=stages)
+
+
+def _block_m(num_rows: int) -> int:
+    return max(16, triton.next_power_of_2(num_rows))
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *,
-           config: LinearConfig | None = None) -> torch.Tensor:
+           counters: torch.Tensor, config: LinearConfig | None = None) -> torch.Tensor:
     """``x @ w.T (+ bias)``: x [M, K], rows may be strided, K contiguous; w [N, K]
-    contiguous; M <= MAX_ROWS. Returns [M, N] in x's dtype."""
+    contiguous; M <= MAX_ROWS; ``counters`` from :func:`new_counters`, used by one stream
+    only. Returns [M, N] in x's dtype."""
     m, width = x.shape
     n, k = w.shape
     if width != k or x.stride(1) != 1:
         raise ValueError(f"x {tuple(x.shape)} does not fit w {tuple(w.shape)}")
-    cfg = config or default_config(m, n, k, _num_sms(x.device))
+    cfg = config or default_config(m, n, k, num_sms(x.device), shared_memory(x.device))
     if k % (cfg.split_k * cfg.block_k):
         raise ValueError(f"K={k} is not a multiple of split_k x block_k in {cfg}")
     y = x.new_empty(m, n)
     partial = y  # unused with one slice
     if cfg.split_k > 1:
         partial = torch.empty(cfg.split_k, m, n, dtype=torch.float32, device=x.device)
-    block_m = max(16, triton.next_power_of_2(m))
     grid = (triton.cdiv(n, cfg.block_n), cfg.split_k)
-    if grid[0] > _LOCKS:
-        raise ValueError(f"N={n} needs more than {_LOCKS} column tiles")
+    if grid[0] > counters.numel():
+        raise ValueError(f"N={n} needs more than {counters.numel()} column-tile counters")
     _linear_kernel[grid](
-        x, w, y, bias if bias is not None else y, partial, _locks(x.device),
+        x, w, y, bias if bias is not None else y, partial, counters,
         m, n, x.stride(0), y.stride(0), K=k,
-        BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,
+        BLOCK_M=_block_m(m), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,
         HAS_BIAS=bias is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return y
@@ -140,35 +157,3 @@ def _store_output(y_ptr, bias_ptr, acc, y_offs, offs_n, out_ok, n_ok, HAS_BIAS: 
     if HAS_BIAS:  # added in float32 before the one rounding, as cuBLAS's epilogue does
         acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
     tl.store(y_ptr + y_offs, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
-
-
-def _device_key(device: torch.device) -> str:
-    if device.type == "cuda" and device.index is None:
-        return f"cuda:{torch.cuda.current_device()}"
-    return str(device)
-
-
-@functools.cache
-def _locks_on(device: str) -> torch.Tensor:
-    return torch.zeros(_LOCKS, dtype=torch.int32, device=device)
-
-
-def _locks(device: torch.device) -> torch.Tensor:
-    """The column-tile counters: zero between launches (each launch's last programs reset
-    theirs). Kernels of one stream run one after another, so they share them. Call
-    :func:`prepare` before capturing a graph, so that they are not allocated inside it."""
-    return _locks_on(_device_key(device))
-
-
-def prepare(device: torch.device) -> None:
-    """Allocate the device's counters now (outside any CUDA graph capture)."""
-    _locks(device)
-
-
-@functools.cache
-def _sms(device: str) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def _num_sms(device: torch.device) -> int:
-    return _sms(_device_key(device)) if device.type == "cuda" else 1

@@ -9,21 +9,19 @@ scale). :class:`gpu_worker.attention.TorchPagedAttention` is the reference they 
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
 from gpu_worker.attention import AttentionMetadata, KVCache
-from gpu_worker.kernels import INTERPRETED, fused
+from gpu_worker.kernels import INTERPRETED, fused, num_sms, shared_memory
 
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 64  # decode splits per (row, kv head)
 MAX_ROW_HEADS = 1 << 16  # decode rows x kv heads: one split counter each
 WAVES = 2  # decode launches at least this many programs per SM, where rows allow
 DECODE_STAGES = 4  # K/V tiles in flight per decode program, where shared memory allows
-STAGE_BYTES = 160 << 10  # shared memory the decode pipeline may take
+STAGE_SHARE = 0.7  # of a program's shared memory, what the decode pipeline may take
 PREFILL_BLOCK_M = 64  # query tokens x grouped heads per prefill program
 
 
@@ -61,8 +59,9 @@ class TritonPagedAttention:
         self.block_n = block_n or max(64 if head_dim >= 128 else 128, cache.block_size)
         self.waves, self.num_warps = waves, num_warps
         tile_bytes = 2 * self.block_n * head_dim * cache.data.element_size()  # one K + V
-        self.num_stages = num_stages or (DECODE_STAGES if DECODE_STAGES * tile_bytes
-                                         <= STAGE_BYTES else 2)
+        budget = STAGE_SHARE * shared_memory(cache.data.device)
+        self.num_stages = num_stages or (DECODE_STAGES if DECODE_STAGES * tile_bytes <= budget
+                                         else 2)
         # decode: how many splits of each (row, kv head) have finished (zero between launches)
         self.split_counters = torch.zeros(MAX_ROW_HEADS, dtype=torch.int32,
                                           device=cache.data.device)
@@ -75,7 +74,7 @@ class TritonPagedAttention:
             rows, kv_heads = meta.block_tables.shape[0], key_cache.shape[2]
             max_context = meta.block_tables.shape[1] * self.cache.block_size
             num_splits = self.num_splits or decode_num_splits(
-                rows, kv_heads, max_context, _num_sms(q.device), self.block_n, self.waves)
+                rows, kv_heads, max_context, num_sms(q.device), self.block_n, self.waves)
             return paged_decode(q, key_cache, value_cache, meta, self.scale, num_splits,
                                 self.block_n, self.split_counters, self.num_warps,
                                 self.num_stages)
@@ -84,7 +83,7 @@ class TritonPagedAttention:
 
 def decode_num_splits(num_rows: int, num_kv_heads: int, max_context: int, num_sms: int,
                       block_n: int, waves: int = WAVES) -> int:
-    """Splits per (row, kv head): enough programs for ``WAVES`` per SM, at most one per
+    """Splits per (row, kv head): enough programs for ``waves`` per SM, at most one per
     key tile of the largest context. Static inputs only, so every replay agrees."""
     wanted = triton.cdiv(waves * num_sms, num_rows * num_kv_heads)
     return max(1, min(wanted, triton.cdiv(max_context, block_n), MAX_SPLITS))
@@ -250,7 +249,7 @@ def _decode_kernel(
         l_i = tl.where(is_head, l_i, 1.0)  # padding lanes: no 0 / 0
         tl.store(out, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=is_head[:, None])
     else:
-        first = (row * tl.num_programs(1) * GROUP + heads) * NUM_SPLITS  # [M], split 0
+        first = (row * tl.num_programs(1) * GROUP + heads).to(tl.int64) * NUM_SPLITS  # split 0
         acc_ptrs = partial_acc_ptr + first[:, None] * HEAD_DIM + offs_d[None, :]
         ml_stride = tl.num_programs(0) * tl.num_programs(1) * GROUP * NUM_SPLITS
         tl.store(acc_ptrs + split * HEAD_DIM, acc, mask=is_head[:, None])
@@ -341,14 +340,3 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
 
 def _is_pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
-
-
-@functools.cache
-def _sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1  # the interpreter: no parallelism to fill
-    return _sms(device.index if device.index is not None else torch.cuda.current_device())

@@ -33,6 +33,10 @@ def check(actual, expected):
     torch.testing.assert_close(actual.float(), expected, rtol=2e-2, atol=2e-2)
 
 
+def half(*shape, scale=1.0, device=DEVICE):
+    return torch.randn(*shape, dtype=torch.float16, device=device) * scale
+
+
 CONFIGS = [lin.LinearConfig(32, 64, 1), lin.LinearConfig(64, 64, 2),
            lin.LinearConfig(32, 32, 4, num_warps=2, num_stages=2)]
 
@@ -40,48 +44,69 @@ CONFIGS = [lin.LinearConfig(32, 64, 1), lin.LinearConfig(64, 64, 2),
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"n{c.block_n}k{c.block_k}s{c.split_k}")
 @pytest.mark.parametrize("rows", [1, 5])
 def test_linear_matches_torch(cfg, rows):
-    x = torch.randn(rows, 256, dtype=torch.float16, device=DEVICE) / 8
-    w = torch.randn(80, 256, dtype=torch.float16, device=DEVICE) / 8  # a partial last tile
-    check(lin.linear(x, w, config=cfg), reference(x, w))
+    x, w = half(rows, 256, scale=1 / 8), half(80, 256, scale=1 / 8)  # a partial last tile
+    counters = lin.new_counters(x.device)
+    check(lin.linear(x, w, counters=counters, config=cfg), reference(x, w))
+    assert not counters.any()  # every tile's last program reset its counter
 
 
 def test_bias_and_strided_rows():
-    big = torch.randn(3, 512, dtype=torch.float16, device=DEVICE) / 8
-    x = big[:, 128:384]  # rows strided by 512, as a view into a wider output
-    w = torch.randn(64, 256, dtype=torch.float16, device=DEVICE) / 8
-    bias = torch.randn(64, dtype=torch.float16, device=DEVICE)
-    check(lin.linear(x, w, bias, config=lin.LinearConfig(32, 64, 2)), reference(x, w, bias))
+    x = half(3, 512, scale=1 / 8)[:, 128:384]  # rows strided by 512: a view into an output
+    w, bias = half(64, 256, scale=1 / 8), half(64)
+    y = lin.linear(x, w, bias, counters=lin.new_counters(x.device),
+                   config=lin.LinearConfig(32, 64, 2))
+    check(y, reference(x, w, bias))
 
 
-def test_split_k_reduction_is_deterministic_and_counters_reset():
-    x = torch.randn(7, 512, dtype=torch.float16, device=DEVICE)
-    w = torch.randn(96, 512, dtype=torch.float16, device=DEVICE) / 16
-    cfg = lin.LinearConfig(32, 64, 4)
-    first = lin.linear(x, w, config=cfg)
+def test_split_k_reduction_is_deterministic():
+    x, w = half(7, 512), half(96, 512, scale=1 / 16)
+    cfg, counters = lin.LinearConfig(32, 64, 4), lin.new_counters(x.device)
+    first = lin.linear(x, w, counters=counters, config=cfg)
     for _ in range(3):
-        assert torch.equal(lin.linear(x, w, config=cfg), first)
-    assert not lin._locks(x.device).any()  # every tile's last program reset its counter
+        assert torch.equal(lin.linear(x, w, counters=counters, config=cfg), first)
 
 
 def test_rejects_shapes_it_cannot_take():
-    x = torch.randn(2, 96, dtype=torch.float16, device=DEVICE)
+    x, counters = half(2, 96), lin.new_counters(torch.device(DEVICE))
     with pytest.raises(ValueError, match="multiple"):
-        lin.linear(x, torch.randn(32, 96, dtype=torch.float16, device=DEVICE),
-                   config=lin.LinearConfig(32, 64, 1))
+        lin.linear(x, half(32, 96), counters=counters, config=lin.LinearConfig(32, 64, 1))
     with pytest.raises(ValueError, match="does not fit"):
-        lin.linear(x, torch.randn(32, 64, dtype=torch.float16, device=DEVICE))
-    assert not lin.supports(x.float(), torch.randn(32, 96, device=DEVICE))
-    assert not lin.supports(torch.randn(lin.MAX_ROWS + 1, 96, dtype=torch.float16,
-                                        device=DEVICE),
-                            torch.randn(32, 96, dtype=torch.float16, device=DEVICE))
+        lin.linear(x, half(32, 64), counters=counters)
+    w = half(32, 96)
+    assert lin.supports(x, w)
+    assert not lin.supports(x.float(), w.float())
+    assert not lin.supports(half(lin.MAX_ROWS + 1, 96), w)
+    assert not lin.supports(half(96, 2).T, w)  # K not contiguous
+    assert not lin.supports(x, w, half(64, 2)[:, 0])  # a strided bias
+    assert not lin.supports(half(2, 100), half(32, 100))  # K not a multiple of 16
 
 
-def test_default_config_fills_the_machine():
-    cfg = lin.default_config(32, 4096, 14336, num_sms=132)  # Llama-3-8B's down projection
+def test_default_config_fills_the_machine_within_its_shared_memory():
+    hopper = 227 << 10
+    cfg = lin.default_config(32, 4096, 14336, 132, hopper)  # Llama-3-8B's down projection
     assert 14336 % (cfg.split_k * cfg.block_k) == 0
     assert (4096 // cfg.block_n) * cfg.split_k >= 132
-    wide = lin.default_config(32, 28672, 4096, num_sms=132)  # gate/up: tiles enough already
+    assert cfg.num_stages == 4
+    wide = lin.default_config(32, 28672, 4096, 132, hopper)  # gate/up: tiles enough already
     assert wide.split_k == 1
+    small = lin.default_config(64, 28672, 4096, 84, 99 << 10)  # a 100 KB-per-block GPU
+    assert (64 + 64) * 128 * 2 * small.num_stages <= (99 << 10) - lin.SPARE_SHARED
+
+
+def test_triton_ops_take_narrow_decode_products_and_leave_the_rest_to_torch(monkeypatch):
+    from gpu_worker.ops import TritonOps
+
+    ops, taken = TritonOps(torch.device(DEVICE)), []
+    kernel = lin.linear
+    monkeypatch.setattr(lin, "linear", lambda *a, **kw: taken.append(1) or kernel(*a, **kw))
+    w = half(64, 128, scale=1 / 8)
+    for x, weight, expect in [(half(4, 128), w, 1), (half(33, 128), w, 0),  # rows
+                              (half(4, 128), half(4097, 128), 0),  # wide N: cuBLAS
+                              (half(4, 100), half(64, 100), 0),  # K not a multiple of 16
+                              (half(4, 128).float(), w.float(), 0)]:  # float32
+        taken.clear()
+        check(ops.linear(x, weight).to(torch.float16), reference(x, weight))
+        assert len(taken) == expect
 
 
 @cuda
@@ -92,14 +117,15 @@ def test_llama_shapes_in_bfloat16_under_a_graph(shape, rows):
     n, k = shape
     x = torch.randn(rows, k, dtype=torch.bfloat16, device="cuda") / 8
     w = torch.randn(n, k, dtype=torch.bfloat16, device="cuda") / 64
-    lin.prepare(x.device)
-    eager = lin.linear(x, w)
+    counters = lin.new_counters(x.device)
+    eager = lin.linear(x, w, counters=counters)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = lin.linear(x, w)
+        out = lin.linear(x, w, counters=counters)
     for _ in range(3):
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, eager)  # same bits every replay
+        assert not counters.any()
     torch.testing.assert_close(out.float(), F.linear(x, w).float(), rtol=2e-2, atol=2e-2)
