@@ -107,6 +107,40 @@ def idle_by_gap_size(merged: np.ndarray, window: Window, top: int = 5) -> dict[s
                         for i in longest]}
 
 
+def idle_by_neighbours(kernels: Any, names: Sequence[str], window: Window,
+                       top: int = 8) -> dict[str, list[dict[str, Any]]]:
+    """Which kernels the idle time sits between: for each gap-size class of
+    :func:`idle_by_gap_size`, the ``top`` pairs (kernel before the gap → kernel after it) by
+    total idle time. ``kernels`` are sorted by start, ``names`` one per kernel."""
+    kernels = as_intervals(kernels)
+    if len(kernels) == 0:
+        return {}
+    merged = busy_union(kernels, window)
+    # the gaps between consecutive merged intervals: after kernel = first to start at the
+    # gap's end; before kernel = the last to start before the gap
+    gap_start, gap_end = merged[:-1, 1], merged[1:, 0]
+    after = np.searchsorted(kernels[:, 0], gap_end, side="left")
+    before = np.searchsorted(kernels[:, 0], gap_start, side="left") - 1
+    lengths = gap_end - gap_start
+    edges = (0.0, *GAP_CLASSES_US, float("inf"))
+    out: dict[str, list[dict[str, Any]]] = {}
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        totals: dict[tuple[str, str], list[float]] = {}
+        for i in np.flatnonzero((lengths >= lo) & (lengths < hi) & (lengths > 0)):
+            key = (_short(names[before[i]]), _short(names[min(after[i], len(names) - 1)]))
+            entry = totals.setdefault(key, [0, 0.0])
+            entry[0] += 1
+            entry[1] += float(lengths[i])
+        ranked = sorted(totals.items(), key=lambda kv: -kv[1][1])[:top]
+        out[f"{lo:g}-{hi:g}us"] = [{"before": b, "after": a, "num_gaps": n, "total_us": t}
+                                   for (b, a), (n, t) in ranked]
+    return out
+
+
+def _short(name: str, limit: int = 80) -> str:
+    return name if len(name) <= limit else name[:limit - 3] + "..."
+
+
 # --- the device timeline of one run ---------------------------------------------------
 
 
@@ -144,9 +178,12 @@ def timeline_slice(merged: np.ndarray, steps_us: Any, window: Window,
 
 def analyse_timeline(trace: dict[str, Any], slice_us: float) -> dict[str, Any]:
     """Busy fraction, idle gaps, decode steps and a slice, from a trace dict as the
-    worker writes it: {"device", "window_us", "kernels_us", "steps_us"}."""
+    worker writes it: {"device", "window_us", "kernels_us", "steps_us"} and, where known,
+    the kernels' names ({"kernel_names", "kernel_name_ids"})."""
     window = (float(trace["window_us"][0]), float(trace["window_us"][1]))
     kernels = as_intervals(trace.get("kernels_us") or [])
+    table = trace.get("kernel_names") or []
+    names = [table[i] for i in trace.get("kernel_name_ids") or []]
     merged = busy_union(kernels, window)
     length = window[1] - window[0]
     busy = float((merged[:, 1] - merged[:, 0]).sum() / length) if length > 0 else 0.0
@@ -159,6 +196,8 @@ def analyse_timeline(trace: dict[str, Any], slice_us: float) -> dict[str, Any]:
         "busy": busy if len(kernels) else None,
         "idle_gaps": asdict(idle_gaps(merged, window)) if len(kernels) else None,
         "idle_by_gap_size": idle_by_gap_size(merged, window) if len(kernels) else None,
+        "idle_by_neighbours": idle_by_neighbours(kernels, names, window)
+        if len(names) == len(kernels) and len(kernels) else None,
         "steps": asdict(stats) if stats else None,
         "slice": timeline_slice(merged, steps, window, slice_us) if len(kernels) else None,
     }

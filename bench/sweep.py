@@ -131,10 +131,10 @@ def decode_step_fn(model, attention, batch: int, context: int, device):
     """The step to time: forward over one token per row, then greedy sampling."""
     meta = decode_metadata(batch, context, device)
     ids = torch.randint(0, model.shape.vocab, (batch,), device=device)
-    index = torch.arange(batch, device=device)
+    sampled = torch.empty(batch, dtype=torch.int32, device=device)
 
     def step():
-        return model.forward(ids, meta, attention, index).argmax(-1)
+        return model.ops.argmax_into(model.forward(ids, meta, attention, None), sampled)
 
     if device.type != "cuda":
         return step

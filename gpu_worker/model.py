@@ -90,8 +90,8 @@ class LlamaModel:
         input_ids: torch.Tensor,  # [num_tokens]
         meta: AttentionMetadata,
         attention: AttentionBackend,
-        sample_index: torch.Tensor,  # [num_rows], the token whose logits each row samples
-    ) -> torch.Tensor:  # [num_rows, vocab] float32 logits
+        sample_index: torch.Tensor | None,  # [num_rows]: the token each row samples; None: all
+    ) -> torch.Tensor:  # [num_rows, vocab] logits, in the model's dtype
         s, ops = self.shape, self.ops
         residual = F.embedding(input_ids, self.embed)  # [num_tokens, hidden], updated in place
         h = ops.rms_norm(residual, self.layers[0]["in_norm"], s.eps)
@@ -101,8 +101,11 @@ class LlamaModel:
             out = ops.linear(ops.silu_and_mul(ops.linear(h, w["gate_up"])), w["down"])
             if i + 1 < len(self.layers):
                 h, residual = ops.add_rms_norm(out, residual, self.layers[i + 1]["in_norm"], s.eps)
-        last = residual[sample_index] + out[sample_index]  # only the sampled tokens go on
-        return F.linear(ops.rms_norm(last, self.final_norm, s.eps), self.lm_head).float()
+        if sample_index is None:
+            last = residual + out
+        else:  # only the sampled tokens go on
+            last = residual[sample_index] + out[sample_index]
+        return F.linear(ops.rms_norm(last, self.final_norm, s.eps), self.lm_head)
 
     def _attention(self, i, w, h, meta: AttentionMetadata, attention: AttentionBackend):
         s = self.shape

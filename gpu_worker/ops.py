@@ -11,6 +11,14 @@ to a few half-precision ulps, and with itself bit for bit). The model calls
   then y = rms_norm(residual)
 - ``silu_and_mul(gate_up) -> silu(gate) * up``
 - ``linear(x, w, bias=None) -> x @ w.T + bias``
+
+and the two ends of a static decode step (the runner's, captured in its graph):
+
+- ``decode_inputs(inputs, prev_sampled, rows, num_blocks, scratch_block, block_size,
+  out_header) -> (ids, positions, slot_mapping, context_lens, block_tables)``: the model's
+  inputs from a decode slot, placeholders filled, padding rows on the scratch block
+  (see :func:`gpu_worker.kernels.decode.decode_inputs`)
+- ``argmax_into(logits, out)``: greedy samples, first maximum of each row
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from gpu_worker.config import KERNELS
+from tandem import slots as S
 
 
 class TorchOps:
@@ -55,6 +64,33 @@ class TorchOps:
 
     linear = staticmethod(F.linear)
 
+    @staticmethod
+    def decode_inputs(inputs, prev_sampled, rows, num_blocks, scratch_block, block_size,
+                      out_header) -> tuple[torch.Tensor, ...]:
+        header = inputs["header"]
+        index = torch.arange(rows, device=header.device)
+        valid = index < header[S.H_NUM_ROWS]
+        # placeholders: scatter the previous samples; the rows past them aim at a spare entry
+        src = inputs["placeholder_src"][:rows].long().clamp(0, prev_sampled.shape[0] - 1)
+        target = torch.where(index < header[S.H_NUM_PLACEHOLDERS],
+                             inputs["placeholder_pos"][:rows].long().clamp(0, rows), rows)
+        ids = inputs["input_ids"][:rows].long()
+        ids = torch.cat([ids, ids.new_zeros(1)]).scatter(0, target, prev_sampled[src].long())
+        out_header[S.O_SEQ].copy_(header[S.H_SEQ])
+        out_header[S.O_NUM_ROWS].copy_(header[S.H_NUM_ROWS])
+        long = {name: inputs[name][:rows].long()
+                for name in ("positions", "slot_mapping", "context_lens")}
+        return (torch.where(valid, ids[:rows], 0),
+                torch.where(valid, long["positions"], 0),
+                torch.where(valid, long["slot_mapping"], scratch_block * block_size),
+                torch.where(valid, long["context_lens"], 1),
+                torch.where(valid[:, None], inputs["block_tables"][:rows, :num_blocks].long(),
+                            scratch_block))
+
+    @staticmethod
+    def argmax_into(logits: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return out.copy_(logits.argmax(-1))
+
 
 class TritonOps:
     """The fused kernels, and for decode-sized batches the narrow matrix products too: up to
@@ -66,11 +102,13 @@ class TritonOps:
     LINEAR_ROWS, LINEAR_MAX_N = 32, 4096
 
     def __init__(self, device: torch.device) -> None:
-        from gpu_worker.kernels import fused, linear
+        from gpu_worker.kernels import decode, fused, linear
 
         self.rms_norm = fused.rms_norm
         self.add_rms_norm = fused.add_rms_norm
         self.silu_and_mul = fused.silu_and_mul
+        self.decode_inputs = decode.decode_inputs
+        self.argmax_into = decode.argmax_into
         self._linear = linear
         self._counters = linear.new_counters(torch.device(device))  # before any capture
 

@@ -1,11 +1,13 @@
 """One batch from its device slot to sampled tokens, on the current (compute) stream.
 
-Decode batches (one token per row) run a static-shape forward over a bucket of
+Decode batches (one token per row) run a static-shape step over a bucket of
 rows and a bucket of context length: it fills placeholders from the previous
-batch's on-device output, masks the padding rows onto a scratch KV block, and on
-CUDA it is captured once per (slot, rows, context) bucket and replayed as a
-graph, all graphs sharing one memory pool. Other batches (prefill, mixed) run
-eagerly with the same model code.
+batch's on-device output, masks the padding rows onto a scratch KV block, runs
+the model and samples greedily into the slot's outputs. On CUDA the step is
+captured once per (slot, rows, context) bucket and replayed as a graph, all
+graphs sharing one memory pool; a batch that wants more than greedy tokens
+(temperature, penalties, bans, logprobs) samples again, eagerly, over the graph's
+logits. Other batches (prefill, mixed) run eagerly with the same model code.
 """
 
 from __future__ import annotations
@@ -48,6 +50,12 @@ class BatchInfo:
     def is_decode(self) -> bool:
         return self.max_query_len == 1
 
+    @property
+    def is_greedy_only(self) -> bool:
+        """Greedy tokens are all the batch wants: the decode graph's sampling suffices."""
+        return (self.all_greedy and not self.want_logprobs and not self.num_top_logprobs
+                and not self.any_banned and not self.history_len)
+
     @classmethod
     def read(cls, view: S.SlotView) -> BatchInfo:
         h, rows = view.header, int(view.header[S.H_NUM_ROWS])
@@ -87,11 +95,16 @@ class ModelRunner:
             buckets(max_context, min(256, max_context))
         self.use_graphs = use_graphs
         self.graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.index = torch.arange(shape.max_num_rows + 1, device=slots.device)  # row numbers
 
     def run(self, k: int, info: BatchInfo) -> None:
         """Run slot ``k``'s batch and write its outputs into the slot's device buffer."""
-        logits = self._decode(k, info)[:info.num_rows] if info.is_decode else self._eager(k, info)
-        self._sample(k, info, logits)
+        if not info.is_decode:
+            self._sample(k, info, self._eager(k, info))
+            return
+        logits = self._decode(k, info)  # greedy samples written
+        if not info.is_greedy_only:
+            self._sample(k, info, logits[:info.num_rows])
 
     def _prev_outputs(self, k: int) -> dict:
         return self.slots.slots[(k - 1) % len(self.slots.slots)].outputs
@@ -107,23 +120,19 @@ class ModelRunner:
         return graph[1]
 
     def _decode_forward(self, k: int, rows: int, ctx: int) -> torch.Tensor:
-        v, prev = self.slots.slots[k].inputs, self._prev_outputs(k)
-        header = v["header"]
-        index = torch.arange(rows, device=self.slots.device)
-        valid = index < header[S.H_NUM_ROWS]
-        ids = _fill_placeholders(v, prev, rows, index < header[S.H_NUM_PLACEHOLDERS])
-        scratch_slot = self.scratch_block * self.block_size
-        num_blocks = -(-ctx // self.block_size)
+        """The decode step over ``rows`` rows: inputs, model, greedy samples. The logits."""
+        ops, out = self.model.ops, self.slots.slots[k].outputs
+        ids, positions, slot_mapping, context_lens, block_tables = ops.decode_inputs(
+            self.slots.slots[k].inputs, self._prev_outputs(k)["sampled_ids"], rows,
+            -(-ctx // self.block_size), self.scratch_block, self.block_size, out["out_header"])
         meta = AttentionMetadata(
-            positions=torch.where(valid, v["positions"][:rows].long(), 0),
-            slot_mapping=torch.where(valid, v["slot_mapping"][:rows].long(), scratch_slot),
-            query_start=torch.arange(rows + 1, device=index.device),
-            context_lens=torch.where(valid, v["context_lens"][:rows].long(), 1),
-            block_tables=torch.where(valid[:, None], v["block_tables"][:rows, :num_blocks].long(),
-                                     self.scratch_block),
-            token_rows=index, max_query_len=1, max_context_len=ctx,
+            positions=positions, slot_mapping=slot_mapping, query_start=self.index[:rows + 1],
+            context_lens=context_lens, block_tables=block_tables, token_rows=self.index[:rows],
+            max_query_len=1, max_context_len=ctx,
         )
-        return self.model.forward(torch.where(valid, ids, 0), meta, self.attention, index)
+        logits = self.model.forward(ids, meta, self.attention, None)
+        ops.argmax_into(logits, out["sampled_ids"][:rows])
+        return logits
 
     def capture_graphs(self) -> int:
         """Capture every decode bucket of every slot (largest first), sharing one pool."""
@@ -180,7 +189,6 @@ class ModelRunner:
         o["out_header"][S.O_SEQ].fill_(info.seq)
         o["out_header"][S.O_NUM_ROWS].fill_(r)
 
-
     def _penalties(self, k: int, info: BatchInfo) -> Penalties | None:
         if not info.history_len:
             return None
@@ -193,16 +201,3 @@ class ModelRunner:
             prompt_lens=v["prompt_lens"][:r].long(),
             repetition=v["repetition_penalty"][:r], presence=v["presence_penalty"][:r],
             frequency=v["frequency_penalty"][:r])
-
-
-def _fill_placeholders(v: dict, prev: dict, rows: int, is_placeholder: torch.Tensor):
-    """Decode inputs with placeholders replaced by the previous batch's samples.
-
-    Static shapes: the first ``num_placeholders`` entries are real; the others
-    are sent to a spare element past the end and dropped."""
-    ids = v["input_ids"][:rows].long()
-    limit = prev["sampled_ids"].shape[0] - 1
-    src = v["placeholder_src"][:rows].long().clamp(0, limit)
-    target = torch.where(is_placeholder, v["placeholder_pos"][:rows].long().clamp(0, rows), rows)
-    padded = torch.cat([ids, ids.new_zeros(1)])
-    return padded.scatter(0, target, prev["sampled_ids"][src].long())[:rows]

@@ -108,9 +108,9 @@ def _penalise(logits: torch.Tensor, p: Penalties) -> torch.Tensor:
 
 
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
-    """logits: [rows, vocab] float32. Logprobs describe the distribution before bans,
-    temperature, top-k and top-p."""
-    raw = logits
+    """logits: [rows, vocab], sampled in float32. Logprobs describe the distribution before
+    bans, temperature, top-k and top-p."""
+    logits = raw = logits.float()
     if batch.penalties is not None:
         logits = _penalise(logits, batch.penalties)
     if batch.banned_ids is not None:

@@ -56,11 +56,16 @@ class Tracer:
 
 
 def timeline_from_events(events: list[dict], device: str) -> dict:
-    """Kernel intervals and per-batch GPU spans from Chrome-trace events (µs)."""
-    kernels = sorted([e["ts"], e["ts"] + e.get("dur", 0)] for e in events
-                     if e.get("cat") == "kernel" and "ts" in e)
+    """Kernel intervals (sorted) with their names, and per-batch GPU spans, from Chrome-trace
+    events (µs). Names are stored once: ``kernel_names[kernel_name_ids[i]]`` is kernel i's."""
+    named = sorted((e["ts"], e["ts"] + e.get("dur", 0), str(e.get("name", ""))) for e in events
+                   if e.get("cat") == "kernel" and "ts" in e)
+    kernels = [[start, end] for start, end, _ in named]
+    ids: dict[str, int] = {}
+    name_ids = [ids.setdefault(name, len(ids)) for _, _, name in named]
     steps = sorted([e["ts"], e["ts"] + e.get("dur", 0)] for e in events
                    if e.get("cat") == "gpu_user_annotation"
                    and str(e.get("name", "")).startswith(STEP_PREFIX))
     window = [kernels[0][0], max(k[1] for k in kernels)] if kernels else [0, 0]
-    return {"device": device, "window_us": window, "kernels_us": kernels, "steps_us": steps}
+    return {"device": device, "window_us": window, "kernels_us": kernels, "steps_us": steps,
+            "kernel_names": list(ids), "kernel_name_ids": name_ids}

@@ -98,11 +98,20 @@ class Worker:
         return int(budget // per_block)
 
     def warm_up(self) -> None:
-        """Run a prefill and a decode through the whole path, then capture the graphs."""
+        """Run prefills and a decode through the whole path, then capture the graphs.
+
+        On CUDA the prefills span the token budget too: the matrix-product kernels that
+        large prefills pick are loaded on first use, which would stall the first real one."""
         view = self.segment.slots[0]
-        n = min(8, self.cfg.slot_shape.max_num_tokens)
+        shape = self.cfg.slot_shape
+        n = min(8, shape.max_num_tokens)
+        sizes = [n]
+        if self.device.type == "cuda":
+            largest = min(shape.max_num_tokens, shape.max_blocks_per_row * shape.block_size)
+            sizes += sorted({min(512, largest), largest} - {n})
         scratch = self.num_blocks
-        for seq, (tokens, start) in enumerate([(n, 0), (1, n)], start=1):
+        batches = [(tokens, 0) for tokens in sizes] + [(1, n)]
+        for seq, (tokens, start) in enumerate(batches, start=1):
             _write_warmup_batch(view, seq, tokens, start, scratch, self.cfg.block_size)
             self.pipeline.launch(0, BatchInfo.read(view))
         self.pipeline.synchronize()

@@ -28,6 +28,8 @@ from tokenizer_svc.server import EngineServicer, set_health, start_server
 from tokenizer_svc.tokenization import ModelTokenizer
 from tokenizer_svc.worker_client import WorkerClient
 
+GIL_SWITCH_INTERVAL_S = 2e-4
+
 log = logging.getLogger("tokenizer_svc")
 
 
@@ -131,6 +133,10 @@ async def serve(cfg: EngineConfig) -> int:
         servicer.engine, servicer.device, servicer.dtype = engine, worker.device, worker.dtype
         gc.collect()
         gc.freeze()  # start-up objects leave the collector's view: shorter pauses per step
+        # The engine thread shares the GIL with the gRPC loop, which streams every step's
+        # tokens. Python hands a contended GIL over only every switch interval (5 ms by
+        # default): long enough for the engine to miss the GPU's next step.
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         engine.start()
         await set_health(health_servicer, True)
         log.info("serving %s (%s mode)", source.name, "async" if cfg.scheduler.overlap else "sync")
