@@ -77,9 +77,8 @@ def _allow_cpu_cache() -> None:
     cache.PagedAttentionMemoryHandler.get_available_memory = lambda self: CPU_CACHE_BYTES
 
 
-def warm_up(hf, cfg: HfRunConfig, gen, cb, prompts: list[list[int]], keep: bool) -> None:
-    """Build the manager for the real workload and run a few requests; keep it for the
-    measured call when ``keep``, else destroy it (the kernels stay loaded)."""
+def warm_up(hf, cfg: HfRunConfig, gen, cb, prompts: list[list[int]]) -> None:
+    """Build the manager for the real workload, run a few requests, keep it for later."""
     from transformers.generation.continuous_batching.utils import WorkloadHints
 
     wl = cfg.workload
@@ -97,9 +96,7 @@ def warm_up(hf, cfg: HfRunConfig, gen, cb, prompts: list[list[int]], keep: bool)
             finished += 1
         elif result is None and not manager.is_running():
             raise RuntimeError("the continuous batching thread died during warm-up")
-    manager.stop(block=True, keep_for_next_session=keep)
-    if not keep:
-        manager.destroy()
+    manager.stop(block=True, keep_for_next_session=True)
 
 
 def _spin(device: str) -> None:
@@ -167,27 +164,21 @@ def measure(hf, model: ModelInfo, cfg: HfRunConfig) -> dict:
     prompts = make_prompts(wl, model)
     gen = GenerationConfig(max_new_tokens=wl.new_tokens, do_sample=False, eos_token_id=-1)
     cb = ContinuousBatchingConfig(use_async_batching=cfg.is_async)
-    # Transformers 5.17's async mode never finishes a call on a reused manager (the sync
-    # mode does): async builds a fresh one inside the timed call, which it then includes.
-    reuse = not cfg.is_async
-    warm_up(hf, cfg, gen, cb, warmup_prompts(wl, model, WARMUP_REQUESTS), keep=reuse)
+    warm_up(hf, cfg, gen, cb, warmup_prompts(wl, model, WARMUP_REQUESTS))
     pci = pci_bus_id(torch.cuda.get_device_properties(cfg.device)) if cfg.is_cuda else None
     sampler = NvmlSampler(cfg.is_cuda, pci)
     with kernel_trace(cfg.is_cuda and cfg.trace, cfg.device) as box, sampler:
         started = time.perf_counter()
         outputs = hf.generate_batch(prompts, generation_config=gen,
                                     continuous_batching_config=cb, max_new_tokens=wl.new_tokens,
-                                    persistent_manager=reuse, record_timestamps=True)
+                                    persistent_manager=True, record_timestamps=True)
         call_s = time.perf_counter() - started
-    if reuse:
-        hf.destroy_cached_continuous_batching_manager()
+    hf.destroy_cached_continuous_batching_manager()
     arrivals = [[(t, 1) for t in (out.timestamps or [])] for out in outputs.values()]
     last = max((chunks[-1][0] for chunks in arrivals if chunks), default=started + call_s)
     wall_s, notes = last - started, []
     if len(outputs) != wl.num_requests:
         notes.append(f"{len(outputs)} of {wl.num_requests} requests came back")
-    if not reuse:
-        notes.append("manager built inside the timed call (a reused one hangs in async mode)")
     return analysis.mode_row(
         f"hf-{'async' if cfg.is_async else 'sync'}", wall_s, arrivals,
         _timeline(box, wall_s, cfg, notes), result_dict(sampler), notes,
