@@ -3,10 +3,14 @@
 # end-to-end suite with the worker on CUDA, and the benchmark. Results go to $OUT.
 #
 #   scripts/device_run.sh [gpu|tests|sweep|kernels|bench|all] [extra bench args...]
+#   scripts/device_run.sh [bench-start|bench-wait] [extra bench args...]
 #   (gpu: only the tests marked gpu; tests: those and the e2e suite on CUDA; sweep: the
 #   gpu tests and the decode/prefill sweep alone; kernels: the gpu tests and the component
 #   benchmarks, bench.gemm and bench.attention, with their searches; bench: `python -m
-#   bench`, sweep included)
+#   bench`, sweep included. bench-start runs the same benchmark in its own session, so that
+#   it outlives a command that has a time limit, and waits for it up to $WAIT_S seconds
+#   (default 540); bench-wait waits again. Whichever sees it finish copies bench.json,
+#   bench.png and bench.txt to $OUT.)
 #
 # Missing Python packages travel as wheels in .whl/ and the tokenizer cache in
 # .device/cache/ (see README, "Running on a GPU machine").
@@ -47,6 +51,28 @@ if [ "$what" = tests ] || [ "$what" = all ]; then
     TANDEM_TEST_MODEL=random:smollm2-135m TANDEM_TEST_DEVICE=cuda \
         python3 -m pytest -q -p no:cacheprovider -x tests/e2e 2>&1 | tee "$OUT/e2e_cuda.txt"
     status=$(( status | PIPESTATUS[0] ))
+fi
+BG=/tmp/tandem-bench
+if [ "$what" = bench-start ]; then
+    mkdir -p "$BG"
+    setsid nohup python3 -m bench --out "$BG" "$@" > "$BG/bench.txt" 2>&1 < /dev/null &
+    echo $! > "$BG/pid"
+fi
+if [ "$what" = bench-start ] || [ "$what" = bench-wait ]; then
+    pid=$(cat "$BG/pid" 2>/dev/null) || { echo "no background bench to wait for"; exit 1; }
+    waited=0
+    while kill -0 "$pid" 2>/dev/null && [ "$waited" -lt "${WAIT_S:-540}" ]; do
+        sleep 5
+        waited=$((waited + 5))
+    done
+    if kill -0 "$pid" 2>/dev/null; then
+        echo "bench still running after ${waited} s: call bench-wait again"
+        tail -n 5 "$BG/bench.txt"
+    else
+        cp "$BG/bench.txt" "$OUT/"
+        cp "$BG/bench.json" "$BG/bench.png" "$OUT/" 2>/dev/null
+        grep -v '^20' "$BG/bench.txt" | tail -n 40
+    fi
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
     python3 -m bench --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.txt"
