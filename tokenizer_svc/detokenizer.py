@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 
 class IncrementalDetokenizer:
     """Emits the text of each new token as soon as it is settled.
@@ -13,14 +16,10 @@ class IncrementalDetokenizer:
 
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
+        self._decode = _decoder(tokenizer)
         self.ids: list[int] = []
         self.prefix_offset = 0  # start of the decoding window
         self.read_offset = 0  # tokens before this have been emitted
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(
-            ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
-        )
 
     def add(self, token_id: int) -> str:
         self.ids.append(token_id)
@@ -37,6 +36,29 @@ class IncrementalDetokenizer:
         text = self._decode(self.ids[self.prefix_offset :])
         self.prefix_offset = self.read_offset = len(self.ids)
         return text[len(prefix) :] if len(text) > len(prefix) else ""
+
+
+def _decoder(tokenizer) -> Callable[[list[int]], str]:
+    """``tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)``.
+
+    For a Transformers fast tokenizer that does not change how it decodes, that is its Rust
+    backend's decode alone: called directly, without Transformers' argument handling, which
+    takes several times as long as the decoding (twice per token and request, every step)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and _decodes_plainly(type(tokenizer)):
+        return functools.partial(backend.decode, skip_special_tokens=True)
+    return functools.partial(tokenizer.decode, skip_special_tokens=True,
+                             clean_up_tokenization_spaces=False)
+
+
+def _decodes_plainly(cls: type) -> bool:
+    try:
+        from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    except ImportError:
+        return False
+    return (issubclass(cls, TokenizersBackend) and cls.decode is PreTrainedTokenizerBase.decode
+            and cls._decode is TokenizersBackend._decode)
 
 
 class StopStringMatcher:

@@ -201,6 +201,7 @@ class Engine:
             self.metrics.observe_step(timing.busy_s, timing.idle_s)
         view = self.segment.slots[slot]
         sampled = view.sampled_ids[: len(plan.rows)].tolist()
+        num_sampled = self.num_sampled
         for r, row in enumerate(plan.rows):
             req = row.req
             if not row.samples or req.status == Status.FINISHED:
@@ -217,11 +218,11 @@ class Engine:
                 sink(out)
             if req.finish_reason is not None:
                 self.sinks.pop(req.req_id, None)
+        self.metrics.generated.inc(self.num_sampled - num_sampled)
         self._observe_state()
 
     def _observe_token(self, req: Request, out: RequestOutput, previous: float | None) -> None:
         m, now = self.metrics, time.monotonic()
-        m.generated.inc()
         if previous is None:
             m.ttft.observe(now - req.arrival)
         else:
