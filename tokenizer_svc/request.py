@@ -67,6 +67,16 @@ class RequestOutput:
     total_seconds: float = 0.0
     error: str | None = None  # set when the engine failed the request
 
+    def extend(self, later: RequestOutput) -> None:
+        """Append ``later`` (the same request's next output): one delta for both."""
+        self.text += later.text
+        self.token_ids += later.token_ids
+        self.logprobs += later.logprobs
+        if later.finish_reason is not None or later.error is not None:
+            for field in ("finish_reason", "prompt_tokens", "completion_tokens",
+                          "queue_seconds", "first_token_seconds", "total_seconds", "error"):
+                setattr(self, field, getattr(later, field))
+
 
 @dataclasses.dataclass(eq=False)
 class Request:

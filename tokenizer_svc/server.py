@@ -4,7 +4,9 @@ converts, hands requests to the engine thread, and relays outputs."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import threading
 import time
 
 import grpc
@@ -16,11 +18,55 @@ from tokenizer_svc import convert
 from tokenizer_svc.config import EngineConfig
 from tokenizer_svc.engine import Engine
 from tokenizer_svc.metrics import EngineMetrics
-from tokenizer_svc.request import Request
+from tokenizer_svc.request import Request, RequestOutput
 from tokenizer_svc.tokenization import ModelTokenizer
 
 log = logging.getLogger("tokenizer_svc.server")
 SERVICE = "tandem.internal.v1.Engine"
+
+
+class Relay:
+    """Hands outputs from the engine thread to the event loop's queues with one wake-up per
+    burst (a step's outputs for every request), not one per output: each wake-up is a
+    write to the loop's self-pipe, and the loop then contends for the GIL with the engine
+    thread, which is still applying the step."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._pending: list[tuple[asyncio.Queue, RequestOutput]] = []
+
+    def post(self, queue: asyncio.Queue, out: RequestOutput) -> None:
+        """Any thread: ``queue.put_nowait(out)`` on the loop, in the order of posting."""
+        with self._lock:
+            self._pending.append((queue, out))
+            wake = len(self._pending) == 1
+        if wake:
+            self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for queue, out in pending:
+            queue.put_nowait(out)
+
+
+async def _deltas(outputs: asyncio.Queue):
+    """A request's outputs up to its last: those already waiting when one is taken go out
+    with it, as one delta (a stream that has fallen behind catches up in fewer messages).
+    An error output is never merged: it ends the stream on its own."""
+    held = None
+    while True:
+        out, held = held or await outputs.get(), None
+        while out.finish_reason is None and out.error is None and not outputs.empty():
+            later = outputs.get_nowait()
+            if later.error is not None:
+                held = later
+                break
+            out.extend(later)
+        yield out
+        if out.finish_reason is not None or out.error is not None:
+            return
 
 
 class EngineServicer(engine_pb2_grpc.EngineServicer):
@@ -34,6 +80,7 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
         self.engine: Engine | None = None  # set once the worker is ready
         self.device = ""  # where the worker runs the model, and in which dtype
         self.dtype = ""
+        self.relay: Relay | None = None  # outputs from the engine thread, made on first use
 
     async def Generate(self, request: engine_pb2.EngineRequest, context):
         engine = await self._engine(context)
@@ -42,12 +89,12 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
         req = await self._build(request, context)
         await self._admit(engine, req, context)
         outputs: asyncio.Queue = asyncio.Queue()
-        loop = asyncio.get_running_loop()
-        engine.add_request(req, lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out))
+        if self.relay is None:
+            self.relay = Relay(asyncio.get_running_loop())
+        engine.add_request(req, functools.partial(self.relay.post, outputs))
         finished = False
         try:
-            while not finished:
-                out = await outputs.get()
+            async for out in _deltas(outputs):
                 if out.error is not None:
                     await context.abort(grpc.StatusCode.UNAVAILABLE, out.error)
                 finished = out.finish_reason is not None

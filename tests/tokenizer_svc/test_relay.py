@@ -1,0 +1,101 @@
+"""Outputs from the engine thread to the gRPC loop: wake-ups per burst, deltas merged when a
+stream has fallen behind, errors never merged. Plain asyncio, no gRPC."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+from tokenizer_svc.request import FinishReason, RequestOutput, TokenLogprob
+from tokenizer_svc.server import Relay, _deltas
+
+
+def output(token, finish=None, error=None, text=None):
+    return RequestOutput("r", text=text if text is not None else f"<{token}>",
+                         token_ids=[token], logprobs=[TokenLogprob(token, -0.5, [])],
+                         finish_reason=finish, completion_tokens=token, error=error)
+
+
+async def collect(queue):
+    return [out async for out in _deltas(queue)]
+
+
+def test_a_stream_that_fell_behind_gets_one_delta_for_what_waits():
+    async def main():
+        queue = asyncio.Queue()
+        for out in (output(1), output(2), output(3, FinishReason.LENGTH)):
+            queue.put_nowait(out)
+        return await collect(queue)
+
+    (delta,) = asyncio.run(main())
+    assert delta.token_ids == [1, 2, 3] and delta.text == "<1><2><3>"
+    assert [lp.token_id for lp in delta.logprobs] == [1, 2, 3]
+    assert delta.finish_reason == FinishReason.LENGTH and delta.completion_tokens == 3
+
+
+def test_deltas_go_out_as_they_come_when_the_stream_keeps_up():
+    async def main():
+        queue, seen = asyncio.Queue(), []
+
+        async def consume():
+            async for out in _deltas(queue):
+                seen.append(out.token_ids)
+
+        task = asyncio.create_task(consume())
+        for out in (output(1), output(2), output(3, FinishReason.STOP)):
+            queue.put_nowait(out)
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+        await task
+        return seen
+
+    assert asyncio.run(main()) == [[1], [2], [3]]
+
+
+def test_an_error_is_never_merged_into_tokens():
+    async def main():
+        queue = asyncio.Queue()
+        failed = RequestOutput("r", finish_reason=FinishReason.ABORTED, error="engine failed")
+        for out in (output(1), output(2), failed, output(9)):
+            queue.put_nowait(out)
+        return await collect(queue)
+
+    tokens, error = asyncio.run(main())
+    assert tokens.token_ids == [1, 2] and tokens.error is None and tokens.finish_reason is None
+    assert error.error == "engine failed" and error.token_ids == []
+
+
+class CountingLoop:
+    def __init__(self, loop):
+        self.loop, self.wakeups = loop, 0
+
+    def call_soon_threadsafe(self, fn, *args):
+        self.wakeups += 1
+        return self.loop.call_soon_threadsafe(fn, *args)
+
+
+def test_relay_keeps_each_queue_in_order_with_fewer_wakeups_than_outputs():
+    async def main():
+        loop = CountingLoop(asyncio.get_running_loop())
+        relay = Relay(loop)
+        queues = [asyncio.Queue() for _ in range(4)]
+
+        def engine_thread():
+            for step in range(200):  # a burst per step: one output for every request
+                for q in queues:
+                    relay.post(q, step)
+
+        thread = threading.Thread(target=engine_thread)
+        thread.start()
+        got = [[] for _ in queues]
+        while any(len(g) < 200 for g in got):
+            for q, g in zip(queues, got, strict=True):
+                while not q.empty():
+                    g.append(q.get_nowait())
+            await asyncio.sleep(0.001)
+        thread.join()
+        return got, loop.wakeups
+
+    got, wakeups = asyncio.run(main())
+    assert all(g == list(range(200)) for g in got)
+    assert 1 <= wakeups < 800
