@@ -25,7 +25,7 @@ log = logging.getLogger("tokenizer_svc.server")
 SERVICE = "tandem.internal.v1.Engine"
 
 
-class Relay:
+class OutputBridge:
     """Hands outputs from the engine thread to the event loop's queues with one wake-up per
     burst (a step's outputs for every request), not one per output: each wake-up is a
     write to the loop's self-pipe, and the loop then contends for the GIL with the engine
@@ -80,7 +80,7 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
         self.engine: Engine | None = None  # set once the worker is ready
         self.device = ""  # where the worker runs the model, and in which dtype
         self.dtype = ""
-        self.relay: Relay | None = None  # outputs from the engine thread, made on first use
+        self.bridge: OutputBridge | None = None  # outputs from the engine thread, made on first use
 
     async def Generate(self, request: engine_pb2.EngineRequest, context):
         engine = await self._engine(context)
@@ -89,9 +89,9 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
         req = await self._build(request, context)
         await self._admit(engine, req, context)
         outputs: asyncio.Queue = asyncio.Queue()
-        if self.relay is None:
-            self.relay = Relay(asyncio.get_running_loop())
-        engine.add_request(req, functools.partial(self.relay.post, outputs))
+        if self.bridge is None:
+            self.bridge = OutputBridge(asyncio.get_running_loop())
+        engine.add_request(req, functools.partial(self.bridge.post, outputs))
         finished = False
         try:
             async for out in _deltas(outputs):

@@ -7,7 +7,7 @@ import asyncio
 import threading
 
 from tokenizer_svc.request import FinishReason, RequestOutput, TokenLogprob
-from tokenizer_svc.server import Relay, _deltas
+from tokenizer_svc.server import OutputBridge, _deltas
 
 
 def output(token, finish=None, error=None, text=None):
@@ -74,16 +74,16 @@ class CountingLoop:
         return self.loop.call_soon_threadsafe(fn, *args)
 
 
-def test_relay_keeps_each_queue_in_order_with_fewer_wakeups_than_outputs():
+def test_bridge_keeps_each_queue_in_order_with_fewer_wakeups_than_outputs():
     async def main():
         loop = CountingLoop(asyncio.get_running_loop())
-        relay = Relay(loop)
+        bridge = OutputBridge(loop)
         queues = [asyncio.Queue() for _ in range(4)]
 
         def engine_thread():
             for step in range(200):  # a burst per step: one output for every request
                 for q in queues:
-                    relay.post(q, step)
+                    bridge.post(q, step)
 
         thread = threading.Thread(target=engine_thread)
         thread.start()
