@@ -7,7 +7,7 @@ import numpy as np
 
 from tandem import slots as S
 from tokenizer_svc.block_manager import BlockManager
-from tokenizer_svc.scheduler import BatchPlan
+from tokenizer_svc.scheduler import BatchPlan, ScheduledRow
 
 
 def banned_ids(req, eos_token_ids: frozenset[int]) -> list[int]:
@@ -21,22 +21,41 @@ def banned_ids(req, eos_token_ids: frozenset[int]) -> list[int]:
 
 def write_plan(view: S.SlotView, plan: BatchPlan, blocks: BlockManager,
                eos_token_ids: frozenset[int] = frozenset()) -> None:
-    """Fill the slot with ``plan``: per-row fields first, gathered in lists and written one
-    array at a time (a numpy write per row and field costs ~1 µs, and this runs every step
-    for every row), then the header, whose seq goes last."""
-    rows, bs = plan.rows, blocks.block_size
-    num_rows = len(rows)
+    """Fill the slot with ``plan``: the tokens, then the rows, then the header, whose seq
+    goes last. Each field is written for all rows at once, from lists (a numpy write per
+    row and field costs ~1 µs, and this runs every step for every row)."""
+    rows = plan.rows
     counts = [row.num_tokens for row in rows]
-    query_start = np.zeros(num_rows + 1, dtype=np.int64)
+    query_start = np.zeros(len(rows) + 1, dtype=np.int64)
     np.cumsum(counts, out=query_start[1:])
-    t = int(query_start[-1])
-    # tokens: ids, positions and KV slots, through each row's block table
+    starts = np.fromiter((row.start for row in rows), dtype=np.int64, count=len(rows))
+    num_placeholders = _write_tokens(view, rows, blocks, query_start, starts)
+    context_lens = starts + counts
+    view.query_start[: len(rows) + 1] = query_start
+    view.context_lens[: len(rows)] = context_lens
+    opts = [row.req.options for row in rows]
+    top_n = _write_sampling(view, rows, opts, eos_token_ids)
+    h = view.header
+    h[S.H_HISTORY_LEN] = _write_histories(view, plan)
+    h[S.H_NUM_TOKENS], h[S.H_NUM_ROWS] = int(query_start[-1]), len(rows)
+    h[S.H_NUM_PLACEHOLDERS], h[S.H_PREV_SEQ] = num_placeholders, plan.prev_seq
+    h[S.H_MAX_QUERY_LEN] = max(counts, default=0)
+    h[S.H_MAX_CONTEXT_LEN] = int(context_lens.max(initial=0))
+    h[S.H_NUM_TOP_LOGPROBS] = top_n
+    h[S.H_WANT_LOGPROBS] = int(any(o.logprobs for o in opts))
+    h[S.H_SEQ] = plan.seq  # last: the header's seq names a complete batch
+
+
+def _write_tokens(view: S.SlotView, rows: list[ScheduledRow], blocks: BlockManager,
+                  query_start: np.ndarray, starts: np.ndarray) -> int:
+    """Ids, positions and KV slots of every token (through its row's block table), and the
+    placeholders; returns how many placeholders there are."""
+    bs, t = blocks.block_size, int(query_start[-1])
     for r, row in enumerate(rows):
         table = blocks.table(row.req.req_id)
         view.block_tables[r, : len(table)] = table
     view.input_ids[:t] = [token for row in rows for token in row.token_ids]
-    token_rows = np.repeat(np.arange(num_rows), counts)
-    starts = np.fromiter((row.start for row in rows), dtype=np.int64, count=num_rows)
+    token_rows = np.repeat(np.arange(len(rows)), query_start[1:] - query_start[:-1])
     positions = starts[token_rows] + np.arange(t) - query_start[:-1][token_rows]
     view.positions[:t] = positions
     view.slot_mapping[:t] = view.block_tables[token_rows, positions // bs] * bs + positions % bs
@@ -45,34 +64,30 @@ def write_plan(view: S.SlotView, plan: BatchPlan, blocks: BlockManager,
     if placeholders:
         view.placeholder_pos[: len(placeholders)], view.placeholder_src[: len(placeholders)] = \
             zip(*placeholders, strict=True)
-    # rows: sampling options and lengths
-    opts = [row.req.options for row in rows]
-    view.query_start[: num_rows + 1] = query_start
-    context_lens = starts + counts
-    view.context_lens[:num_rows] = context_lens
-    view.temperature[:num_rows] = [o.temperature for o in opts]
-    view.top_p[:num_rows] = [o.top_p for o in opts]
-    view.top_k[:num_rows] = [o.top_k for o in opts]
-    view.seed[:num_rows] = [o.seed for o in opts]
+    return len(placeholders)
+
+
+def _write_sampling(view: S.SlotView, rows: list[ScheduledRow], opts: list,
+                    eos_token_ids: frozenset[int]) -> int:
+    """Each row's sampling options, prompt length and banned tokens; returns the most top
+    logprobs any row wants."""
+    n = len(rows)
+    view.temperature[:n] = [o.temperature for o in opts]
+    view.top_p[:n] = [o.top_p for o in opts]
+    view.top_k[:n] = [o.top_k for o in opts]
+    view.seed[:n] = [o.seed for o in opts]
     top_n = [o.top_logprobs if o.logprobs else 0 for o in opts]
-    view.num_top_logprobs[:num_rows] = top_n
-    view.repetition_penalty[:num_rows] = [o.repetition_penalty for o in opts]
-    view.presence_penalty[:num_rows] = [o.presence_penalty for o in opts]
-    view.frequency_penalty[:num_rows] = [o.frequency_penalty for o in opts]
-    view.prompt_lens[:num_rows] = [len(row.req.prompt_ids) for row in rows]
-    view.banned_ids[:num_rows] = -1
+    view.num_top_logprobs[:n] = top_n
+    view.repetition_penalty[:n] = [o.repetition_penalty for o in opts]
+    view.presence_penalty[:n] = [o.presence_penalty for o in opts]
+    view.frequency_penalty[:n] = [o.frequency_penalty for o in opts]
+    view.prompt_lens[:n] = [len(row.req.prompt_ids) for row in rows]
+    view.banned_ids[:n] = -1
     for r, row in enumerate(rows):
         banned = banned_ids(row.req, eos_token_ids) if row.samples else []
         if banned:
             view.banned_ids[r, : len(banned)] = banned
-    h = view.header
-    h[S.H_HISTORY_LEN] = _write_histories(view, plan)
-    h[S.H_NUM_TOKENS], h[S.H_NUM_ROWS], h[S.H_NUM_PLACEHOLDERS] = t, num_rows, len(placeholders)
-    h[S.H_PREV_SEQ], h[S.H_MAX_QUERY_LEN] = plan.prev_seq, max(counts, default=0)
-    h[S.H_MAX_CONTEXT_LEN] = int(context_lens.max(initial=0))
-    h[S.H_NUM_TOP_LOGPROBS], h[S.H_WANT_LOGPROBS] = max(top_n, default=0), int(
-        any(o.logprobs for o in opts))
-    h[S.H_SEQ] = plan.seq  # last: the header's seq names a complete batch
+    return max(top_n, default=0)
 
 
 def _write_histories(view: S.SlotView, plan: BatchPlan) -> int:
