@@ -3,8 +3,9 @@
 For each (batch, context) point, a CUDA graph runs the Triton attention backend's decode
 step (RoPE with the cache write of the new token, then the attention) over every layer of a
 Llama-3-8B-shaped paged cache (so the keys and values come from memory, not L2), and CUDA
-events time its replays. The floor is the bytes of K and V each row reads
-over the measured copy bandwidth. With ``--search`` it also times a grid of kernel
+events time its replays; ``other_rope_us`` times the same step with RoPE fused into the
+attention launch or not, whichever the default is not. The floor is the bytes of K and V
+each row reads over the measured copy bandwidth. With ``--search`` it also times a grid of kernel
 settings (keys per tile, pipeline stages, warps, programs per SM) and reports the fastest
 per point, which is how the defaults in ``gpu_worker.kernels.paged_attention`` are chosen.
 Prints JSON on the last line of stdout. CUDA only.
@@ -61,7 +62,9 @@ def measure(batch: int, context: int, bandwidth: float, search: bool) -> dict:
     default = TritonPagedAttention(cache, HEAD_DIM**-0.5)
     row = {"batch": batch, "context": context, "floor_us": floor_us, "default_us": time({}),
            "default": {"block_n": default.block_n, "num_stages": default.num_stages,
-                       "num_warps": default.num_warps, "waves": default.waves}}
+                       "num_warps": default.num_warps, "waves": default.waves,
+                       "fuse_rope": default.fuse_rope},
+           "other_rope_us": time({"fuse_rope": not default.fuse_rope})}
     if search:
         results = []
         for opts in settings():
@@ -74,8 +77,10 @@ def measure(batch: int, context: int, bandwidth: float, search: bool) -> dict:
         results.sort(key=lambda r: r[0])
         row["best_us"], row["best"] = results[0]
         row["top"] = [{"us": us, **opts} for us, opts in results[:8]]
-    log.info("batch %d context %d: floor %.1f us/layer, default %.1f (%.0f%%)%s", batch,
-             context, floor_us, row["default_us"], 100 * floor_us / row["default_us"],
+    log.info("batch %d context %d: floor %.1f us/layer, default %.1f (%.0f%%), RoPE %s: "
+             "%.1f%s", batch, context, floor_us, row["default_us"],
+             100 * floor_us / row["default_us"],
+             "unfused" if default.fuse_rope else "fused", row["other_rope_us"],
              f", best {row['best_us']:.1f} ({100 * floor_us / row['best_us']:.0f}%) "
              f"{row['best']}" if search else "")
     return row

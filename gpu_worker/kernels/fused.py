@@ -79,7 +79,7 @@ def _add_rms_norm_kernel(
 
 
 @triton.jit
-def _mul_add(a, b, c, d):
+def mul_add(a, b, c, d):
     """``a * b + c * d`` with each op rounded to a's dtype, as three torch ops would."""
     ab = (a.to(tl.float32) * b.to(tl.float32)).to(a.dtype)
     cd = (c.to(tl.float32) * d.to(tl.float32)).to(a.dtype)
@@ -97,8 +97,8 @@ def _rotate_heads(
     ptrs1 = base + heads * head_stride + dims
     x1 = tl.load(ptrs1, mask=mask, other=0.0)  # [BLOCK_H, BLOCK_D]
     x2 = tl.load(ptrs1 + HALF, mask=mask, other=0.0)
-    tl.store(ptrs1, _mul_add(x1, cos1, x2, sin1), mask=mask)
-    tl.store(ptrs1 + HALF, _mul_add(x2, cos2, x1, sin2), mask=mask)
+    tl.store(ptrs1, mul_add(x1, cos1, x2, sin1), mask=mask)
+    tl.store(ptrs1 + HALF, mul_add(x2, cos2, x1, sin2), mask=mask)
 
 
 @triton.jit
@@ -131,8 +131,8 @@ def _rope_write_kv_kernel(
     k1 = tl.load(k_src, mask=kv_mask, other=0.0)
     k2 = tl.load(k_src + HALF, mask=kv_mask, other=0.0)
     cache_dtype = key_cache.dtype.element_ty
-    tl.store(key_cache + dst, _mul_add(k1, cos1, k2, sin1).to(cache_dtype), mask=kv_mask)
-    tl.store(key_cache + dst + HALF, _mul_add(k2, cos2, k1, sin2).to(cache_dtype), mask=kv_mask)
+    tl.store(key_cache + dst, mul_add(k1, cos1, k2, sin1).to(cache_dtype), mask=kv_mask)
+    tl.store(key_cache + dst + HALF, mul_add(k2, cos2, k1, sin2).to(cache_dtype), mask=kv_mask)
     v_src = v_ptr + token * v_token_stride + src
     tl.store(value_cache + dst, tl.load(v_src, mask=kv_mask).to(cache_dtype), mask=kv_mask)
     tl.store(value_cache + dst + HALF, tl.load(v_src + HALF, mask=kv_mask).to(cache_dtype),

@@ -9,6 +9,8 @@ scale). :class:`gpu_worker.attention.TorchPagedAttention` is the reference they 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -23,6 +25,8 @@ WAVES = 2  # decode launches at least this many programs per SM, where rows allo
 DECODE_STAGES = 4  # K/V tiles in flight per decode program, where shared memory allows
 STAGE_SHARE = 0.7  # of a program's shared memory, what the decode pipeline may take
 PREFILL_BLOCK_M = 64  # query tokens x grouped heads per prefill program
+FUSE_ROPE = False  # decode: RoPE and the K/V write inside the attention launch (not yet
+# measured on a GPU; `python -m bench.attention` compares the two)
 
 
 class TritonPagedAttention:
@@ -40,14 +44,17 @@ class TritonPagedAttention:
     ``num_splits`` (decode splits) and ``block_n`` (keys per loop iteration, a power of
     two >= 16) override the defaults; tests use them to reach every code path. ``waves``
     (programs per SM that the split count aims for), ``num_warps`` and ``num_stages`` tune
-    the decode kernel (``python -m bench.attention`` compares them).
+    the decode kernel (``python -m bench.attention`` compares them). ``fuse_rope`` makes a
+    decode step one launch instead of two: each decode program rotates its own query heads
+    in registers (q is then left as it was), and the split that holds a row's newest key
+    rotates that key and writes it and its value into the cache before it reads them.
     """
 
     any_context = True  # decode reads each row's length on the device
 
     def __init__(self, cache: KVCache, scale: float, *, num_splits: int | None = None,
                  block_n: int | None = None, waves: int = WAVES, num_warps: int = 4,
-                 num_stages: int | None = None) -> None:
+                 num_stages: int | None = None, fuse_rope: bool = FUSE_ROPE) -> None:
         head_dim = cache.data.shape[-1]
         if not (_is_pow2(cache.block_size) and _is_pow2(head_dim) and head_dim >= 16):
             raise ValueError("block_size and head_dim must be powers of two, head_dim >= 16")
@@ -57,7 +64,7 @@ class TritonPagedAttention:
         self.scale = scale
         self.num_splits = num_splits
         self.block_n = block_n or max(64 if head_dim >= 128 else 128, cache.block_size)
-        self.waves, self.num_warps = waves, num_warps
+        self.waves, self.num_warps, self.fuse_rope = waves, num_warps, fuse_rope
         tile_bytes = 2 * self.block_n * head_dim * cache.data.element_size()  # one K + V
         budget = STAGE_SHARE * shared_memory(cache.data.device)
         self.num_stages = num_stages or (DECODE_STAGES if DECODE_STAGES * tile_bytes <= budget
@@ -68,17 +75,31 @@ class TritonPagedAttention:
 
     def forward(self, layer, q, k, v, meta: AttentionMetadata, rope) -> torch.Tensor:
         key_cache, value_cache = self.cache.keys(layer), self.cache.values(layer)
-        fused.rope_write_kv(q, k, v, meta.positions, rope.cos, rope.signed_sin, key_cache,
-                            value_cache, meta.slot_mapping)
-        if meta.max_query_len == 1:
+        decode, new_kv = meta.max_query_len == 1, None
+        if decode and self.fuse_rope:
+            new_kv = NewKV(k, v, meta.slot_mapping, rope.cos, rope.signed_sin)
+        else:
+            fused.rope_write_kv(q, k, v, meta.positions, rope.cos, rope.signed_sin, key_cache,
+                                value_cache, meta.slot_mapping)
+        if decode:
             rows, kv_heads = meta.block_tables.shape[0], key_cache.shape[2]
             max_context = meta.block_tables.shape[1] * self.cache.block_size
             num_splits = self.num_splits or decode_num_splits(
                 rows, kv_heads, max_context, num_sms(q.device), self.block_n, self.waves)
             return paged_decode(q, key_cache, value_cache, meta, self.scale, num_splits,
                                 self.block_n, self.split_counters, self.num_warps,
-                                self.num_stages)
+                                self.num_stages, new_kv)
         return paged_prefill(q, key_cache, value_cache, meta, self.scale, self.block_n)
+
+
+class NewKV(NamedTuple):
+    """A decode step's own keys and values, for the kernel to rotate and write itself."""
+
+    k: torch.Tensor  # [rows, kv_heads, head_dim], unrotated
+    v: torch.Tensor  # [rows, kv_heads, head_dim]
+    slot_mapping: torch.Tensor  # [rows]
+    cos: torch.Tensor  # [max_positions, head_dim]
+    signed_sin: torch.Tensor  # [max_positions, head_dim], first half negated
 
 
 def decode_num_splits(num_rows: int, num_kv_heads: int, max_context: int, num_sms: int,
@@ -100,6 +121,7 @@ def paged_decode(
     split_counters: torch.Tensor,  # [>= rows * kv_heads] int32, zero
     num_warps: int = 4,
     num_stages: int = 2,
+    new_kv: NewKV | None = None,  # given: q unrotated, new keys and values not yet cached
 ) -> torch.Tensor:  # [rows, heads, head_dim]
     rows, heads, dim = q.shape
     kv_heads = key_cache.shape[2]
@@ -114,17 +136,38 @@ def paged_decode(
         partial_ml = torch.empty(2, rows, heads, num_splits, dtype=torch.float32,
                                  device=q.device)  # running max (log2 units), sum of exp2
     group = heads // kv_heads
+    fuse = new_kv is not None
+    k_new, v_new, slots, cos, sin = new_kv if fuse else (q, q, meta.positions, q[0], q[0])
+    if fuse:
+        _check_new_kv(new_kv, rows, kv_heads, dim, q.dtype)
+    is_fp32 = q.dtype == torch.float32
     _decode_kernel[(rows, kv_heads, num_splits)](
         q, key_cache, value_cache, out, partial_acc, partial_ml, split_counters,
         meta.block_tables, meta.context_lens, meta.positions,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         *_kv_strides(key_cache, value_cache), meta.block_tables.stride(0), scale * LOG2E,
+        k_new, v_new, slots, cos, sin, k_new.stride(0), v_new.stride(0), k_new.stride(1),
+        cos.stride(0),
         GROUP=group, BLOCK_M=max(16, triton.next_power_of_2(group)), HEAD_DIM=dim,
         BLOCK_N=block_n, BLOCK_SIZE=key_cache.shape[1], NUM_SPLITS=num_splits,
-        IS_FP32=q.dtype == torch.float32, WHILE_LOOP=INTERPRETED, num_warps=num_warps,
+        IS_FP32=is_fp32, WHILE_LOOP=INTERPRETED, FUSE_ROPE=fuse, num_warps=num_warps,
         num_stages=num_stages,
+        enable_fp_fusion=not (fuse and is_fp32),  # float32 RoPE rounds as torch does
     )
     return out
+
+
+def _check_new_kv(new_kv: NewKV, rows: int, kv_heads: int, dim: int, dtype) -> None:
+    k, v, slots, cos, sin = new_kv
+    if k.shape != (rows, kv_heads, dim) or v.shape != k.shape or slots.shape != (rows,):
+        raise ValueError(f"new k {tuple(k.shape)}, v {tuple(v.shape)}, slots "
+                         f"{tuple(slots.shape)}: want [{rows}, {kv_heads}, {dim}] and [{rows}]")
+    if k.stride(2) != 1 or v.stride(2) != 1 or k.stride(1) != v.stride(1) or \
+            cos.stride() != sin.stride() or cos.stride(1) != 1:
+        raise ValueError("new k and v need a contiguous head_dim and one head stride; "
+                         "the tables one layout")
+    if not k.dtype == cos.dtype == sin.dtype == dtype:
+        raise ValueError("q, the new k and the tables must share a dtype")
 
 
 def paged_prefill(
@@ -216,12 +259,15 @@ def _decode_kernel(
     block_tables_ptr, context_lens_ptr, positions_ptr,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_kt, stride_kh, stride_bt,
     scale_log2,
+    k_new_ptr, v_new_ptr, slot_ptr, cos_ptr, sin_ptr, stride_knt, stride_vnt, stride_knh,
+    stride_table,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, IS_FP32: tl.constexpr,
-    WHILE_LOOP: tl.constexpr,
+    WHILE_LOOP: tl.constexpr, FUSE_ROPE: tl.constexpr,
 ):
     """One (row, kv head, split): an equal share of the row's key tiles, all GROUP heads.
-    The split that finishes last merges all of them."""
+    The split that finishes last merges all of them. FUSE_ROPE: q arrives unrotated, and
+    the row's new key and value are not cached yet (see ``_rope_new_token``)."""
     row, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     kv_len = tl.minimum(tl.load(context_lens_ptr + row), tl.load(positions_ptr + row) + 1)
     num_tiles = tl.cdiv(kv_len, BLOCK_N)
@@ -232,8 +278,14 @@ def _decode_kernel(
     offs_m, offs_d = tl.arange(0, BLOCK_M), tl.arange(0, HEAD_DIM)
     is_head = offs_m < GROUP
     heads = kv_head * GROUP + offs_m  # [M]
-    q = tl.load(q_ptr + row * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=is_head[:, None], other=0.0)  # [M, D]
+    q_ptrs = q_ptr + row * stride_qt + heads[:, None] * stride_qh
+    q = tl.load(q_ptrs + offs_d[None, :], mask=is_head[:, None], other=0.0)  # [M, D]
+    if FUSE_ROPE:
+        q = _rope_new_token(
+            q, q_ptrs, is_head, row, kv_head, split, num_tiles, per_split, positions_ptr,
+            k_ptr, v_ptr, stride_kb, stride_kt, stride_kh, k_new_ptr, v_new_ptr, slot_ptr,
+            cos_ptr, sin_ptr, stride_knt, stride_vnt, stride_knh, stride_table,
+            HEAD_DIM, BLOCK_SIZE)
     q_pos = tl.zeros([BLOCK_M], dtype=tl.int64) + (kv_len - 1)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -261,6 +313,37 @@ def _decode_kernel(
             _merge_splits(out, acc_ptrs, partial_ml_ptr + first, ml_stride, is_head,
                           NUM_SPLITS, HEAD_DIM, BLOCK_M)
             tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # ready for the next launch
+
+
+@triton.jit
+def _rope_new_token(
+    q, q_ptrs, is_head, row, kv_head, split, num_tiles, per_split, positions_ptr,
+    k_ptr, v_ptr, stride_kb, stride_kt, stride_kh, k_new_ptr, v_new_ptr, slot_ptr,
+    cos_ptr, sin_ptr, stride_knt, stride_vnt, stride_knh, stride_table,
+    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+):
+    """The rotated q [M, D] of a decode program; the split holding the row's last key tile
+    also rotates the new key into the cache and copies the new value there, then waits
+    for the whole program to see them. ``x * cos + cat(x2, x1) * signed_sin``, rounded as
+    :func:`gpu_worker.kernels.fused.rope_write_kv` rounds."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    swapped = (offs_d + HEAD_DIM // 2) % HEAD_DIM
+    pos = tl.load(positions_ptr + row).to(tl.int64)
+    cos = tl.load(cos_ptr + pos * stride_table + offs_d)  # [D]
+    sin = tl.load(sin_ptr + pos * stride_table + offs_d)
+    q_swapped = tl.load(q_ptrs + swapped[None, :], mask=is_head[:, None], other=0.0)
+    q = fused.mul_add(q, cos[None, :], q_swapped, sin[None, :])
+    if split == (num_tiles - 1) // per_split:
+        k_src = k_new_ptr + row * stride_knt + kv_head * stride_knh
+        key = fused.mul_add(tl.load(k_src + offs_d), cos, tl.load(k_src + swapped), sin)
+        slot = tl.load(slot_ptr + row).to(tl.int64)
+        dst = (slot // BLOCK_SIZE) * stride_kb + (slot % BLOCK_SIZE) * stride_kt + \
+            kv_head * stride_kh + offs_d
+        tl.store(k_ptr + dst, key.to(k_ptr.dtype.element_ty))
+        value = tl.load(v_new_ptr + row * stride_vnt + kv_head * stride_knh + offs_d)
+        tl.store(v_ptr + dst, value.to(v_ptr.dtype.element_ty))
+        tl.debug_barrier()  # the key tiles below read this token back
+    return q
 
 
 @triton.jit

@@ -101,8 +101,12 @@ def check(shape: Shape, cached: list[int], new: list[int], layer: int = 1, pad_r
     expected = TorchPagedAttention(ref_cache, scale).forward(layer, q_ref, k_ref, v_ref, meta,
                                                              rope)
     backend = TritonPagedAttention(tri_cache, scale, **backend_options)
+    q_given = q.clone()
     got = backend.forward(layer, q, k, v, meta, rope)
-    assert torch.equal(q, q_ref)  # both rotate q in place, exactly alike
+    if backend.fuse_rope and meta.max_query_len == 1:
+        assert torch.equal(q, q_given)  # rotated in registers only
+    else:
+        assert torch.equal(q, q_ref)  # both rotate q in place, exactly alike
     assert not backend.split_counters.any()  # every merge reset its counter
     tol = TOLERANCE[shape.dtype]
     torch.testing.assert_close(got, expected, atol=tol, rtol=tol)
@@ -122,6 +126,16 @@ def test_decode_matches_reference_for_any_split_count(num_splits):
 def test_decode_dtypes_and_multi_block_tiles(dtype):
     """32 keys per iteration: each tile gathers two cache blocks."""
     check(Shape(head_dim=64, dtype=dtype), DECODE_CACHED, [1] * 4, num_splits=2, block_n=32)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3, None])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_decode_with_rope_fused_matches_reference(num_splits, dtype):
+    """RoPE and the new token's cache write inside the decode launch: the same output and
+    the same cache, for strided q/k/v views, a padded row and a row whose context is only
+    the new token."""
+    check(Shape(dtype=dtype), DECODE_CACHED, [1] * 4, pad_rows=1, strided=True,
+          num_splits=num_splits, block_n=16, fuse_rope=True)
 
 
 def test_decode_with_more_splits_than_tiles_and_one_kv_head():
@@ -171,11 +185,12 @@ GPU_SHAPE = Shape(heads=32, kv_heads=8, head_dim=128, num_blocks=20000, max_bloc
 
 @pytest.mark.gpu
 @cuda
+@pytest.mark.parametrize("fuse_rope", [False, True])
 @pytest.mark.parametrize("rows", [1, 7, 64])
-def test_gpu_decode_matches_reference(rows):
+def test_gpu_decode_matches_reference(rows, fuse_rope):
     torch.manual_seed(rows)
     cached = torch.randint(0, 4095, (rows,)).tolist()
-    check(GPU_SHAPE, cached, [1] * rows)
+    check(GPU_SHAPE, cached, [1] * rows, strided=True, fuse_rope=fuse_rope)
 
 
 @pytest.mark.gpu
@@ -191,16 +206,18 @@ def test_gpu_float32_is_exact_without_tf32():
     check(shape, DECODE_CACHED, [1] * 4, pad_rows=1, num_splits=3)
     check(shape, DECODE_CACHED, [1] * 4, num_splits=2, strided=True)  # views of a fused qkv
     check(shape, [30, 0, 12], [1, 9, 20])
+    check(shape, DECODE_CACHED, [1] * 4, pad_rows=1, num_splits=3, fuse_rope=True)
 
 
 @pytest.mark.gpu
 @cuda
-def test_gpu_decode_graph_replays_for_every_context_length():
+@pytest.mark.parametrize("fuse_rope", [False, True])
+def test_gpu_decode_graph_replays_for_every_context_length(fuse_rope):
     shape, rows = GPU_SHAPE, 8
     torch.manual_seed(0)
     ref_cache, tri_cache = make_caches(shape)
     scale = shape.head_dim**-0.5
-    backend = TritonPagedAttention(tri_cache, scale)
+    backend = TritonPagedAttention(tri_cache, scale, fuse_rope=fuse_rope)
     reference = TorchPagedAttention(ref_cache, scale)
     meta = make_meta(shape, [100] * rows, [1] * rows)  # the static buffers
     q, k, v = make_qkv(shape, rows)
