@@ -74,6 +74,8 @@ class FakeGeneration(generation_pb2_grpc.GenerationServicer):
 
     def GenerateStream(self, request, context):
         self._record(request, context)
+        if self.hang:  # such a stream ends only when the client cancels it; the server may
+            context.add_callback(self.cancelled.set)  # then drop this generator unresumed
         for i, chunk in enumerate(self.chunks):
             if self.error and i == self.error_after:
                 context.abort(*self.error)
@@ -83,8 +85,6 @@ class FakeGeneration(generation_pb2_grpc.GenerationServicer):
             yield out
         while self.hang and context.is_active():
             time.sleep(0.01)
-        if self.hang:
-            self.cancelled.set()
 
     def Tokenize(self, request, context):
         self._record(request, context)
