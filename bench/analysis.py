@@ -89,15 +89,20 @@ def idle_gaps(merged: np.ndarray, window: Window) -> GapStats:
 GAP_CLASSES_US = (2.0, 50.0, 1000.0)  # upper edges: launch gaps, hand-offs, stalls, long
 
 
+def _gap_classes() -> list[tuple[float, float]]:
+    """(from, below) µs of each gap-size class, the last one open-ended."""
+    edges = (0.0, *GAP_CLASSES_US, float("inf"))
+    return list(zip(edges[:-1], edges[1:], strict=True))
+
+
 def idle_by_gap_size(merged: np.ndarray, window: Window, top: int = 5) -> dict[str, Any]:
     """Where the idle time is: count and total of the gaps in each size class (below 2 µs,
     the spacing of kernels in a graph; 2-50 µs, hand-offs such as one batch's graph to the
     next; 50 µs-1 ms and longer, waits on the host), and the ``top`` longest gaps with
     their offset from the window's start."""
     starts, gaps = _gaps(merged, window)
-    edges = (0.0, *GAP_CLASSES_US, float("inf"))
     classes = []
-    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+    for lo, hi in _gap_classes():
         chosen = gaps[(gaps >= lo) & (gaps < hi)]
         classes.append({"from_us": lo, "below_us": hi if hi != float("inf") else None,
                         "num_gaps": int(len(chosen)), "total_us": float(chosen.sum())})
@@ -107,24 +112,23 @@ def idle_by_gap_size(merged: np.ndarray, window: Window, top: int = 5) -> dict[s
                         for i in longest]}
 
 
-def idle_by_neighbours(kernels: Any, names: Sequence[str], window: Window,
+def idle_by_neighbours(merged: np.ndarray, kernels: Any, names: Sequence[str],
                        top: int = 8) -> dict[str, list[dict[str, Any]]]:
-    """Which kernels the idle time sits between: for each gap-size class of
-    :func:`idle_by_gap_size`, the ``top`` pairs (kernel before the gap → kernel after it) by
-    total idle time. ``kernels`` are sorted by start, ``names`` one per kernel."""
+    """Which kernels the idle time between the busy intervals ``merged`` (from
+    :func:`busy_union`) sits between: for each gap-size class of :func:`idle_by_gap_size`,
+    the ``top`` pairs (kernel before the gap → kernel after it) by total idle time.
+    ``kernels`` are sorted by start, ``names`` one per kernel."""
     kernels = as_intervals(kernels)
     if len(kernels) == 0:
         return {}
-    merged = busy_union(kernels, window)
     # the gaps between consecutive merged intervals: after kernel = first to start at the
     # gap's end; before kernel = the last to start before the gap
     gap_start, gap_end = merged[:-1, 1], merged[1:, 0]
     after = np.searchsorted(kernels[:, 0], gap_end, side="left")
     before = np.searchsorted(kernels[:, 0], gap_start, side="left") - 1
     lengths = gap_end - gap_start
-    edges = (0.0, *GAP_CLASSES_US, float("inf"))
     out: dict[str, list[dict[str, Any]]] = {}
-    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+    for lo, hi in _gap_classes():
         totals: dict[tuple[str, str], list[float]] = {}
         for i in np.flatnonzero((lengths >= lo) & (lengths < hi) & (lengths > 0)):
             key = (_short(names[before[i]]), _short(names[min(after[i], len(names) - 1)]))
@@ -196,7 +200,7 @@ def analyse_timeline(trace: dict[str, Any], slice_us: float) -> dict[str, Any]:
         "busy": busy if len(kernels) else None,
         "idle_gaps": asdict(idle_gaps(merged, window)) if len(kernels) else None,
         "idle_by_gap_size": idle_by_gap_size(merged, window) if len(kernels) else None,
-        "idle_by_neighbours": idle_by_neighbours(kernels, names, window)
+        "idle_by_neighbours": idle_by_neighbours(merged, kernels, names)
         if len(names) == len(kernels) and len(kernels) else None,
         "steps": asdict(stats) if stats else None,
         "slice": timeline_slice(merged, steps, window, slice_us) if len(kernels) else None,

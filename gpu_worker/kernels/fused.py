@@ -234,7 +234,27 @@ def rope_write_kv(
     index copy into the cache, in every dtype. q, k and v may be strided views of a fused
     qkv output (k and v with the same head stride); only head_dim must be contiguous.
     """
+    check_rope_write_kv(q, k, v, positions, cos_table, signed_sin_table, key_cache,
+                        value_cache, slot_mapping)
     num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    if num_tokens:
+        _rope_write_kv_kernel[(num_tokens,)](
+            q, k, v, key_cache, value_cache, slot_mapping, positions, cos_table,
+            signed_sin_table, q.stride(0), q.stride(1), k.stride(0), v.stride(0), k.stride(1),
+            cos_table.stride(0), num_heads, num_kv_heads,
+            HALF=head_dim // 2, BLOCK_D=triton.next_power_of_2(head_dim // 2),
+            BLOCK_HQ=triton.next_power_of_2(num_heads),
+            BLOCK_HK=triton.next_power_of_2(num_kv_heads), num_warps=4, enable_fp_fusion=False,
+        )
+    return q
+
+
+def check_rope_write_kv(q, k, v, positions, cos_table, signed_sin_table, key_cache,
+                        value_cache, slot_mapping) -> None:
+    """What :func:`rope_write_kv` (and the decode attention that does its work itself)
+    needs of its arguments; ValueError otherwise."""
+    num_tokens, _, head_dim = q.shape
     num_kv_heads = k.shape[1]
     if k.shape != (num_tokens, num_kv_heads, head_dim) or v.shape != k.shape or head_dim % 2:
         raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: "
@@ -253,16 +273,6 @@ def rope_write_kv(
         raise ValueError("the key and value caches of a layer must be contiguous")
     if key_cache.shape[2:] != (num_kv_heads, head_dim) or value_cache.shape != key_cache.shape:
         raise ValueError(f"caches {tuple(key_cache.shape)} do not fit k {tuple(k.shape)}")
-    if num_tokens:
-        _rope_write_kv_kernel[(num_tokens,)](
-            q, k, v, key_cache, value_cache, slot_mapping, positions, cos_table,
-            signed_sin_table, q.stride(0), q.stride(1), k.stride(0), v.stride(0), k.stride(1),
-            cos_table.stride(0), num_heads, num_kv_heads,
-            HALF=head_dim // 2, BLOCK_D=triton.next_power_of_2(head_dim // 2),
-            BLOCK_HQ=triton.next_power_of_2(num_heads),
-            BLOCK_HK=triton.next_power_of_2(num_kv_heads), num_warps=4, enable_fp_fusion=False,
-        )
-    return q
 
 
 _SILU_BLOCK = 1024

@@ -139,7 +139,8 @@ def paged_decode(
     fuse = new_kv is not None
     k_new, v_new, slots, cos, sin = new_kv if fuse else (q, q, meta.positions, q[0], q[0])
     if fuse:
-        _check_new_kv(new_kv, rows, kv_heads, dim, q.dtype)
+        fused.check_rope_write_kv(q, k_new, v_new, meta.positions, cos, sin, key_cache,
+                                  value_cache, slots)
     is_fp32 = q.dtype == torch.float32
     _decode_kernel[(rows, kv_heads, num_splits)](
         q, key_cache, value_cache, out, partial_acc, partial_ml, split_counters,
@@ -155,19 +156,6 @@ def paged_decode(
         enable_fp_fusion=not (fuse and is_fp32),  # float32 RoPE rounds as torch does
     )
     return out
-
-
-def _check_new_kv(new_kv: NewKV, rows: int, kv_heads: int, dim: int, dtype) -> None:
-    k, v, slots, cos, sin = new_kv
-    if k.shape != (rows, kv_heads, dim) or v.shape != k.shape or slots.shape != (rows,):
-        raise ValueError(f"new k {tuple(k.shape)}, v {tuple(v.shape)}, slots "
-                         f"{tuple(slots.shape)}: want [{rows}, {kv_heads}, {dim}] and [{rows}]")
-    if k.stride(2) != 1 or v.stride(2) != 1 or k.stride(1) != v.stride(1) or \
-            cos.stride() != sin.stride() or cos.stride(1) != 1:
-        raise ValueError("new k and v need a contiguous head_dim and one head stride; "
-                         "the tables one layout")
-    if not k.dtype == cos.dtype == sin.dtype == dtype:
-        raise ValueError("q, the new k and the tables must share a dtype")
 
 
 def paged_prefill(

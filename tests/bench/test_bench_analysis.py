@@ -82,13 +82,13 @@ def test_idle_by_neighbours_names_the_kernels_around_each_gap():
     # b and c overlap (two streams); gaps: 1 (a→b), 10 (c→a), 1 (a→c), 100 (c→d)
     kernels = [[0, 5], [6, 15], [10, 20], [30, 40], [41, 60], [160, 170]]
     names = ["a", "b", "c", "a", "c", "d"]
-    by = analysis.idle_by_neighbours(kernels, names, (0, 170))
+    by = analysis.idle_by_neighbours(analysis.busy_union(kernels, (0, 170)), kernels, names)
     assert by["0-2us"] == [{"before": "a", "after": "b", "num_gaps": 1, "total_us": 1.0},
                            {"before": "a", "after": "c", "num_gaps": 1, "total_us": 1.0}]
     assert by["2-50us"] == [{"before": "c", "after": "a", "num_gaps": 1, "total_us": 10.0}]
     assert by["50-1000us"] == [{"before": "c", "after": "d", "num_gaps": 1, "total_us": 100.0}]
     assert by["1000-infus"] == []
-    assert analysis.idle_by_neighbours([], [], (0, 1)) == {}
+    assert analysis.idle_by_neighbours(np.zeros((0, 2)), [], []) == {}
 
 
 def test_step_stats_leave_prefill_batches_out():
