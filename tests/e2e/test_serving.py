@@ -15,10 +15,13 @@ import pytest
 from grpc_health.v1 import health_pb2
 
 from tandem.v1 import generation_pb2 as pb
-from tests.e2e.conftest import BASE_ARGS
+from tests.e2e.conftest import BASE_ARGS, DEVICE
 from tests.e2e.service import Service
 
 pytestmark = pytest.mark.e2e
+# A request still generating a moment after it starts: a GPU ran 40 tokens (and 400) in
+# under a second, before the test could look.
+LONG = 40 if DEVICE == "cpu" else 1000
 
 
 def scrape(service) -> dict[str, float]:
@@ -96,7 +99,7 @@ def test_full_queue_is_refused_at_once_with_the_limit_named(small_queue_service)
 
 def test_deadline_exceeded_and_the_request_leaves_the_batch(async_service):
     with pytest.raises(grpc.RpcError) as err:
-        async_service.stub.Generate(long_request(400), timeout=1.0)
+        async_service.stub.Generate(long_request(3000), timeout=0.5)
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     deadline = time.monotonic() + 10
     while async_service.stats().num_running and time.monotonic() < deadline:
@@ -118,7 +121,7 @@ def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(model_folder):
         result = {}
 
         def run():
-            result["out"] = service.stub.Generate(long_request(40), timeout=120)
+            result["out"] = service.stub.Generate(long_request(LONG), timeout=120)
 
         thread = threading.Thread(target=run)
         thread.start()
@@ -132,7 +135,7 @@ def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(model_folder):
             service.stub.Generate(long_request(4), timeout=30)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         thread.join()
-        assert len(result["out"].token_ids) == 40  # the in-flight request lost nothing
+        assert len(result["out"].token_ids) == LONG  # the in-flight request lost nothing
         assert service.engine.wait(timeout=30) == 0
         assert segment not in shm_segments()  # the slots are gone with the engine
     finally:
