@@ -5,7 +5,9 @@ a CUDA graph runs the product over enough distinct copies of the weight that the
 fit in L2, back to back as in a model, and CUDA events time its replays. Each row gives
 microseconds per product and the fraction of the measured copy bandwidth that reading the
 weight once achieves, for ``F.linear`` (cuBLAS) and for
-:func:`gpu_worker.kernels.linear.linear` with its default config.
+:func:`gpu_worker.kernels.linear.linear` with its default config. ``gate_up_silu`` is the
+gate/up product followed by SiLU-and-mul: cuBLAS and the SiLU kernel, against
+:func:`gpu_worker.kernels.linear.gate_up_silu` (both in one launch).
 ``--search`` also times a grid of configs and reports the fastest per product, which is
 how the default configs are chosen. Prints JSON on the last line of stdout. CUDA only.
 """
@@ -21,13 +23,14 @@ import torch
 import torch.nn.functional as F
 
 from bench.device import measure_bandwidth, tool_parser
+from gpu_worker.kernels import fused, num_sms, shared_memory
 from gpu_worker.kernels import linear as lin
-from gpu_worker.kernels import num_sms, shared_memory
 
 log = logging.getLogger("bench.gemm")
 # (name, N, K) of one Llama-3-8B layer
 LLAMA3_8B = (("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096),
-             ("down", 4096, 14336))
+             ("down", 4096, 14336), ("gate_up_silu", 28672, 4096))
+DEFAULT_PRODUCTS = "qkv,o,gate_up,down"
 COPIES_BYTES = 2 << 30  # weight copies per graph: well past the 50-60 MB of L2
 REPLAYS = 10
 
@@ -73,11 +76,15 @@ def measure(name, n, k, rows, bandwidth, search) -> dict:
     counters = lin.new_counters(dev)
     floor_us = n * k * 2 / bandwidth * 1e6
 
+    gated = name == "gate_up_silu"
+
     def cublas(i):
-        return F.linear(x, weights[i])
+        y = F.linear(x, weights[i])
+        return fused.silu_and_mul(y) if gated else y
 
     def tandem(cfg):
-        return lambda i: lin.linear(x, weights[i], counters=counters, config=cfg)
+        kernel = lin.gate_up_silu if gated else lin.linear
+        return lambda i: kernel(x, weights[i], counters=counters, config=cfg)
 
     row = {"product": name, "n": n, "k": k, "rows": rows, "floor_us": floor_us,
            "cublas_us": graph_us(cublas, copies)}
@@ -113,7 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     p = tool_parser("bench.gemm", __doc__)
     p.add_argument("--rows", default="1,8,32,64", help="batch sizes, comma-separated")
     p.add_argument("--search", default="", help="batch sizes to search configs at (e.g. 32)")
-    p.add_argument("--products", default=",".join(p[0] for p in LLAMA3_8B))
+    p.add_argument("--products", default=DEFAULT_PRODUCTS,
+                   help=f"comma-separated, of {', '.join(p[0] for p in LLAMA3_8B)} "
+                        f"(default {DEFAULT_PRODUCTS})")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench.gemm needs a CUDA GPU", file=sys.stderr)

@@ -54,6 +54,7 @@ class SweepConfig:
     dtype: torch.dtype
     kernels: str  # auto (Triton on CUDA), triton or torch: as the worker's --kernels
     profile: tuple[tuple[int, int], ...] = ()  # (batch, context) points to profile (CUDA)
+    fuse_silu: bool | None = None  # Triton ops: gate/up + SiLU in one launch (None: default)
 
 
 def build_model(cfg: SweepConfig) -> tuple[LlamaModel, analysis.ModelShape]:
@@ -62,6 +63,8 @@ def build_model(cfg: SweepConfig) -> tuple[LlamaModel, analysis.ModelShape]:
     weights = models.random_state_dict(config, cfg.dtype, cfg.device, seed=0)
     shape = analysis.ModelShape.from_hf_config(config.to_dict())
     ops = make_ops(cfg.device, cfg.kernels)
+    if cfg.fuse_silu is not None and hasattr(ops, "fuse_silu"):
+        ops.fuse_silu = cfg.fuse_silu
     return LlamaModel(config, weights, cfg.dtype, cfg.device, ops=ops), shape
 
 
@@ -270,7 +273,8 @@ def make_config(args: argparse.Namespace) -> SweepConfig:
         prefill_rows=pick(args.prefill_rows, 8, 2),
         prefill_tokens=pick(args.prefill_tokens, 1024, 64),
         device=device, dtype=torch.bfloat16 if is_cuda else torch.float32, kernels=args.kernels,
-        profile=tuple(tuple(ints(point.replace("x", ","))) for point in args.profile))
+        profile=tuple(tuple(ints(point.replace("x", ","))) for point in args.profile),
+        fuse_silu={"on": True, "off": False}.get(args.fuse_silu))
 
 
 def ints(text: str) -> list[int]:
@@ -289,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="as the worker's --kernels (auto: Triton on CUDA)")
     p.add_argument("--profile", action="append", default=[], metavar="BATCHxCONTEXT",
                    help="log the kernels of one decode step at this point (repeatable; CUDA)")
+    p.add_argument("--fuse-silu", choices=("on", "off"),
+                   help="Triton ops: gate/up product and SiLU-and-mul in one launch for "
+                        "decode-sized batches (default: gpu_worker.ops.FUSE_SILU)")
     torch.backends.cuda.matmul.allow_tf32 = False
     with torch.inference_mode():
         result = run(make_config(p.parse_args(argv)))

@@ -98,7 +98,7 @@ class LlamaModel:
         for i, w in enumerate(self.layers):
             out = self._attention(i, w, h, meta, attention)
             h, residual = ops.add_rms_norm(out, residual, w["post_norm"], s.eps)
-            out = ops.linear(ops.silu_and_mul(ops.linear(h, w["gate_up"])), w["down"])
+            out = ops.linear(ops.gate_up_silu(h, w["gate_up"]), w["down"])
             if i + 1 < len(self.layers):
                 h, residual = ops.add_rms_norm(out, residual, self.layers[i + 1]["in_norm"], s.eps)
         if sample_index is None:

@@ -11,6 +11,8 @@ to a few half-precision ulps, and with itself bit for bit). The model calls
   then y = rms_norm(residual)
 - ``silu_and_mul(gate_up) -> silu(gate) * up``
 - ``linear(x, w, bias=None) -> x @ w.T + bias``
+- ``gate_up_silu(x, gate_up_weight) -> silu_and_mul(linear(x, gate_up_weight))``: the
+  MLP's first half (TritonOps may do it in one launch)
 
 and the two ends of a static decode step (the runner's, captured in its graph):
 
@@ -61,8 +63,11 @@ class TorchOps:
         gate, up = gate_up.split(gate_up.shape[-1] // 2, dim=-1)
         return F.silu(gate) * up
 
-
     linear = staticmethod(F.linear)
+
+    @staticmethod
+    def gate_up_silu(x: torch.Tensor, gate_up_weight: torch.Tensor) -> torch.Tensor:
+        return TorchOps.silu_and_mul(F.linear(x, gate_up_weight))
 
     @staticmethod
     def decode_inputs(inputs, prev_sampled, rows, num_blocks, scratch_block, block_size,
@@ -92,16 +97,24 @@ class TorchOps:
         return out.copy_(logits.argmax(-1))
 
 
+# Decode-sized batches: the gate/up product and SiLU-and-mul in one launch of the split-K
+# kernel (instead of cuBLAS and a SiLU launch). Off until a GPU has measured it:
+# `python -m bench.gemm --products gate_up_silu` and `python -m bench.sweep --fuse-silu`.
+FUSE_SILU = False
+
+
 class TritonOps:
     """The fused kernels, and for decode-sized batches the narrow matrix products too: up to
     ``LINEAR_ROWS`` rows and ``LINEAR_MAX_N`` output columns cuBLAS splits K and adds a
     reduce launch, where :mod:`gpu_worker.kernels.linear` reduces inside its one launch.
+    ``fuse_silu``: up to ``LINEAR_ROWS`` rows, the gate/up product of any width runs in
+    that kernel with SiLU-and-mul in its epilogue.
     Its counters are this object's: use one per stream (the worker has one compute stream)."""
 
     name = "triton"
     LINEAR_ROWS, LINEAR_MAX_N = 32, 4096
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, fuse_silu: bool = FUSE_SILU) -> None:
         from gpu_worker.kernels import decode, fused, linear
 
         self.rms_norm = fused.rms_norm
@@ -111,6 +124,7 @@ class TritonOps:
         self.argmax_into = decode.argmax_into
         self._linear = linear
         self._counters = linear.new_counters(torch.device(device))  # before any capture
+        self.fuse_silu = fuse_silu
 
     def linear(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None):
         lin = self._linear
@@ -118,6 +132,13 @@ class TritonOps:
                 lin.supports(x, w, bias):
             return lin.linear(x, w, bias, counters=self._counters)
         return F.linear(x, w, bias)
+
+    def gate_up_silu(self, x: torch.Tensor, gate_up_weight: torch.Tensor) -> torch.Tensor:
+        lin = self._linear
+        if self.fuse_silu and x.shape[0] <= self.LINEAR_ROWS and \
+                lin.supports(x, gate_up_weight, gated=True):
+            return lin.gate_up_silu(x, gate_up_weight, counters=self._counters)
+        return self.silu_and_mul(self.linear(x, gate_up_weight))
 
 
 def use_triton(device: torch.device, kind: str) -> bool:

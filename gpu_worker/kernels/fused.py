@@ -140,6 +140,14 @@ def _rope_write_kv_kernel(
 
 
 @triton.jit
+def silu_mul(gate, up, LIBDEVICE: tl.constexpr):
+    """``silu(gate) * up`` in gate's dtype, rounded where torch rounds (F.silu, then *)."""
+    g = gate.to(tl.float32)
+    silu = tl.math.div_rn(g, 1.0 + _exp(-g, LIBDEVICE)).to(gate.dtype)  # F.silu's one rounding
+    return (silu.to(tl.float32) * up.to(tl.float32)).to(gate.dtype)
+
+
+@triton.jit
 def _silu_and_mul_kernel(
     gate_up_ptr, out_ptr, in_stride, out_stride, n_cols,
     BLOCK: tl.constexpr, LIBDEVICE: tl.constexpr,
@@ -150,16 +158,13 @@ def _silu_and_mul_kernel(
     gate_ptrs = gate_up_ptr + row * in_stride + cols
     gate = tl.load(gate_ptrs, mask=mask, other=0.0)
     up = tl.load(gate_ptrs + n_cols, mask=mask, other=0.0)
-    g = gate.to(tl.float32)
-    silu = tl.math.div_rn(g, 1.0 + _exp(-g, LIBDEVICE)).to(gate.dtype)  # F.silu's one rounding
-    out = (silu.to(tl.float32) * up.to(tl.float32)).to(gate.dtype)
-    tl.store(out_ptr + row * out_stride + cols, out, mask=mask)
+    tl.store(out_ptr + row * out_stride + cols, silu_mul(gate, up, LIBDEVICE), mask=mask)
 
 
 # ---------------------------------------------------------------- launchers
 
 # libdevice's exp and rsqrt are the ones torch's CUDA kernels call; the interpreter has none.
-_LIBDEVICE = not INTERPRETED
+LIBDEVICE = not INTERPRETED
 
 
 def _norm_config(n_cols: int) -> tuple[int, int]:
@@ -184,7 +189,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         block, num_warps = _norm_config(hidden)
         _rms_norm_kernel[(x.shape[0],)](
             x, weight.contiguous(), y, x.stride(0), y.stride(0), hidden, eps,
-            BLOCK=block, LIBDEVICE=_LIBDEVICE, num_warps=num_warps, enable_fp_fusion=False,
+            BLOCK=block, LIBDEVICE=LIBDEVICE, num_warps=num_warps, enable_fp_fusion=False,
         )
     return y
 
@@ -210,7 +215,7 @@ def add_rms_norm(
         _add_rms_norm_kernel[(x.shape[0],)](
             x, residual, weight.contiguous(), y,
             x.stride(0), residual.stride(0), y.stride(0), hidden, eps,
-            BLOCK=block, LIBDEVICE=_LIBDEVICE, num_warps=num_warps, enable_fp_fusion=False,
+            BLOCK=block, LIBDEVICE=LIBDEVICE, num_warps=num_warps, enable_fp_fusion=False,
         )
     return y, residual
 
@@ -287,6 +292,6 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
         grid = (gate_up.shape[0], triton.cdiv(intermediate, _SILU_BLOCK))
         _silu_and_mul_kernel[grid](
             gate_up, out, gate_up.stride(0), out.stride(0), intermediate,
-            BLOCK=_SILU_BLOCK, LIBDEVICE=_LIBDEVICE, num_warps=4,
+            BLOCK=_SILU_BLOCK, LIBDEVICE=LIBDEVICE, num_warps=4,
         )
     return out

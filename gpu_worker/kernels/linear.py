@@ -12,6 +12,13 @@ and the program that arrives last adds the slices up in slice order and writes t
 The order is fixed, so the result does not depend on which program finishes last: two
 runs of the same batch agree bit for bit (the async pipeline must equal the sync one).
 
+:func:`gate_up_silu` is the MLP's first half in the same launch: ``silu(x @ gate.T) * (x @
+up.T)`` from the fused ``[gate; up]`` weight. Each program streams a tile of gate rows and
+the matching tile of up rows (the same bytes as the plain product's tile, with the plain
+product's config), and its epilogue rounds both as the product's output would be rounded,
+then applies SiLU-and-mul as :func:`gpu_worker.kernels.fused.silu_and_mul` does: one launch,
+and no gate/up activations written and read back.
+
 The launcher never syncs with the host and allocates only its output and partial sums:
 it is safe inside CUDA graphs. The counters are the caller's (:func:`new_counters`, made
 before any capture): every launch leaves them at zero, and launches that share them must
@@ -28,6 +35,7 @@ import triton
 import triton.language as tl
 
 from gpu_worker.kernels import INTERPRETED, num_sms, shared_memory
+from gpu_worker.kernels.fused import LIBDEVICE, silu_mul
 
 MAX_ROWS = 64  # larger batches leave the weights' stream to cuBLAS
 MAX_TILES = 1 << 16  # counters in a set: one per column tile of the widest product
@@ -48,10 +56,12 @@ def new_counters(device: torch.device) -> torch.Tensor:
     return torch.zeros(MAX_TILES, dtype=torch.int32, device=device)
 
 
-def supports(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
-    """Whether :func:`linear` takes this product with its default config (else the caller
-    uses ``F.linear``): half precision, at most MAX_ROWS rows, K contiguous and a multiple
-    of its block, a contiguous weight and bias."""
+def supports(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
+             gated: bool = False) -> bool:
+    """Whether :func:`linear` (``gated``: :func:`gate_up_silu`) takes this product with its
+    default config (else the caller uses ``F.linear``): half precision, at most MAX_ROWS
+    rows, K contiguous and a multiple of its block, a contiguous weight and bias; gated: an
+    even number of weight rows, whose halves split into whole tiles, and no bias."""
     if not ((x.is_cuda or INTERPRETED) and x.dtype in (torch.bfloat16, torch.float16) and
             w.dtype == x.dtype and x.dim() == 2 and 0 < x.shape[0] <= MAX_ROWS and
             x.stride(1) == 1 and w.is_contiguous() and
@@ -59,6 +69,8 @@ def supports(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None)
         return False
     n, k = w.shape
     cfg = default_config(x.shape[0], n, k, num_sms(x.device), shared_memory(x.device))
+    if gated and (bias is not None or n % 2 or cfg.block_n % 2):
+        return False
     return x.shape[1] == k and k % (cfg.split_k * cfg.block_k) == 0
 
 
@@ -86,6 +98,20 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *
     """``x @ w.T (+ bias)``: x [M, K], rows may be strided, K contiguous; w [N, K]
     contiguous; M <= MAX_ROWS; ``counters`` from :func:`new_counters`, used by one stream
     only. Returns [M, N] in x's dtype."""
+    return _launch(x, w, bias, counters, config, gated=False)
+
+
+def gate_up_silu(x: torch.Tensor, gate_up: torch.Tensor, *, counters: torch.Tensor,
+                 config: LinearConfig | None = None) -> torch.Tensor:
+    """``silu(x @ gate.T) * (x @ up.T)`` where ``gate_up`` [2 I, K] is gate's rows then
+    up's; each product is rounded to x's dtype before SiLU-and-mul, as the unfused pair
+    rounds. ``config`` is the plain product's (default: the one :func:`linear` would take
+    for ``gate_up``); each program takes half its ``block_n`` rows from each half.
+    Returns [M, I] in x's dtype; same conditions as :func:`linear`, no bias."""
+    return _launch(x, gate_up, None, counters, config, gated=True)
+
+
+def _launch(x, w, bias, counters, config, gated: bool) -> torch.Tensor:
     m, width = x.shape
     n, k = w.shape
     if width != k or x.stride(1) != 1:
@@ -93,18 +119,25 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *
     cfg = config or default_config(m, n, k, num_sms(x.device), shared_memory(x.device))
     if k % (cfg.split_k * cfg.block_k):
         raise ValueError(f"K={k} is not a multiple of split_k x block_k in {cfg}")
+    block_n = cfg.block_n
+    if gated:
+        if n % 2 or block_n % 2:
+            raise ValueError(f"gate/up weight with {n} rows, block_n {block_n}: want both even")
+        n, block_n = n // 2, block_n // 2  # output columns; rows per half-tile
     y = x.new_empty(m, n)
     partial = y  # unused with one slice
     if cfg.split_k > 1:
-        partial = torch.empty(cfg.split_k, m, n, dtype=torch.float32, device=x.device)
-    grid = (triton.cdiv(n, cfg.block_n), cfg.split_k)
+        partial = torch.empty((2 if gated else 1) * cfg.split_k, m, n, dtype=torch.float32,
+                              device=x.device)
+    grid = (triton.cdiv(n, block_n), cfg.split_k)
     if grid[0] > counters.numel():
         raise ValueError(f"N={n} needs more than {counters.numel()} column-tile counters")
     _linear_kernel[grid](
         x, w, y, bias if bias is not None else y, partial, counters,
         m, n, x.stride(0), y.stride(0), K=k,
-        BLOCK_M=_block_m(m), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,
-        HAS_BIAS=bias is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        BLOCK_M=_block_m(m), BLOCK_N=block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,
+        HAS_BIAS=bias is not None, GATED=gated, LIBDEVICE=LIBDEVICE,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return y
 
@@ -114,22 +147,33 @@ def _linear_kernel(
     x_ptr, w_ptr, y_ptr, bias_ptr, partial_ptr, lock_ptr,
     M, N, stride_xm, stride_ym, K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
+    LIBDEVICE: tl.constexpr,
 ):
-    """One (column tile, K slice): acc[n, m] = sum_k w[n, k] * x[m, k] over the slice."""
+    """One (column tile, K slice): acc[n, m] = sum_k w[n, k] * x[m, k] over the slice.
+    GATED: w is [2 N, K]; up_acc sums the tile's rows N further on, and the output is
+    silu(acc) * up_acc, each rounded first."""
     tile, split = tl.program_id(0), tl.program_id(1)
     offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, BLOCK_K)
     n_ok, m_ok = offs_n < N, offs_m < M
     k_per_split: tl.constexpr = K // SPLIT_K  # K is static: the loop's trip count is known
-    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * K + (split * k_per_split + offs_k)[None, :]
+    rows = offs_n[:, None].to(tl.int64)
+    w_ptrs = w_ptr + rows * K + (split * k_per_split + offs_k)[None, :]
+    up_ptrs = w_ptr + (rows + N) * K + (split * k_per_split + offs_k)[None, :]  # GATED
     x_ptrs = x_ptr + offs_m[None, :] * stride_xm + (split * k_per_split + offs_k)[:, None]
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    up_acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for _ in range(0, k_per_split, BLOCK_K):
         w = tl.load(w_ptrs, mask=n_ok[:, None], other=0.0)  # [BLOCK_N, BLOCK_K]
+        if GATED:
+            up = tl.load(up_ptrs, mask=n_ok[:, None], other=0.0)
+            up_ptrs += BLOCK_K
         xt = tl.load(x_ptrs, mask=m_ok[None, :], other=0.0)  # [BLOCK_K, BLOCK_M]
         acc = tl.dot(w, xt, acc)
+        if GATED:
+            up_acc = tl.dot(up, xt, up_acc)
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
 
@@ -138,22 +182,35 @@ def _linear_kernel(
     if SPLIT_K > 1:
         # store this slice, then the last of the tile's programs reduces in slice order
         part_offs = offs_m[None, :] * N + offs_n[:, None]
+        up_part = SPLIT_K * M * N  # GATED: the up sums follow the gate sums
         tl.store(partial_ptr + split * M * N + part_offs, acc, mask=out_ok)
+        if GATED:
+            tl.store(partial_ptr + up_part + split * M * N + part_offs, up_acc, mask=out_ok)
         tl.debug_barrier()
         arrived = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel", scope="gpu")
         if arrived == SPLIT_K - 1:
             acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+            up_acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
             for s in range(SPLIT_K):
                 acc += tl.load(partial_ptr + s * M * N + part_offs, mask=out_ok, other=0.0,
                                cache_modifier=".cg")
-            _store_output(y_ptr, bias_ptr, acc, y_offs, offs_n, out_ok, n_ok, HAS_BIAS)
+                if GATED:
+                    up_acc += tl.load(partial_ptr + up_part + s * M * N + part_offs,
+                                      mask=out_ok, other=0.0, cache_modifier=".cg")
+            _store_output(y_ptr, bias_ptr, acc, up_acc, y_offs, offs_n, out_ok, n_ok,
+                          HAS_BIAS, GATED, LIBDEVICE)
             tl.atomic_xchg(lock_ptr + tile, 0, sem="relaxed", scope="gpu")  # next launch
     else:
-        _store_output(y_ptr, bias_ptr, acc, y_offs, offs_n, out_ok, n_ok, HAS_BIAS)
+        _store_output(y_ptr, bias_ptr, acc, up_acc, y_offs, offs_n, out_ok, n_ok, HAS_BIAS,
+                      GATED, LIBDEVICE)
 
 
 @triton.jit
-def _store_output(y_ptr, bias_ptr, acc, y_offs, offs_n, out_ok, n_ok, HAS_BIAS: tl.constexpr):
+def _store_output(y_ptr, bias_ptr, acc, up_acc, y_offs, offs_n, out_ok, n_ok,
+                  HAS_BIAS: tl.constexpr, GATED: tl.constexpr, LIBDEVICE: tl.constexpr):
     if HAS_BIAS:  # added in float32 before the one rounding, as cuBLAS's epilogue does
         acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-    tl.store(y_ptr + y_offs, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
+    y = acc.to(y_ptr.dtype.element_ty)
+    if GATED:
+        y = silu_mul(y, up_acc.to(y_ptr.dtype.element_ty), LIBDEVICE)
+    tl.store(y_ptr + y_offs, y, mask=out_ok)

@@ -67,7 +67,12 @@ def variants():
     for split_k in (1, 2):
         yield (f"linear split_k={split_k}", linear._linear_kernel, lin,
                dict(K=4096, BLOCK_M=32, BLOCK_N=32, BLOCK_K=128, SPLIT_K=split_k,
-                    HAS_BIAS=split_k == 1), dict(num_warps=4, num_stages=4))
+                    HAS_BIAS=split_k == 1, GATED=False, LIBDEVICE=True),
+               dict(num_warps=4, num_stages=4))
+        yield (f"gate/up + SiLU split_k={split_k}", linear._linear_kernel, lin,
+               dict(K=4096, BLOCK_M=32, BLOCK_N=32, BLOCK_K=128, SPLIT_K=split_k,
+                    HAS_BIAS=False, GATED=True, LIBDEVICE=True),
+               dict(num_warps=4, num_stages=4))
     attn = ptrs("bf16", "q_ptr", "k_ptr", "v_ptr", "out_ptr", "k_new_ptr", "v_new_ptr",
                 "cos_ptr", "sin_ptr") | ptrs("fp32", "partial_acc_ptr", "partial_ml_ptr") | \
         ptrs("i32", "counters_ptr") | ptrs(

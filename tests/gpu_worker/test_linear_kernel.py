@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from gpu_worker.kernels import fused
 from gpu_worker.kernels import linear as lin
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -107,6 +108,75 @@ def test_triton_ops_take_narrow_decode_products_and_leave_the_rest_to_torch(monk
         taken.clear()
         check(ops.linear(x, weight).to(torch.float16), reference(x, weight))
         assert len(taken) == expect
+
+
+def gated_reference(x, gate_up):
+    """silu(gate) * up as the unfused pair computes it: each product rounded to x's dtype."""
+    from gpu_worker.ops import TorchOps
+
+    return TorchOps.silu_and_mul(reference(x, gate_up).to(x.dtype)).float()
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"n{c.block_n}k{c.block_k}s{c.split_k}")
+@pytest.mark.parametrize("rows", [1, 5])
+def test_gate_up_silu_matches_the_unfused_pair(cfg, rows):
+    x, gate_up = half(rows, 256, scale=1 / 4), half(2 * 72, 256, scale=1 / 4)  # partial tile
+    counters = lin.new_counters(x.device)
+    got = lin.gate_up_silu(x, gate_up, counters=counters, config=cfg)
+    assert got.shape == (rows, 72)
+    check(got, gated_reference(x, gate_up))
+    assert not counters.any()
+    # gate and up really are the two halves: swapping them changes the answer
+    swapped = torch.cat([gate_up[72:], gate_up[:72]])
+    assert (got.float() - gated_reference(x, swapped)).abs().max() > 0.1
+
+
+def test_gate_up_silu_with_the_default_config_and_its_limits():
+    x, gate_up = half(3, 128, scale=1 / 4), half(2 * 64, 128, scale=1 / 4)
+    assert lin.supports(x, gate_up, gated=True)
+    got = lin.gate_up_silu(x, gate_up, counters=lin.new_counters(x.device))
+    check(got, gated_reference(x, gate_up))
+    assert not lin.supports(x, half(63, 128), gated=True)  # an odd number of rows
+    assert not lin.supports(x, gate_up, half(128), gated=True)  # a bias
+    with pytest.raises(ValueError, match="even"):
+        lin.gate_up_silu(x, gate_up, counters=lin.new_counters(x.device),
+                         config=lin.LinearConfig(15, 64, 1))
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_triton_ops_gate_up_silu_fuses_only_when_asked(monkeypatch, fuse):
+    from gpu_worker.ops import TritonOps
+
+    ops, taken = TritonOps(torch.device(DEVICE), fuse_silu=fuse), []
+    kernel = lin.gate_up_silu
+    monkeypatch.setattr(lin, "gate_up_silu",
+                        lambda *a, **kw: taken.append(1) or kernel(*a, **kw))
+    gate_up = half(128, 128, scale=1 / 4)
+    for x, expect in [(half(4, 128, scale=1 / 4), int(fuse)), (half(33, 128), 0)]:
+        taken.clear()
+        check(ops.gate_up_silu(x, gate_up), gated_reference(x, gate_up))
+        assert len(taken) == expect
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [1, 32])
+def test_gpu_gate_up_silu_llama_shape_under_a_graph(rows):
+    x = torch.randn(rows, 4096, dtype=torch.bfloat16, device="cuda") / 8
+    gate_up = torch.randn(28672, 4096, dtype=torch.bfloat16, device="cuda") / 64
+    counters = lin.new_counters(x.device)
+    eager = lin.gate_up_silu(x, gate_up, counters=counters)
+    unfused = fused.silu_and_mul(lin.linear(x, gate_up, counters=counters))
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = lin.gate_up_silu(x, gate_up, counters=counters)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager)
+    assert not counters.any()
+    torch.testing.assert_close(out.float(), unfused.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(out.float(), gated_reference(x, gate_up), rtol=2e-2, atol=2e-2)
 
 
 @cuda

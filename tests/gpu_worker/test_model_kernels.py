@@ -20,14 +20,17 @@ CASES = [("cpu", torch.float32), ("cpu", torch.float16),
 BLOCK = 16
 
 
-def build(device, dtype, kernels):
+def build(device, dtype, kernels, fuse_silu=False):
     source = models.resolve_model("random:tiny-llama", models.default_cache_dir())
     config = load_config(source.folder)
     weights = models.random_state_dict(config, dtype, device, seed=3)
     for name, w in weights.items():  # larger weights: logits that tell kernels apart
         if not name.endswith("norm.weight"):
             w.mul_(8)
-    model = LlamaModel(config, weights, dtype, device, ops=make_ops(device, kernels))
+    ops = make_ops(device, kernels)
+    if fuse_silu:
+        ops.fuse_silu = True
+    model = LlamaModel(config, weights, dtype, device, ops=ops)
     s = model.shape
     cache = KVCache(s.num_layers, 16, BLOCK, s.num_kv_heads, s.head_dim, dtype, device)
     return model, make_attention(cache, s.head_dim**-0.5, device, kernels)
@@ -47,8 +50,8 @@ def metadata(starts, counts, tables, device):
         query_start[1:] - 1
 
 
-def run_steps(device, dtype, kernels):
-    model, attention = build(device, dtype, kernels)
+def run_steps(device, dtype, kernels, fuse_silu=False):
+    model, attention = build(device, dtype, kernels, fuse_silu)
     tables = [[3, 0, 9], [5, 1, 2]]
     gen = torch.Generator().manual_seed(0)
     steps = [([0, 0], [20, 7]), ([20, 7], [13, 30]), ([33, 37], [1, 1]), ([34, 38], [1, 1])]
@@ -63,9 +66,16 @@ def run_steps(device, dtype, kernels):
     return logits
 
 
+@pytest.mark.parametrize("fuse_silu", [False, True], ids=["silu", "fused-silu"])
 @pytest.mark.parametrize(("device", "dtype"), CASES)
-def test_triton_model_matches_the_torch_model(device, dtype):
-    for triton_logits, torch_logits in zip(run_steps(device, dtype, "triton"),
+def test_triton_model_matches_the_torch_model(device, dtype, fuse_silu, monkeypatch):
+    from gpu_worker.kernels import linear as lin
+
+    fused_calls = []
+    kernel = lin.gate_up_silu
+    monkeypatch.setattr(lin, "gate_up_silu",
+                        lambda *a, **kw: fused_calls.append(1) or kernel(*a, **kw))
+    for triton_logits, torch_logits in zip(run_steps(device, dtype, "triton", fuse_silu),
                                            run_steps(device, dtype, "torch"), strict=True):
         if dtype == torch.float32:
             torch.testing.assert_close(triton_logits, torch_logits, rtol=1e-4, atol=1e-4)
@@ -73,3 +83,5 @@ def test_triton_model_matches_the_torch_model(device, dtype):
         else:  # products summed in another order: a few half-precision ulps of the logits
             scale = torch_logits.abs().max().item()
             torch.testing.assert_close(triton_logits, torch_logits, rtol=0, atol=0.02 * scale)
+    # half precision, decode-sized batches: the fused gate/up + SiLU ran when asked
+    assert bool(fused_calls) == (fuse_silu and dtype != torch.float32)
