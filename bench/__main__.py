@@ -58,6 +58,7 @@ class BenchConfig:
     sweep: bool
     hf_trace: bool
     hf_timeout_s: float
+    hf_cb: str = "tuned"  # Transformers' ContinuousBatchingConfig: tuned or its defaults
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.modes if m not in MODES]
@@ -89,6 +90,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    "Transformers' host loop; busy% then comes from NVML only)")
     p.add_argument("--hf-timeout", type=float, default=1800.0, metavar="S",
                    help="give up on a Transformers mode after this long (default 1800)")
+    p.add_argument("--hf-cb", choices=("tuned", "defaults"), default="tuned",
+                   help="Transformers' continuous batching: tuned (cache sized for the "
+                   "workload, CUDA graphs; default) or its own defaults (see bench.hf_baseline)")
     p.add_argument("--no-sweep", dest="sweep", action="store_false",
                    help="skip the decode/prefill sweep against the floor (bench.sweep)")
     return p.parse_args(argv)
@@ -102,7 +106,8 @@ def make_config(args: argparse.Namespace, is_gpu: bool) -> BenchConfig:
                         args.seed)
     return BenchConfig(pick["model"], workload, tuple(m for m in args.modes.split(",") if m),
                        args.out, args.timeline_ms, tuple(args.engine_arg), args.hf_attn,
-                       args.keep_traces, args.sweep, args.hf_trace, args.hf_timeout)
+                       args.keep_traces, args.sweep, args.hf_trace, args.hf_timeout,
+                       args.hf_cb)
 
 
 def probe_device(device: str) -> dict[str, Any]:
@@ -142,7 +147,8 @@ def run_hf(cfg: BenchConfig, mode: str, device: dict[str, Any], log_dir: Path) -
             "--mode", mode.removeprefix("hf-"), "--num-requests", str(wl.num_requests),
             "--prompt-tokens", str(wl.prompt_tokens), "--new-tokens", str(wl.new_tokens),
             "--seed", str(wl.seed), "--device", device["kind"], "--attn", cfg.hf_attn,
-            "--timeline-ms", str(cfg.timeline_ms), "--out", str(out.resolve())]
+            "--timeline-ms", str(cfg.timeline_ms), "--out", str(out.resolve()),
+            "--cb", cfg.hf_cb]
     if not cfg.hf_trace:
         argv.append("--no-trace")
     with open(log_dir / f"{mode}.log", "w") as log_file:

@@ -5,6 +5,15 @@ One mode per process (so the GPU memory is freed when it exits): ``generate_batc
 needs CUDA). The manager is built for the real workload, warmed up on other prompts and
 kept, so the measured ``generate_batch`` call reuses it. On a GPU, torch.profiler records
 the kernels of the measured call; its JSON row has the same fields as a Tandem mode's.
+
+``--cb tuned`` (default) sizes Transformers for the workload instead of for the GPU:
+``paged|sdpa`` needs a dense additive mask of ``max_batch_tokens x (cache pages +
+max_batch_tokens)`` per IO buffer, which the memory-filling defaults make ~11 GiB on an
+H200, and async batching copies that whole buffer host-to-device on every step. With the
+cache sized to the requests (and a 2048-token prefill budget) the mask is ~0.2 GiB, which
+also makes CUDA graphs (off by default when a mask is needed) affordable; a full-shape
+warm-up captures them outside the measured call. ``--cb defaults`` keeps Transformers'
+own defaults (the numbers of earlier runs).
 """
 
 from __future__ import annotations
@@ -26,6 +35,11 @@ from tandem import models
 log = logging.getLogger("bench.hf")
 WARMUP_REQUESTS, WARMUP_NEW_TOKENS = 2, 8
 CPU_CACHE_BYTES = 2 << 30  # Transformers cannot size its cache from CPU memory
+CB_PRESETS = ("tuned", "defaults")
+CB_BLOCK_SIZE = 256  # Transformers' default block size
+CB_PREFILL_TOKENS = 2048  # tuned max_batch_tokens cap: the sdpa mask is M x (pages + M)
+CB_Q_PADDING = 32  # CUDA graph padding of the query tokens (decode of 32 requests: none)
+CB_KV_PADDING = 4096  # CUDA graph padding of the tokens read from the cache
 
 
 @dataclass(frozen=True)
@@ -38,10 +52,42 @@ class HfRunConfig:
     slice_us: float
     out: Path
     trace: bool = True  # record the kernel timeline (CUDA); its overhead slows Transformers
+    cb: str = "tuned"  # "tuned": sized for the workload, CUDA graphs; "defaults": Transformers'
+    compile_level: int = 0  # ContinuousBatchingConfig.default_compile_level (tuned only)
 
     @property
     def is_cuda(self) -> bool:
         return self.device.startswith("cuda")
+
+    @property
+    def full_warmup(self) -> bool:
+        """Warm up on the workload's shape, so every CUDA graph is captured before timing."""
+        return self.is_cuda and self.cb == "tuned"
+
+
+def cb_config(cfg: HfRunConfig):
+    """The ``ContinuousBatchingConfig`` of the run; the same for sync and async but the flag.
+
+    ``tuned``: a cache of ``num_requests`` x (blocks of prompt + new tokens, + 1 spare)
+    blocks instead of ~90% of free GPU memory, a prefill budget of at most
+    ``CB_PREFILL_TOKENS`` (whole prompts still fit), and CUDA graphs with padding intervals
+    (Transformers turns them off for sdpa by default). The decode fast path stays off: it
+    needs flash attention's ``flash_attn_with_kvcache``.
+    """
+    from transformers import ContinuousBatchingConfig
+
+    if cfg.cb == "defaults":
+        return ContinuousBatchingConfig(use_async_batching=cfg.is_async)
+    wl = cfg.workload
+    blocks_per_request = -(-(wl.prompt_tokens + wl.new_tokens) // CB_BLOCK_SIZE) + 1
+    batch_tokens = max(wl.prompt_tokens, wl.num_requests,
+                       min(CB_PREFILL_TOKENS, wl.num_requests * wl.prompt_tokens))
+    return ContinuousBatchingConfig(
+        use_async_batching=cfg.is_async, block_size=CB_BLOCK_SIZE,
+        num_blocks=wl.num_requests * blocks_per_request, max_batch_tokens=batch_tokens,
+        max_requests_per_batch=wl.num_requests, use_cuda_graph=True,
+        q_padding_interval_size=CB_Q_PADDING, kv_padding_interval_size=CB_KV_PADDING,
+        default_compile_level=cfg.compile_level)
 
 
 def build_model(model: ModelInfo, dtype, device: str, attn: str):
@@ -77,8 +123,10 @@ def _allow_cpu_cache() -> None:
     cache.PagedAttentionMemoryHandler.get_available_memory = lambda self: CPU_CACHE_BYTES
 
 
-def warm_up(hf, cfg: HfRunConfig, gen, cb, prompts: list[list[int]]) -> None:
-    """Build the manager for the real workload, run a few requests, keep it for later."""
+def warm_up(hf, cfg: HfRunConfig, gen, cb, prompts: list[list[int]],
+            new_tokens: int = WARMUP_NEW_TOKENS) -> dict:
+    """Build the manager for the real workload, run ``prompts``, keep it for later; the
+    settings Transformers resolved (see :func:`_resolved`)."""
     from transformers.generation.continuous_batching.utils import WorkloadHints
 
     wl = cfg.workload
@@ -88,7 +136,7 @@ def warm_up(hf, cfg: HfRunConfig, gen, cb, prompts: list[list[int]]) -> None:
                                           continuous_batching_config=cb, workload_hints=hints)
     manager.warmup()
     manager.start()
-    ids = manager.add_requests(inputs=prompts, max_new_tokens=WARMUP_NEW_TOKENS)
+    ids = manager.add_requests(inputs=prompts, max_new_tokens=new_tokens)
     finished = 0
     while finished < len(ids):
         result = manager.get_result(timeout=1)
@@ -97,6 +145,18 @@ def warm_up(hf, cfg: HfRunConfig, gen, cb, prompts: list[list[int]]) -> None:
         elif result is None and not manager.is_running():
             raise RuntimeError("the continuous batching thread died during warm-up")
     manager.stop(block=True, keep_for_next_session=True)
+    return _resolved(manager.continuous_batching_config)
+
+
+def _resolved(cb) -> dict:
+    """The resolved ``ContinuousBatchingConfig`` fields that decide the speed."""
+    keys = ("block_size", "num_blocks", "max_batch_tokens", "max_requests_per_batch",
+            "max_blocks_per_request", "use_async_batching", "use_cuda_graph",
+            "q_padding_interval_size", "kv_padding_interval_size", "default_compile_level",
+            "max_memory_percent")
+    row = {key: getattr(cb, key, None) for key in keys}
+    row["use_cuda_graph"] = list(row["use_cuda_graph"] or ())
+    return row
 
 
 def _spin(device: str) -> None:
@@ -158,13 +218,18 @@ def _timeline(box: dict, wall_s: float, cfg: HfRunConfig, notes: list[str]) -> d
 def measure(hf, model: ModelInfo, cfg: HfRunConfig) -> dict:
     """Warm up, then time and trace one ``generate_batch`` call: the mode's JSON row."""
     import torch
-    from transformers import ContinuousBatchingConfig, GenerationConfig
+    from transformers import GenerationConfig
 
     wl = cfg.workload
     prompts = make_prompts(wl, model)
     gen = GenerationConfig(max_new_tokens=wl.new_tokens, do_sample=False, eos_token_id=-1)
-    cb = ContinuousBatchingConfig(use_async_batching=cfg.is_async)
-    warm_up(hf, cfg, gen, cb, warmup_prompts(wl, model, WARMUP_REQUESTS))
+    cb = cb_config(cfg)
+    if cfg.full_warmup:  # same shapes as the measured call: its CUDA graphs get captured
+        resolved = warm_up(hf, cfg, gen, cb, warmup_prompts(wl, model, wl.num_requests),
+                           wl.new_tokens)
+    else:
+        resolved = warm_up(hf, cfg, gen, cb, warmup_prompts(wl, model, WARMUP_REQUESTS))
+    log.info("continuous batching (%s): %s", cfg.cb, resolved)
     pci = pci_bus_id(torch.cuda.get_device_properties(cfg.device)) if cfg.is_cuda else None
     sampler = NvmlSampler(cfg.is_cuda, pci)
     with kernel_trace(cfg.is_cuda and cfg.trace, cfg.device) as box, sampler:
@@ -183,7 +248,8 @@ def measure(hf, model: ModelInfo, cfg: HfRunConfig) -> dict:
         f"hf-{'async' if cfg.is_async else 'sync'}", wall_s, arrivals,
         _timeline(box, wall_s, cfg, notes), result_dict(sampler), notes,
         expected_tokens=wl.total_new_tokens,
-        extra={"call_s": call_s, "attn_implementation": hf.config._attn_implementation})
+        extra={"call_s": call_s, "attn_implementation": hf.config._attn_implementation,
+               "cb": cfg.cb, "cb_config": resolved})
 
 
 def _resolve(spec: str) -> tuple[Path, bool]:
@@ -221,10 +287,16 @@ def parse_args(argv: list[str]) -> HfRunConfig:
     p.add_argument("--out", type=Path, required=True, help="where the JSON row goes")
     p.add_argument("--no-trace", dest="trace", action="store_false",
                    help="no kernel timeline (the profiler slows Transformers' host loop)")
+    p.add_argument("--cb", choices=CB_PRESETS, default="tuned",
+                   help="tuned: cache sized for the workload, CUDA graphs, full-shape warm-up; "
+                   "defaults: Transformers' own ContinuousBatchingConfig defaults")
+    p.add_argument("--compile-level", type=int, default=0, choices=range(4),
+                   help="ContinuousBatchingConfig.default_compile_level with --cb tuned")
     a = p.parse_args(argv)
     return HfRunConfig(a.model, a.mode == "async",
                        Workload(a.num_requests, a.prompt_tokens, a.new_tokens, a.seed),
-                       a.device, a.attn, a.timeline_ms * 1e3, a.out, a.trace)
+                       a.device, a.attn, a.timeline_ms * 1e3, a.out, a.trace, a.cb,
+                       a.compile_level)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -89,3 +89,16 @@ def test_profiled_kernels_leave_out_copies_cpu_ops_and_find_the_markers():
     assert timeline["window_s"] == pytest.approx(100e-6)  # from the first marker's end
     assert timeline["busy"] == pytest.approx(0.6)  # (40 + 20) of 100 µs
     assert notes == []
+
+
+def test_tuned_continuous_batching_config_is_sized_for_the_workload():
+    """The cache holds the requests (not ~90% of the GPU), so the sdpa mask stays small."""
+    pytest.importorskip("transformers")
+    argv = ["--mode", "async", "--out", "x.json", "--device", "cuda", "--num-requests", "32",
+            "--prompt-tokens", "256", "--new-tokens", "1024"]
+    cfg = hf_baseline.parse_args(argv)
+    cb = hf_baseline.cb_config(cfg)
+    assert (cb.num_blocks, cb.block_size, cb.max_batch_tokens) == (32 * 6, 256, 2048)
+    assert cb.use_async_batching and cb.use_cuda_graph and cfg.full_warmup
+    plain = hf_baseline.cb_config(hf_baseline.parse_args(argv + ["--cb", "defaults"]))
+    assert plain.num_blocks is None and plain.use_cuda_graph is None
