@@ -138,6 +138,9 @@ def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(model_folder):
         assert len(result["out"].token_ids) == LONG  # the in-flight request lost nothing
         assert service.engine.wait(timeout=30) == 0
         assert segment not in shm_segments()  # the slots are gone with the engine
+    except BaseException:
+        print(service.log_tail(80))  # the engine's side, in pytest's report
+        raise
     finally:
         service.stop()
 
