@@ -61,7 +61,7 @@ def supports(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
     """Whether :func:`linear` (``gated``: :func:`gate_up_silu`) takes this product with its
     default config (else the caller uses ``F.linear``): half precision, at most MAX_ROWS
     rows, K contiguous and a multiple of its block, a contiguous weight and bias; gated: an
-    even number of weight rows, whose halves split into whole tiles, and no bias."""
+    even number of weight rows, an even ``block_n``, and no bias."""
     if not ((x.is_cuda or INTERPRETED) and x.dtype in (torch.bfloat16, torch.float16) and
             w.dtype == x.dtype and x.dim() == 2 and 0 < x.shape[0] <= MAX_ROWS and
             x.stride(1) == 1 and w.is_contiguous() and

@@ -26,7 +26,7 @@ DECODE_STAGES = 4  # K/V tiles in flight per decode program, where shared memory
 STAGE_SHARE = 0.7  # of a program's shared memory, what the decode pipeline may take
 PREFILL_BLOCK_M = 64  # query tokens x grouped heads per prefill program
 # Decode: RoPE and the new token's K/V write inside the attention launch, one launch a layer
-# fewer (H200, Llama-3-8B shape, batch 32 at 1K: 38.9 us a layer against 42.6 for the two
+# fewer (H200, Llama-3-8B shape, batch 32 at 1K: 39.2 us a layer against 42.7 for the two
 # launches; `python -m bench.attention` compares them).
 FUSE_ROPE = True
 
