@@ -52,6 +52,9 @@ def parse_args(argv: list[str]) -> EngineConfig:
                    help="KV cache size (default: 1 GiB on the CPU; on a GPU what "
                         "--gpu-memory-utilization leaves)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
+                   help="compute every prompt in full, even where a cached block holds the "
+                        "same prefix")
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--max-model-len", type=int, default=None)
@@ -76,7 +79,7 @@ def parse_args(argv: list[str]) -> EngineConfig:
         model=ModelConfig(a.model, a.cache_dir or models.default_cache_dir(), a.device, a.dtype,
                           a.seed, a.kernels),
         cache=CacheConfig(a.block_size, a.num_kv_blocks, a.kv_cache_gib,
-                          a.gpu_memory_utilization),
+                          a.gpu_memory_utilization, a.prefix_caching),
         scheduler=SchedulerConfig(a.max_num_seqs, a.max_num_batched_tokens, a.max_model_len,
                                   a.default_max_tokens, overlap=not a.sync,
                                   batch_wait_ms=a.batch_wait_ms,
@@ -102,7 +105,7 @@ def slot_layout(cfg: EngineConfig, max_context: int) -> S.SlotLayout:
 def build_engine(cfg: EngineConfig, tok: ModelTokenizer, worker: WorkerClient,
                  segment: S.SlotSegment, metrics: EngineMetrics) -> Engine:
     sched = cfg.scheduler
-    blocks = BlockManager(worker.num_blocks, cfg.cache.block_size)
+    blocks = BlockManager(worker.num_blocks, cfg.cache.block_size, cfg.cache.prefix_caching)
     scheduler = Scheduler(SchedulerLimits(sched.max_num_seqs, sched.max_num_batched_tokens),
                           blocks)
     outputs = OutputProcessor(tok.tokenizer, tok.eos_token_ids, tok.max_context)

@@ -7,27 +7,63 @@ table, in order. Token ``p`` of a request sits in slot
 
 Blocks are freed the moment their request finishes or is preempted, even if a
 batch still in flight writes to them: the worker runs batches in order, so any
-later batch that reuses a block writes it after the in-flight batch did, and
-only ever reads positions it wrote itself.
+later batch that reuses a block writes it after the in-flight batch did.
+
+**Prefix caching.** Once a batch that wrote a full block has completed, the
+engine *registers* the block under a digest of its tokens and of every token
+before them (:meth:`register`). A registered block whose last user lets go is
+not forgotten: it waits, least recently released first, to be either reused by
+a request whose prompt starts with the same tokens (:meth:`match_prefix`, then
+:meth:`adopt`: that request skips computing them) or evicted when a block is
+needed and none is plainly free. A request only ever writes blocks of its own
+past its cached prefix, so a shared block is read-only. Requests are matched on
+whole blocks and always compute at least their last token (its logits are
+sampled).
 """
 
 from __future__ import annotations
 
-from collections import deque
+import hashlib
+from array import array
+from collections import OrderedDict, deque
+from collections.abc import Callable, Sequence
+
+
+def block_digests(tokens: Sequence[int], block_size: int, num_blocks: int,
+                  parent: bytes = b"") -> list[bytes]:
+    """The prefix digests of the first ``num_blocks`` full blocks of ``tokens``: each
+    hashes its block's tokens and the digest before it (``parent`` for the first)."""
+    digests = []
+    for i in range(num_blocks):
+        block = array("q", tokens[i * block_size:(i + 1) * block_size]).tobytes()
+        parent = hashlib.blake2b(parent + block, digest_size=16).digest()
+        digests.append(parent)
+    return digests
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = True) -> None:
         if num_blocks < 1 or block_size < 1:
             raise ValueError("num_blocks and block_size must be positive")
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self._free: deque[int] = deque(range(num_blocks))
+        self.prefix_caching = prefix_caching
+        self._free: deque[int] = deque(range(num_blocks))  # unused, holding nothing cached
         self._tables: dict[str, list[int]] = {}
+        self._refs = [0] * num_blocks  # tables holding each block
+        self._cached: dict[bytes, int] = {}  # prefix digest -> the block holding it
+        self._digest_of: dict[int, bytes] = {}  # registered block -> its digest
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # registered, unused: LRU first
+        self._chains: dict[str, list[bytes]] = {}  # req_id -> digests of its full blocks
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        """Blocks a request can get: plainly free, or cached and unused (evicted if taken)."""
+        return len(self._free) + len(self._evictable)
+
+    @property
+    def num_cached(self) -> int:
+        return len(self._cached)
 
     @property
     def usage(self) -> float:
@@ -51,16 +87,82 @@ class BlockManager:
         if need > self.num_free:
             raise MemoryError(f"{need} KV blocks needed, {self.num_free} free")
         table = self._tables.setdefault(req_id, [])
-        table.extend(self._free.popleft() for _ in range(need))
+        for _ in range(need):
+            block = self._free.popleft() if self._free else self._evict()
+            self._refs[block] = 1
+            table.append(block)
         return table
 
     def free(self, req_id: str) -> int:
-        """Return all of ``req_id``'s blocks; returns how many were freed."""
+        """Let go of all of ``req_id``'s blocks; returns how many it held. Registered
+        blocks that no table holds any more stay cached (evictable); the rest are free."""
         table = self._tables.pop(req_id, [])
-        self._free.extend(table)
+        self._chains.pop(req_id, None)
+        for block in reversed(table):  # a prefix's tail is evicted before its head
+            self._refs[block] -= 1
+            if self._refs[block]:
+                continue
+            if block in self._digest_of:
+                self._evictable[block] = None
+            else:
+                self._free.append(block)
         return len(table)
 
     def slot(self, req_id: str, position: int) -> int:
         """The cache slot of token ``position`` of ``req_id``."""
         block = self._tables[req_id][position // self.block_size]
         return block * self.block_size + position % self.block_size
+
+    # --- prefix caching ---
+    def match_prefix(self, tokens: Sequence[int]) -> tuple[list[int], list[bytes]]:
+        """The cached blocks holding the longest whole-block prefix of ``tokens``, short of
+        the last token, and their digests."""
+        if not self.prefix_caching:
+            return [], []
+        blocks, digests, parent, size = [], [], b"", self.block_size
+        for i in range((len(tokens) - 1) // size):
+            (digest,) = block_digests(tokens[i * size:(i + 1) * size], size, 1, parent)
+            block = self._cached.get(digest)
+            if block is None:
+                break
+            blocks.append(block)
+            digests.append(digest)
+            parent = digest
+        return blocks, digests
+
+    def adopt(self, req_id: str, blocks: list[int], digests: list[bytes]) -> None:
+        """Start ``req_id``'s (empty) table with cached ``blocks`` from :meth:`match_prefix`."""
+        if self._tables.get(req_id):
+            raise ValueError(f"{req_id} already holds blocks")
+        for block in blocks:
+            if self._refs[block] == 0:
+                del self._evictable[block]
+            self._refs[block] += 1
+        self._tables[req_id] = list(blocks)
+        self._chains[req_id] = list(digests)
+
+    def register(self, req_id: str, num_tokens: int,
+                 token_ids: Callable[[int, int], Sequence[int]]) -> None:
+        """The KV of ``req_id``'s first ``num_tokens`` tokens is in the cache: register its
+        full blocks not registered yet (``token_ids(start, stop)`` gives the tokens). A
+        block whose prefix another block already holds stays private."""
+        table = self._tables.get(req_id)
+        if not self.prefix_caching or table is None:
+            return
+        chain = self._chains.setdefault(req_id, [])
+        full, start, size = min(num_tokens // self.block_size, len(table)), len(chain), \
+            self.block_size
+        if full <= start:
+            return
+        new = block_digests(token_ids(start * size, full * size), size, full - start,
+                            chain[-1] if chain else b"")
+        for block, digest in zip(table[start:full], new, strict=True):
+            if digest not in self._cached and block not in self._digest_of:
+                self._cached[digest] = block
+                self._digest_of[block] = digest
+        chain.extend(new)
+
+    def _evict(self) -> int:
+        block, _ = self._evictable.popitem(last=False)
+        del self._cached[self._digest_of.pop(block)]
+        return block

@@ -29,6 +29,7 @@ class CacheConfig:
     num_blocks: int | None = None  # None: the worker sizes the cache from memory
     kv_cache_gib: float | None = None  # None: 1 GiB on the CPU, from the GPU's free memory
     gpu_memory_utilization: float = 0.85
+    prefix_caching: bool = True  # reuse cached blocks of identical prompt prefixes
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or (self.num_blocks is not None and self.num_blocks < 1):

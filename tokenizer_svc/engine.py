@@ -53,6 +53,7 @@ class Engine:
         self.num_tokens = 0  # run through the model, prefill and decode
         self.num_sampled = 0  # tokens applied to live requests
         self._preemptions_seen = 0
+        self._prefix_seen = (0, 0)  # the scheduler's prefix-cache counters, as last reported
         self.last_progress = time.monotonic()  # a batch finished, or the loop went idle
         self._queue_lock = threading.Lock()
         self._queued: dict[str, int] = {}  # req_id -> prompt tokens, until first scheduled
@@ -192,6 +193,9 @@ class Engine:
         m.kv_usage.set(s.blocks.usage)
         m.preemptions.inc(s.num_preemptions - self._preemptions_seen)
         self._preemptions_seen = s.num_preemptions
+        m.prefix_queried.inc(s.prefix_queried_tokens - self._prefix_seen[0])
+        m.prefix_hits.inc(s.prefix_hit_tokens - self._prefix_seen[1])
+        self._prefix_seen = (s.prefix_queried_tokens, s.prefix_hit_tokens)
 
     def _complete(self, plan: BatchPlan) -> None:
         slot = plan.seq % self.segment.layout.num_slots
@@ -202,9 +206,14 @@ class Engine:
         view = self.segment.slots[slot]
         sampled = view.sampled_ids[: len(plan.rows)].tolist()
         num_sampled = self.num_sampled
+        blocks = self.scheduler.blocks
         for r, row in enumerate(plan.rows):
             req = row.req
-            if not row.samples or req.status == Status.FINISHED:
+            if req.status == Status.FINISHED:
+                continue
+            # the batch has written these tokens' KV: their full blocks can serve others
+            blocks.register(req.req_id, row.start + row.num_tokens, req.known_ids)
+            if not row.samples:
                 continue
             req.pending.popleft()
             self.num_sampled += 1

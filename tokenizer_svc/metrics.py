@@ -43,6 +43,11 @@ class EngineMetrics:
                                       buckets=SIZE_BUCKETS, registry=r)
         self.preemptions = Counter("tandem_preemptions", "Requests preempted for KV blocks",
                                    registry=r)
+        self.prefix_queried = Counter("tandem_prefix_cache_queried_tokens",
+                                      "Known tokens of requests admitted to a batch", registry=r)
+        self.prefix_hits = Counter("tandem_prefix_cache_hit_tokens",
+                                   "Of those, tokens whose KV came from the prefix cache "
+                                   "(not computed again)", registry=r)
         self.rejected = Counter("tandem_requests_rejected", "Requests refused at admission",
                                 ["reason"], registry=r)
         self.cancelled = Counter("tandem_requests_cancelled",

@@ -6,6 +6,10 @@ preempted requests, prefilled in chunks). A running request that cannot get a
 block preempts the most recently admitted one: its blocks are freed and it goes
 back to the front of the queue to be recomputed later.
 
+A request admitted from the queue first takes the cached blocks that hold the
+longest whole-block prefix of its tokens (prefix caching, see
+:mod:`tokenizer_svc.block_manager`): its computation starts after them.
+
 In async mode a step is planned while the previous one is still running: a
 request's next input token may be one that the previous batch has not sampled
 yet. The plan then carries a *placeholder* for it: the position in the batch,
@@ -65,6 +69,8 @@ class Scheduler:
         self.running: list[Request] = []
         self.next_seq = 1
         self.num_preemptions = 0
+        self.prefix_queried_tokens = 0  # known tokens of admitted requests
+        self.prefix_hit_tokens = 0  # of those, found in the prefix cache
 
     @property
     def has_work(self) -> bool:
@@ -138,10 +144,19 @@ class Scheduler:
                 continue
             if req in preempted or len(self.running) >= limits.max_num_seqs:
                 break
+            if self.blocks.prefix_caching:
+                self.blocks.adopt(req.req_id,
+                                  *self.blocks.match_prefix(req.known_ids(0, req.num_known)))
+            blocks = self.blocks.table(req.req_id)
+            req.num_computed = len(blocks) * self.blocks.block_size
             n = min(req.num_total - req.num_computed, budget)
             reserve = limits.watermark_blocks
             if not self.blocks.can_allocate(req.req_id, req.num_computed + n, reserve):
+                self.blocks.free(req.req_id)
+                req.num_computed = 0
                 break  # wait for blocks; the head of the queue goes first
+            self.prefix_queried_tokens += req.num_known
+            self.prefix_hit_tokens += req.num_computed
             self.waiting.popleft()
             self.blocks.allocate(req.req_id, req.num_computed + n)
             req.status = Status.RUNNING

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -89,3 +91,14 @@ class Service:
                 proc.kill()
                 proc.wait()
         self.tmp.cleanup()
+
+
+def scrape(service: Service) -> dict[str, float]:
+    """The engine's Prometheus metrics (the service was started with --metrics-port)."""
+    text = urllib.request.urlopen(service.metrics_url, timeout=10).read().decode()
+    values = {}
+    for line in text.splitlines():
+        m = re.match(r"^([a-zA-Z_:][\w:]*(?:\{[^}]*\})?) ([-+0-9.eEinfNa]+)$", line)
+        if m:
+            values[m.group(1)] = float(m.group(2))
+    return values

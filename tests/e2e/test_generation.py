@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tandem.v1 import generation_pb2 as pb
+from tests.e2e.service import scrape
 
 pytestmark = pytest.mark.e2e
 
@@ -124,6 +125,19 @@ def test_preemption_and_recompute_keep_outputs_exact(tight_service, async_servic
     tight = run_staggered(tight_service, requests, gap=0.05)
     assert [r[1] for r in tight] == [r[1] for r in roomy]
     assert tight_service.stats().num_preemptions > 0
+
+
+def test_a_repeated_prompt_comes_from_the_prefix_cache_with_the_same_tokens(async_service,
+                                                                         hf_model):
+    request = text_request(TEXTS[3] + " Again.", max_tokens=8, temperature=0, ignore_eos=True)
+    prompt = prompt_of(async_service, request)
+    hits = "tandem_prefix_cache_hit_tokens_total"
+    first = async_service.stub.Generate(request, timeout=120)
+    before = scrape(async_service)[hits]
+    second = async_service.stub.Generate(request, timeout=120)
+    # every whole block of the prompt short of its last token (16-token blocks)
+    assert scrape(async_service)[hits] - before == (len(prompt) - 1) // 16 * 16 > 300
+    assert list(first.token_ids) == list(second.token_ids) == hf_greedy(hf_model, prompt, 8)
 
 
 def test_stream_concatenates_to_unary_text(async_service, async_results, hf_model):

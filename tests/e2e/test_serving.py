@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import os
-import re
 import signal
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import grpc
@@ -16,22 +14,12 @@ from grpc_health.v1 import health_pb2
 
 from tandem.v1 import generation_pb2 as pb
 from tests.e2e.conftest import BASE_ARGS, DEVICE
-from tests.e2e.service import Service
+from tests.e2e.service import Service, scrape
 
 pytestmark = pytest.mark.e2e
 # A request still generating a moment after it starts: a GPU ran 40 tokens (and 400) in
 # under a second, before the test could look.
 LONG = 40 if DEVICE == "cpu" else 1000
-
-
-def scrape(service) -> dict[str, float]:
-    text = urllib.request.urlopen(service.metrics_url, timeout=10).read().decode()
-    values = {}
-    for line in text.splitlines():
-        m = re.match(r"^([a-zA-Z_:][\w:]*(?:\{[^}]*\})?) ([-+0-9.eEinfNa]+)$", line)
-        if m:
-            values[m.group(1)] = float(m.group(2))
-    return values
 
 
 def worker_pid(engine_pid: int) -> int:
