@@ -117,7 +117,7 @@ class BlockManager:
     def match_prefix(self, tokens: Sequence[int]) -> tuple[list[int], list[bytes]]:
         """The cached blocks holding the longest whole-block prefix of ``tokens``, short of
         the last token, and their digests."""
-        if not self.prefix_caching:
+        if not (self.prefix_caching and self._cached):
             return [], []
         blocks, digests, parent, size = [], [], b"", self.block_size
         for i in range((len(tokens) - 1) // size):
