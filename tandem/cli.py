@@ -137,7 +137,8 @@ def completion_json(completion: Completion | Delta) -> dict[str, Any]:
         "token_ids": completion.token_ids,
         "finish_reason": completion.finish_reason,
         "usage": {"prompt_tokens": completion.prompt_tokens,
-                  "completion_tokens": completion.completion_tokens},
+                  "completion_tokens": completion.completion_tokens,
+                  "cached_prompt_tokens": completion.cached_prompt_tokens},
         "timing": dataclasses.asdict(completion.timing) if completion.timing else None,
         "request_id": completion.request_id,
     }

@@ -81,6 +81,7 @@ class Completion:
     logprobs: list[TokenLogprob]
     request_id: str
     timing: Timing | None
+    cached_prompt_tokens: int = 0  # of prompt_tokens, served from the prefix cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +97,7 @@ class Delta:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     timing: Timing | None = None
+    cached_prompt_tokens: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,6 +171,7 @@ class Client:
             logprobs=[token_logprob(lp) for lp in response.logprobs],
             request_id=response.request_id,
             timing=timing(response),
+            cached_prompt_tokens=response.usage.cached_prompt_tokens,
         )
 
     def stream(self, prompt: str | None = None, *, messages: Sequence[Message] | None = None,
@@ -298,4 +301,5 @@ def delta(msg: pb.GenerateStreamResponse) -> Delta:
         prompt_tokens=usage.prompt_tokens if usage else None,
         completion_tokens=usage.completion_tokens if usage else None,
         timing=timing(msg),
+        cached_prompt_tokens=usage.cached_prompt_tokens if usage else None,
     )

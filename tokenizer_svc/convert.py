@@ -104,6 +104,7 @@ def output_to_pb(out: RequestOutput, request_id: str) -> pb.GenerateStreamRespon
         msg.finish_reason = _FINISH.get(out.finish_reason, pb.FINISH_REASON_UNSPECIFIED)
         msg.usage.prompt_tokens = out.prompt_tokens
         msg.usage.completion_tokens = out.completion_tokens
+        msg.usage.cached_prompt_tokens = out.cached_prompt_tokens
         msg.timing.queue_seconds = out.queue_seconds
         msg.timing.first_token_seconds = out.first_token_seconds
         msg.timing.total_seconds = out.total_seconds

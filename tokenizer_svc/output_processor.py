@@ -64,6 +64,7 @@ class OutputProcessor:
         out.finish_reason = req.finish_reason
         out.prompt_tokens = len(req.prompt_ids)
         out.completion_tokens = len(req.output_ids)
+        out.cached_prompt_tokens = req.cached_prompt_tokens or 0
         out.queue_seconds = (req.first_scheduled or now) - req.arrival
         out.first_token_seconds = (req.first_token or now) - req.arrival
         out.total_seconds = now - req.arrival

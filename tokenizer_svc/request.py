@@ -62,6 +62,7 @@ class RequestOutput:
     finish_reason: FinishReason | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_prompt_tokens: int = 0
     queue_seconds: float = 0.0
     first_token_seconds: float = 0.0
     total_seconds: float = 0.0
@@ -74,6 +75,7 @@ class RequestOutput:
         self.logprobs += later.logprobs
         if later.finish_reason is not None or later.error is not None:
             for field in ("finish_reason", "prompt_tokens", "completion_tokens",
+                          "cached_prompt_tokens",
                           "queue_seconds", "first_token_seconds", "total_seconds", "error"):
                 setattr(self, field, getattr(later, field))
 
@@ -99,6 +101,7 @@ class Request:
     status: Status = Status.WAITING
     finish_reason: FinishReason | None = None
     first_scheduled: float | None = None
+    cached_prompt_tokens: int | None = None  # from the prefix cache, at first admission
     first_token: float | None = None
     last_token_at: float = 0.0  # when the latest token was applied
 

@@ -157,6 +157,8 @@ class Scheduler:
                 break  # wait for blocks; the head of the queue goes first
             self.prefix_queried_tokens += req.num_known
             self.prefix_hit_tokens += req.num_computed
+            if req.cached_prompt_tokens is None:  # a recompute after preemption: not counted
+                req.cached_prompt_tokens = min(req.num_computed, len(req.prompt_ids))
             self.waiting.popleft()
             self.blocks.allocate(req.req_id, req.num_computed + n)
             req.status = Status.RUNNING

@@ -78,6 +78,7 @@ function toJson(result) {
     usage: {
       prompt_tokens: result.usage ? result.usage.prompt_tokens : 0,
       completion_tokens: result.usage ? result.usage.completion_tokens : 0,
+      cached_prompt_tokens: result.usage ? result.usage.cached_prompt_tokens || 0 : 0,
     },
     timing: result.timing,
     request_id: result.request_id,

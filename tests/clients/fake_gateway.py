@@ -30,7 +30,8 @@ def canned_chunks() -> list[pb.GenerateStreamResponse]:
         pb.GenerateStreamResponse(text="lo", token_ids=[12, 13]),
         pb.GenerateStreamResponse(text=" world", token_ids=[14],
                                   finish_reason=pb.FINISH_REASON_LENGTH,
-                                  usage=pb.Usage(prompt_tokens=5, completion_tokens=4),
+                                  usage=pb.Usage(prompt_tokens=5, completion_tokens=4,
+                                                 cached_prompt_tokens=2),
                                   timing=TIMING),
     ]
 

@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[2]
 INVALID = (grpc.StatusCode.INVALID_ARGUMENT, "sampling.top_p: must lie in (0, 1], got 1.5")
 EXPECTED_JSON = {
     "text": "Hello world", "token_ids": [11, 12, 13, 14], "finish_reason": "length",
-    "usage": {"prompt_tokens": 5, "completion_tokens": 4},
+    "usage": {"prompt_tokens": 5, "completion_tokens": 4, "cached_prompt_tokens": 2},
     "timing": {"queue_seconds": TIMING.queue_seconds,
                "first_token_seconds": TIMING.first_token_seconds,
                "total_seconds": TIMING.total_seconds},

@@ -34,7 +34,7 @@ def test_generate_sends_text_and_sampling(fake, client):
     assert out == Completion(
         text="Hello world", token_ids=[11, 12, 13, 14], finish_reason="length", prompt_tokens=5,
         completion_tokens=4, logprobs=[TokenLogprob(11, -0.5, [])], request_id="r-1",
-        timing=Timing(0.25, 0.5, 1.5))
+        timing=Timing(0.25, 0.5, 1.5), cached_prompt_tokens=2)
 
 
 def test_unset_sampling_stays_unset(fake, client):
@@ -67,7 +67,8 @@ def test_stream_yields_deltas(fake, client):
     assert [d.text for d in deltas] == ["Hel", "lo", " world"]
     assert deltas[1] == Delta(text="lo", token_ids=[12, 13], logprobs=[], request_id="fake-1")
     assert deltas[-1].finish_reason == "length"
-    assert (deltas[-1].prompt_tokens, deltas[-1].completion_tokens) == (5, 4)
+    assert (deltas[-1].prompt_tokens, deltas[-1].completion_tokens,
+            deltas[-1].cached_prompt_tokens) == (5, 4, 2)
     assert deltas[-1].timing == Timing(0.25, 0.5, 1.5)
     assert fake.generation.requests[-1].sampling.max_tokens == 3
 

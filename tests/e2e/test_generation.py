@@ -137,6 +137,8 @@ def test_a_repeated_prompt_comes_from_the_prefix_cache_with_the_same_tokens(asyn
     second = async_service.stub.Generate(request, timeout=120)
     # every whole block of the prompt short of its last token (16-token blocks)
     assert scrape(async_service)[hits] - before == (len(prompt) - 1) // 16 * 16 > 300
+    assert second.usage.cached_prompt_tokens == (len(prompt) - 1) // 16 * 16
+    assert second.usage.prompt_tokens == len(prompt)
     assert list(first.token_ids) == list(second.token_ids) == hf_greedy(hf_model, prompt, 8)
 
 
@@ -145,7 +147,11 @@ def test_stream_concatenates_to_unary_text(async_service, async_results, hf_mode
     unary = async_service.stub.Generate(request, timeout=120)
     text, ids, last = async_results[0]
     assert unary.text == text and list(unary.token_ids) == ids
-    assert unary.finish_reason == last.finish_reason and unary.usage == last.usage
+    assert unary.finish_reason == last.finish_reason
+    usage = unary.usage
+    assert (usage.prompt_tokens, usage.completion_tokens) == (
+        last.usage.prompt_tokens, last.usage.completion_tokens)
+    assert usage.cached_prompt_tokens <= (usage.prompt_tokens - 1) // 16 * 16  # a repeat
     _, tok = hf_model
     stop = ids[-1:] if last.finish_reason == pb.FINISH_REASON_STOP else []
     assert text == tok.decode(ids[: len(ids) - len(stop)], skip_special_tokens=True)
