@@ -144,27 +144,34 @@ class Scheduler:
                 continue
             if req in preempted or len(self.running) >= limits.max_num_seqs:
                 break
-            if self.blocks.prefix_caching:
-                self.blocks.adopt(req.req_id,
-                                  *self.blocks.match_prefix(req.known_ids(0, req.num_known)))
-            blocks = self.blocks.table(req.req_id)
-            req.num_computed = len(blocks) * self.blocks.block_size
+            req.num_computed = self._take_cached_prefix(req)
             n = min(req.num_total - req.num_computed, budget)
             reserve = limits.watermark_blocks
             if not self.blocks.can_allocate(req.req_id, req.num_computed + n, reserve):
-                self.blocks.free(req.req_id)
+                self.blocks.free(req.req_id)  # its cached prefix too, until it gets room
                 req.num_computed = 0
                 break  # wait for blocks; the head of the queue goes first
-            self.prefix_queried_tokens += req.num_known
-            self.prefix_hit_tokens += req.num_computed
-            if req.cached_prompt_tokens is None:  # a recompute after preemption: not counted
-                req.cached_prompt_tokens = min(req.num_computed, len(req.prompt_ids))
+            self._count_prefix_hit(req)
             self.waiting.popleft()
             self.blocks.allocate(req.req_id, req.num_computed + n)
             req.status = Status.RUNNING
             self.running.append(req)
             self._add_row(plan, req, n)
             budget -= n
+
+    def _take_cached_prefix(self, req: Request) -> int:
+        """Start ``req``'s table with the cached blocks of its longest whole-block prefix;
+        returns how many tokens they hold."""
+        if not self.blocks.prefix_caching:
+            return 0
+        self.blocks.adopt(req.req_id, *self.blocks.match_prefix(req.known_ids(0, req.num_known)))
+        return len(self.blocks.table(req.req_id)) * self.blocks.block_size
+
+    def _count_prefix_hit(self, req: Request) -> None:
+        self.prefix_queried_tokens += req.num_known
+        self.prefix_hit_tokens += req.num_computed
+        if req.cached_prompt_tokens is None:  # the first admission (not a recompute)
+            req.cached_prompt_tokens = min(req.num_computed, len(req.prompt_ids))
 
     def _add_row(self, plan: BatchPlan, req: Request, n: int) -> None:
         start, known = req.num_computed, req.num_known
