@@ -14,7 +14,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from gateway.config import DEFAULT_LISTEN, MIB, GatewayConfig, SpawnConfig, TlsConfig
+from gateway.config import DEFAULT_LISTEN, MIB, ROUTINGS, GatewayConfig, SpawnConfig, TlsConfig
 from gateway.security import read_api_keys
 from gateway.server import GatewayServer, build_server
 
@@ -51,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="deadline for generation requests that set none (default: none)")
     parser.add_argument("--rpc-timeout", type=float, default=30.0, metavar="S",
                         help="deadline for Tokenize and internal calls that set none (default 30)")
+    parser.add_argument("--routing", choices=ROUTINGS, default="prefix",
+                        help="prefix (default): send a request to the engine its input's "
+                        "beginning went to before (that engine's prefix cache), unless that "
+                        "engine is busier than the least loaded one by more than a small "
+                        "margin; least-loaded: always the fewest requests in flight")
     parser.add_argument("--health-interval", type=float, default=0.5, metavar="S",
                         help="how often each engine's health is polled (default 0.5)")
     parser.add_argument("--grace-period", type=float, default=5.0, metavar="S",
@@ -113,6 +118,7 @@ def _build_config(args: argparse.Namespace, engine_args: tuple[str, ...]) -> Gat
         rpc_timeout_s=args.rpc_timeout,
         health_poll_interval_s=args.health_interval,
         grace_period_s=args.grace_period,
+        routing=args.routing,
         tls=_tls_config(args),
         api_keys=_api_keys(args),
     )

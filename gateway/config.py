@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 DEFAULT_LISTEN = "0.0.0.0:50051"
 MIB = 1024 * 1024
+ROUTINGS = ("prefix", "least-loaded")
 
 
 def default_engine_command() -> tuple[str, ...]:
@@ -86,6 +87,9 @@ class GatewayConfig:
     keepalive_time_s: float = 20.0  # engine channels: ping after this long without reads
     keepalive_timeout_s: float = 10.0
     max_reconnect_backoff_s: float = 1.0  # engine channels: reconnect quickly after restarts
+    # "prefix": prefer the engine a request's input beginning went to before (its prefix
+    # cache), within a load margin; "least-loaded": always the fewest requests in flight.
+    routing: str = "prefix"
 
     def __post_init__(self) -> None:
         if not self.listen:
@@ -110,6 +114,8 @@ class GatewayConfig:
             "max_reconnect_backoff_s",
         ):
             _require_positive(name, getattr(self, name))
+        if self.routing not in ROUTINGS:
+            raise ValueError(f"routing must be one of {', '.join(ROUTINGS)}, not {self.routing!r}")
         if not math.isfinite(self.grace_period_s) or self.grace_period_s < 0:
             raise ValueError(f"grace_period_s must be finite and >= 0, got {self.grace_period_s}")
         for i, key in enumerate(self.api_keys):  # never echo a key in a message

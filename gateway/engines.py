@@ -26,6 +26,7 @@ from collections.abc import Callable
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from gateway.affinity import PrefixAffinity, input_bytes, prefix_keys
 from gateway.config import GatewayConfig
 from gateway.errors import EngineLost, GatewayError, NoEngineReady
 from tandem.internal.v1 import engine_pb2_grpc
@@ -203,11 +204,16 @@ class Engine:
 
 
 class EnginePool:
-    """All engines; routes each request to the least-loaded ready one."""
+    """All engines; routes each request to a ready one: the least loaded, or with
+    ``config.routing == "prefix"`` the one its input's beginning went to before, if that
+    one's load is within ``AFFINITY_SLACK`` (or a quarter) of the least loaded one's."""
+
+    AFFINITY_SLACK = 2  # requests in flight
 
     def __init__(self, addresses: tuple[str, ...], config: GatewayConfig,
                  on_change: Callable[[], None]) -> None:
         self.engines = [Engine(address, config, on_change) for address in addresses]
+        self.affinity = PrefixAffinity() if config.routing == "prefix" else None
 
     @property
     def is_ready(self) -> bool:
@@ -216,9 +222,16 @@ class EnginePool:
     def get(self, address: str) -> Engine:
         return next(engine for engine in self.engines if engine.address == address)
 
-    def acquire(self) -> Lease:
-        """A lease on the ready engine with the fewest requests in flight from this gateway."""
-        return self._pick().lease()
+    def acquire(self, request: pb.GenerateRequest | None = None) -> Lease:
+        """A lease on a ready engine for ``request`` (None: any work, such as Tokenize): the
+        one with the fewest requests in flight from this gateway, unless prefix routing
+        prefers another (see the class)."""
+        if request is None or self.affinity is None:
+            return self._pick().lease()
+        keys = prefix_keys(input_bytes(request))
+        engine = self._pick(keys)
+        self.affinity.record(engine.address, keys)
+        return engine.lease()
 
     def model_info(self) -> pb.ModelInfo:
         """The cached ModelInfo of a ready engine."""
@@ -226,11 +239,17 @@ class EnginePool:
         assert info is not None
         return info
 
-    def _pick(self) -> Engine:
+    def _pick(self, keys: list[bytes] | None = None) -> Engine:
         ready = [engine for engine in self.engines if engine.is_ready]
         if not ready:
             raise NoEngineReady()
-        return min(ready, key=lambda engine: engine.num_in_flight)
+        least = min(ready, key=lambda engine: engine.num_in_flight)
+        if not keys or self.affinity is None:
+            return least
+        limit = least.num_in_flight + max(self.AFFINITY_SLACK, least.num_in_flight // 4)
+        near = [engine for engine in ready if engine.num_in_flight <= limit]
+        best = max(near, key=lambda engine: self.affinity.depth(engine.address, keys))
+        return best if self.affinity.depth(best.address, keys) else least
 
     @property
     def num_in_flight(self) -> int:

@@ -81,8 +81,8 @@ class Relay:
     async def stream(
         self, request: pb.GenerateRequest, context: CallContext
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
-        """Admits and validates `request`, runs it on the least-loaded ready engine and yields
-        its output.
+        """Admits and validates `request`, runs it on a ready engine (see
+        `EnginePool.acquire`) and yields its output.
 
         The engine call is cancelled however this ends: normally, on error, when this
         generator is closed or cancelled, and when the server call is done (the client
@@ -92,7 +92,7 @@ class Relay:
             request.request_id = new_request_id()
         req_id = request.request_id
         self._admission.admit(context)
-        lease = self._pool.acquire()
+        lease = self._pool.acquire(request)
         context.add_done_callback(lambda _: lease.release())
         try:
             validate_generate_request(request, lease.engine.model_info)

@@ -335,6 +335,46 @@ def test_routes_to_the_least_loaded_ready_engine() -> None:
     run(body())
 
 
+@pytest.mark.parametrize("routing", ["prefix", "least-loaded"])
+def test_prefix_routing_keeps_a_shared_prompt_on_one_engine_within_a_load_margin(
+        routing: str) -> None:
+    system = "You are a careful assistant. " * 40  # ~1.2 KB: two whole 512-byte chunks
+
+    def chat(user: str) -> pb.GenerateRequest:
+        msgs = [pb.ChatMessage(role="system", content=system),
+                pb.ChatMessage(role="user", content=user)]
+        return pb.GenerateRequest(messages=pb.ChatMessages(messages=msgs))
+
+    async def body() -> None:
+        first, second = await start_fake_engine(), await start_fake_engine()
+        try:
+            config = fast_config((first.address, second.address), routing=routing)
+            async with running_gateway(config) as (server, client):
+                await wait_until(lambda: sum(e.is_ready for e in server.pool.engines) == 2)
+                first.engine.hang = second.engine.hang = True
+                calls = []
+                for i in range(4):  # one at a time: each sees the loads the last one left
+                    calls.append(client.stub.GenerateStream(chat(f"question {i}")))
+                    await calls[-1].read()
+                loads = sorted((len(first.engine.requests), len(second.engine.requests)))
+                # prefix: the engine that has the prompt takes it until it is busier than
+                # the other by more than the margin (2): 3 and 1; least-loaded: 2 and 2
+                assert loads == ([1, 3] if routing == "prefix" else [2, 2])
+                other = pb.GenerateRequest(text="A different long document. " * 40)
+                calls.append(client.stub.GenerateStream(other))
+                await calls[-1].read()
+                assert sorted((len(first.engine.requests), len(second.engine.requests))) == \
+                    ([2, 3] if routing == "prefix" else [2, 3])
+                for call in calls:
+                    call.cancel()
+                await wait_until(lambda: first.engine.num_active + second.engine.num_active == 0)
+        finally:
+            for engine in (first, second):
+                await engine.server.stop(0)
+
+    run(body())
+
+
 def test_a_port_in_use_is_an_error() -> None:
     async def body() -> None:
         async with gateway_with_engine(wait_ready=False) as (server, _client, engine):
