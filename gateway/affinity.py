@@ -5,7 +5,7 @@ request whose input starts like an earlier one runs faster on the engine that se
 earlier one. The gateway never tokenizes; it keys a request's input bytes (the text, the
 chat messages with their roles, or the token ids) at every `CHUNK_BYTES`, remembers which
 engine it routed each key to (least recently used keys are forgotten first), and prefers
-the engine that matches the longest run of leading keys, among the engines whose load is
+the engine that was last sent the longest of the request's prefixes, among the engines whose load is
 close to the least loaded one's. Affinity only ever picks among ready engines: it changes
 speed, never results.
 """
@@ -54,13 +54,12 @@ class PrefixAffinity:
         self._owner: OrderedDict[bytes, str] = OrderedDict()  # key -> engine address
 
     def depth(self, address: str, keys: list[bytes]) -> int:
-        """How many leading ``keys`` were last routed to ``address``."""
-        n = 0
-        for key in keys:
-            if self._owner.get(key) != address:
-                break
-            n += 1
-        return n
+        """How far into ``keys`` the longest prefix last routed to ``address`` reaches (a key
+        stands for its whole prefix: a shorter one routed elsewhere since changes nothing)."""
+        for i in range(len(keys) - 1, -1, -1):
+            if self._owner.get(keys[i]) == address:
+                return i + 1
+        return 0
 
     def record(self, address: str, keys: list[bytes]) -> None:
         for key in keys:

@@ -206,14 +206,10 @@ class Engine:
         view = self.segment.slots[slot]
         sampled = view.sampled_ids[: len(plan.rows)].tolist()
         num_sampled = self.num_sampled
-        blocks = self.scheduler.blocks
         for r, row in enumerate(plan.rows):
             req = row.req
-            if req.status == Status.FINISHED:
-                continue
-            # the batch has written these tokens' KV: their full blocks can serve others
-            blocks.register(req.req_id, row.start + row.num_tokens, req.known_ids)
-            if not row.samples:
+            self.scheduler.written(row)
+            if not row.samples or req.status == Status.FINISHED:
                 continue
             req.pending.popleft()
             self.num_sampled += 1

@@ -102,6 +102,7 @@ class Request:
     finish_reason: FinishReason | None = None
     first_scheduled: float | None = None
     cached_prompt_tokens: int | None = None  # from the prefix cache, at first admission
+    num_admissions: int = 0  # times taken from the queue (1 + preemptions so far)
     first_token: float | None = None
     last_token_at: float = 0.0  # when the latest token was applied
 

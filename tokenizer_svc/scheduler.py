@@ -44,6 +44,7 @@ class ScheduledRow:
     samples: bool  # the row's last token yields a new token for the request
     token_ids: list[int]  # [num_tokens]; -1 where a placeholder goes
     placeholders: list[tuple[int, int]]  # (offset in row, row of the previous batch)
+    admission: int  # req.num_admissions when planned: the block table the row writes
 
 
 @dataclasses.dataclass
@@ -78,6 +79,14 @@ class Scheduler:
 
     def add(self, req: Request) -> None:
         self.waiting.append(req)
+
+    def written(self, row: ScheduledRow) -> None:
+        """The batch of ``row`` has completed: its tokens' KV is in the cache, and the full
+        blocks among them can serve other requests. Not if the request has left, or was
+        preempted since: the blocks the row wrote are no longer its own."""
+        req = row.req
+        if req.status != Status.FINISHED and row.admission == req.num_admissions:
+            self.blocks.register(req.req_id, row.start + row.num_tokens, req.known_ids)
 
     def finish(self, req: Request) -> None:
         """Take a finished or aborted request out and free its blocks."""
@@ -152,6 +161,7 @@ class Scheduler:
                 req.num_computed = 0
                 break  # wait for blocks; the head of the queue goes first
             self._count_prefix_hit(req)
+            req.num_admissions += 1
             self.waiting.popleft()
             self.blocks.allocate(req.req_id, req.num_computed + n)
             req.status = Status.RUNNING
@@ -187,4 +197,5 @@ class Scheduler:
         samples = req.num_computed == req.num_total
         if samples:
             req.pending.append((plan.seq, len(plan.rows)))
-        plan.rows.append(ScheduledRow(req, start, n, samples, token_ids, placeholders))
+        plan.rows.append(ScheduledRow(req, start, n, samples, token_ids, placeholders,
+                                      req.num_admissions))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import logging
 import threading
 import time
@@ -81,6 +82,7 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
         self.device = ""  # where the worker runs the model, and in which dtype
         self.dtype = ""
         self.bridge: OutputBridge | None = None  # outputs from the engine thread, made on first use
+        self._num_requests = itertools.count()  # makes every engine-side request id unique
 
     async def Generate(self, request: engine_pb2.EngineRequest, context):
         engine = await self._engine(context)
@@ -98,7 +100,7 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
                 if out.error is not None:
                     await context.abort(grpc.StatusCode.UNAVAILABLE, out.error)
                 finished = out.finish_reason is not None
-                yield convert.output_to_pb(out, request.request.request_id or req.req_id)
+                yield convert.output_to_pb(out, request.request.request_id or request.request_id)
         finally:
             if not finished:  # the caller went away (or we failed): free its blocks
                 engine.abort(req.req_id)
@@ -121,7 +123,9 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
         except convert.InvalidRequest as exc:
             self.metrics.rejected.labels("invalid").inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        return Request(request.request_id, ids, options, arrival=time.monotonic())
+        # unique on the engine even if a client reuses an id (the gateway never does)
+        req_id = f"{request.request_id}.{next(self._num_requests)}"
+        return Request(req_id, ids, options, arrival=time.monotonic())
 
     async def _admit(self, engine: Engine, req: Request, context) -> None:
         """Refuse at once, with the limit named, when the waiting queue is full."""

@@ -12,6 +12,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2
 
+from tandem.internal.v1 import engine_pb2
 from tandem.v1 import generation_pb2 as pb
 from tests.e2e.conftest import BASE_ARGS, DEVICE
 from tests.e2e.service import Service, scrape
@@ -83,6 +84,21 @@ def test_full_queue_is_refused_at_once_with_the_limit_named(small_queue_service)
     assert any(not isinstance(r, grpc.RpcError) for r in results.values())
     rejected = scrape(small_queue_service)['tandem_requests_rejected_total{reason="queue_full"}']
     assert rejected == len(refused)
+
+
+def test_engine_requests_reusing_an_id_run_side_by_side(async_service):
+    """The internal API asks for ids unique in flight; a client that breaks that gets two
+    independent requests, not a broken engine."""
+    prompt = "Tell me a long story about a lighthouse keeper. " * 12  # whole cached blocks
+    request = engine_pb2.EngineRequest(request_id="same", request=pb.GenerateRequest(
+        text=prompt, sampling=pb.SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)))
+    calls = [async_service.engine_stub.Generate(request, timeout=120) for _ in range(2)]
+    outputs = [[t for msg in call for t in msg.token_ids] for call in calls]
+    assert len(outputs[0]) == 6 and outputs[0] == outputs[1]
+    again = [t for msg in async_service.engine_stub.Generate(request, timeout=120)
+             for t in msg.token_ids]
+    assert again == outputs[0]
+    assert async_service.stats().num_running == 0
 
 
 def test_deadline_exceeded_and_the_request_leaves_the_batch(async_service):

@@ -38,7 +38,7 @@ def test_affinity_remembers_the_last_engine_of_each_key_and_forgets_the_oldest()
     affinity.record("e1", a[:2])
     assert affinity.depth("e1", a) == 2 and affinity.depth("e2", a) == 0
     affinity.record("e2", a[1:2])  # a later request's prefix went elsewhere
-    assert affinity.depth("e1", a) == 1
+    assert affinity.depth("e1", a) == 1 and affinity.depth("e2", a) == 2
     affinity.record("e2", b)  # 4 keys > capacity 3: a[0], the oldest, goes
     assert len(affinity) == 3 and affinity.depth("e1", a) == 0
     assert affinity.depth("e2", b) == 2
@@ -50,3 +50,13 @@ def test_routing_flag():
         "least-loaded"
     with pytest.raises(ValueError, match="routing"):
         GatewayConfig(engine_addresses=("x:1",), routing="random")
+
+
+def test_a_conversation_keeps_its_engine_when_its_system_prompt_goes_elsewhere():
+    system = b"s" * 512
+    turn1 = prefix_keys(system + b"u" * 3000)  # 6 keys
+    turn2 = prefix_keys(system + b"u" * 3000 + b"v" * 1024)
+    affinity = PrefixAffinity()
+    affinity.record("e1", turn1)
+    affinity.record("e2", prefix_keys(system + b"w" * 600))  # another user, another engine
+    assert affinity.depth("e1", turn2) == 6 and affinity.depth("e2", turn2) == 1

@@ -124,9 +124,9 @@ def run_batch(s, plan, token=7):
     """Complete ``plan`` as the engine does: register the KV written, apply samples."""
     for r, row in enumerate(plan.rows):
         req = row.req
+        s.written(row)
         if req.status == Status.FINISHED:
             continue
-        s.blocks.register(req.req_id, row.start + row.num_tokens, req.known_ids)
         if row.samples:
             assert req.pending.popleft() == (plan.seq, r)
             req.output_ids.append(token)
@@ -202,3 +202,20 @@ def test_no_room_after_adopting_gives_the_blocks_back():
     assert s.blocks.match_prefix(prompt)[0] == [s.blocks._cached[k] for k in
                                                 block_digests(prompt, BS, 1)]
     accounted(s.blocks)  # the head block b let go of is evictable again
+
+
+def test_a_row_planned_before_a_preemption_registers_nothing_after_it():
+    """Batch 1 is still in flight when its request is preempted and taken back with a new
+    table: batch 1's completion must not register that new table's blocks."""
+    s = make_scheduler(num_blocks=8)
+    a = make_request("a", tokens(9), max_tokens=4)
+    s.add(a)
+    first = s.schedule()  # a's prompt, 3 blocks; in flight
+    s._preempt(a)  # taken back before batch 1 completes: blocks freed, not registered
+    second = s.schedule()  # a again, from scratch, into blocks it may get in any order
+    assert second.rows[0].admission == first.rows[0].admission + 1
+    s.written(first.rows[0])  # batch 1 completes
+    assert s.blocks.num_cached == 0
+    s.written(second.rows[0])
+    assert s.blocks.num_cached == 2
+    accounted(s.blocks)
