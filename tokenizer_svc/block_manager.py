@@ -114,21 +114,25 @@ class BlockManager:
         return block * self.block_size + position % self.block_size
 
     # --- prefix caching ---
-    def match_prefix(self, tokens: Sequence[int]) -> tuple[list[int], list[bytes]]:
+    def match_prefix(self, tokens: Sequence[int], known: list[bytes] | None = None,
+                     ) -> tuple[list[int], list[bytes]]:
         """The cached blocks holding the longest whole-block prefix of ``tokens``, short of
-        the last token, and their digests."""
+        the last token, and their digests. ``known``: the digests of ``tokens``' first
+        blocks computed so far, extended here as far as the walk goes (a request waiting
+        for room asks again every step, and hashes each block once)."""
         if not (self.prefix_caching and self._cached):
             return [], []
-        blocks, digests, parent, size = [], [], b"", self.block_size
+        known = [] if known is None else known
+        blocks, size = [], self.block_size
         for i in range((len(tokens) - 1) // size):
-            (digest,) = block_digests(tokens[i * size:(i + 1) * size], size, 1, parent)
-            block = self._cached.get(digest)
+            if i == len(known):
+                known += block_digests(tokens[i * size:(i + 1) * size], size, 1,
+                                       known[-1] if known else b"")
+            block = self._cached.get(known[i])
             if block is None:
                 break
             blocks.append(block)
-            digests.append(digest)
-            parent = digest
-        return blocks, digests
+        return blocks, known[:len(blocks)]
 
     def adopt(self, req_id: str, blocks: list[int], digests: list[bytes]) -> None:
         """Start ``req_id``'s (empty) table with cached ``blocks`` from :meth:`match_prefix`."""

@@ -174,7 +174,8 @@ class Scheduler:
         returns how many tokens they hold."""
         if not self.blocks.prefix_caching:
             return 0
-        self.blocks.adopt(req.req_id, *self.blocks.match_prefix(req.known_ids(0, req.num_known)))
+        tokens = req.known_ids(0, req.num_known)
+        self.blocks.adopt(req.req_id, *self.blocks.match_prefix(tokens, req.block_digests))
         return len(self.blocks.table(req.req_id)) * self.blocks.block_size
 
     def _count_prefix_hit(self, req: Request) -> None:

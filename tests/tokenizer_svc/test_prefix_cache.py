@@ -219,3 +219,21 @@ def test_a_row_planned_before_a_preemption_registers_nothing_after_it():
     s.written(second.rows[0])
     assert s.blocks.num_cached == 2
     accounted(s.blocks)
+
+
+def test_a_waiting_request_hashes_each_block_once(monkeypatch):
+    import tokenizer_svc.block_manager as bm_module
+
+    bm = BlockManager(8, BS)
+    prompt = tokens(13)
+    bm.allocate("a", 13)
+    computed(bm, "a", prompt[:8] + [0] * 5)  # caches the first two blocks only
+    hashed = []
+    real = bm_module.block_digests
+    monkeypatch.setattr(bm_module, "block_digests",
+                        lambda toks, *a, **kw: hashed.append(1) or real(toks, *a, **kw))
+    known: list[bytes] = []
+    first = bm.match_prefix(prompt, known)
+    assert len(first[0]) == 2 and len(hashed) == 3  # two hits and the miss that ends the walk
+    assert bm.match_prefix(prompt, known) == first and len(hashed) == 3  # nothing hashed again
+    assert known == block_digests(prompt, BS, 3)
