@@ -1,7 +1,7 @@
 # Tandem: one image for both processes.
 #
 #   docker build -t tandem:latest .                                  # torch 2.11.0 from PyPI (CUDA 13)
-#   docker build --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 \
+#   docker build --build-arg TORCH_INDEX_URL=<PyTorch's CUDA 12.8 wheel index URL> \
 #                -t tandem:latest .                                  # CUDA 12.8 build, older drivers
 #   docker run --gpus all -p 50051:50051 tandem:latest gateway --listen 0.0.0.0:50051  # all in one
 #   docker run --gpus all tandem:latest tokenizer_svc --listen 0.0.0.0:6000            # an engine
