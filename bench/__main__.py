@@ -132,7 +132,7 @@ def run_sweep(cfg: BenchConfig, device: dict[str, Any], log_dir: Path) -> dict[s
 
 def engine_spec(cfg: BenchConfig, mode: str, is_gpu: bool) -> EngineSpec:
     wl = cfg.workload
-    batched = max(wl.prompt_tokens, wl.num_requests, min(8192, wl.num_requests * wl.prompt_tokens))
+    batched = wl.batch_tokens(8192)
     return EngineSpec(cfg.model, is_sync=mode == "tandem-sync",
                       is_gpu=is_gpu, max_num_seqs=wl.num_requests,
                       max_num_batched_tokens=batched,

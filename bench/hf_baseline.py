@@ -80,11 +80,10 @@ def cb_config(cfg: HfRunConfig):
         return ContinuousBatchingConfig(use_async_batching=cfg.is_async)
     wl = cfg.workload
     blocks_per_request = -(-(wl.prompt_tokens + wl.new_tokens) // CB_BLOCK_SIZE) + 1
-    batch_tokens = max(wl.prompt_tokens, wl.num_requests,
-                       min(CB_PREFILL_TOKENS, wl.num_requests * wl.prompt_tokens))
     return ContinuousBatchingConfig(
         use_async_batching=cfg.is_async, block_size=CB_BLOCK_SIZE,
-        num_blocks=wl.num_requests * blocks_per_request, max_batch_tokens=batch_tokens,
+        num_blocks=wl.num_requests * blocks_per_request,
+        max_batch_tokens=wl.batch_tokens(CB_PREFILL_TOKENS),
         max_requests_per_batch=wl.num_requests, use_cuda_graph=True,
         q_padding_interval_size=CB_Q_PADDING, kv_padding_interval_size=CB_KV_PADDING,
         default_compile_level=cfg.compile_level)
@@ -224,11 +223,10 @@ def measure(hf, model: ModelInfo, cfg: HfRunConfig) -> dict:
     prompts = make_prompts(wl, model)
     gen = GenerationConfig(max_new_tokens=wl.new_tokens, do_sample=False, eos_token_id=-1)
     cb = cb_config(cfg)
-    if cfg.full_warmup:  # same shapes as the measured call: its CUDA graphs get captured
-        resolved = warm_up(hf, cfg, gen, cb, warmup_prompts(wl, model, wl.num_requests),
-                           wl.new_tokens)
-    else:
-        resolved = warm_up(hf, cfg, gen, cb, warmup_prompts(wl, model, WARMUP_REQUESTS))
+    # a full warm-up has the measured call's shapes: its CUDA graphs get captured
+    num, new = ((wl.num_requests, wl.new_tokens) if cfg.full_warmup
+                else (WARMUP_REQUESTS, WARMUP_NEW_TOKENS))
+    resolved = warm_up(hf, cfg, gen, cb, warmup_prompts(wl, model, num), new)
     log.info("continuous batching (%s): %s", cfg.cb, resolved)
     pci = pci_bus_id(torch.cuda.get_device_properties(cfg.device)) if cfg.is_cuda else None
     sampler = NvmlSampler(cfg.is_cuda, pci)

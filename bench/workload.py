@@ -38,6 +38,12 @@ class Workload:
     def total_new_tokens(self) -> int:
         return self.num_requests * self.new_tokens
 
+    def batch_tokens(self, cap: int) -> int:
+        """A token budget per step for this workload: all prompts at once, at most ``cap``,
+        but never less than one whole prompt or one token per request."""
+        return max(self.prompt_tokens, self.num_requests,
+                   min(cap, self.num_requests * self.prompt_tokens))
+
 
 @dataclass(frozen=True)
 class ModelInfo:

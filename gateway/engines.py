@@ -247,9 +247,10 @@ class EnginePool:
         if not keys or self.affinity is None:
             return least
         limit = least.num_in_flight + max(self.AFFINITY_SLACK, least.num_in_flight // 4)
-        near = [engine for engine in ready if engine.num_in_flight <= limit]
-        best = max(near, key=lambda engine: self.affinity.depth(engine.address, keys))
-        return best if self.affinity.depth(best.address, keys) else least
+        depth = {engine: self.affinity.depth(engine.address, keys) for engine in ready
+                 if engine.num_in_flight <= limit}
+        best = max(depth, key=depth.__getitem__)
+        return best if depth[best] else least
 
     @property
     def num_in_flight(self) -> int:

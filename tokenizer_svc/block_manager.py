@@ -54,7 +54,7 @@ class BlockManager:
         self._cached: dict[bytes, int] = {}  # prefix digest -> the block holding it
         self._digest_of: dict[int, bytes] = {}  # registered block -> its digest
         self._evictable: OrderedDict[int, None] = OrderedDict()  # registered, unused: LRU first
-        self._chains: dict[str, list[bytes]] = {}  # req_id -> digests of its full blocks
+        self._num_registered: dict[str, int] = {}  # req_id -> leading table blocks considered
 
     @property
     def num_free(self) -> int:
@@ -97,7 +97,7 @@ class BlockManager:
         """Let go of all of ``req_id``'s blocks; returns how many it held. Registered
         blocks that no table holds any more stay cached (evictable); the rest are free."""
         table = self._tables.pop(req_id, [])
-        self._chains.pop(req_id, None)
+        self._num_registered.pop(req_id, None)
         for block in reversed(table):  # a prefix's tail is evicted before its head
             self._refs[block] -= 1
             if self._refs[block]:
@@ -114,27 +114,27 @@ class BlockManager:
         return block * self.block_size + position % self.block_size
 
     # --- prefix caching ---
+    # ``known`` below is a request's own list of the digests of its first whole blocks, as
+    # far as computed: a request's tokens never change, so each block is hashed once, for
+    # matching and registering alike.
     def match_prefix(self, tokens: Sequence[int], known: list[bytes] | None = None,
                      ) -> tuple[list[int], list[bytes]]:
         """The cached blocks holding the longest whole-block prefix of ``tokens``, short of
-        the last token, and their digests. ``known``: the digests of ``tokens``' first
-        blocks computed so far, extended here as far as the walk goes (a request waiting
-        for room asks again every step, and hashes each block once)."""
+        the last token, and their digests; ``known`` is extended as far as the walk goes
+        (a request waiting for room asks again every step)."""
         if not (self.prefix_caching and self._cached):
             return [], []
         known = [] if known is None else known
-        blocks, size = [], self.block_size
-        for i in range((len(tokens) - 1) // size):
-            if i == len(known):
-                known += block_digests(tokens[i * size:(i + 1) * size], size, 1,
-                                       known[-1] if known else b"")
+        blocks = []
+        for i in range((len(tokens) - 1) // self.block_size):
+            self._extend(known, i + 1, lambda start, stop: tokens[start:stop])
             block = self._cached.get(known[i])
             if block is None:
                 break
             blocks.append(block)
         return blocks, known[:len(blocks)]
 
-    def adopt(self, req_id: str, blocks: list[int], digests: list[bytes]) -> None:
+    def adopt(self, req_id: str, blocks: list[int]) -> None:
         """Start ``req_id``'s (empty) table with cached ``blocks`` from :meth:`match_prefix`."""
         if self._tables.get(req_id):
             raise ValueError(f"{req_id} already holds blocks")
@@ -143,28 +143,34 @@ class BlockManager:
                 del self._evictable[block]
             self._refs[block] += 1
         self._tables[req_id] = list(blocks)
-        self._chains[req_id] = list(digests)
+        self._num_registered[req_id] = len(blocks)
 
     def register(self, req_id: str, num_tokens: int,
-                 token_ids: Callable[[int, int], Sequence[int]]) -> None:
+                 token_ids: Callable[[int, int], Sequence[int]], known: list[bytes]) -> None:
         """The KV of ``req_id``'s first ``num_tokens`` tokens is in the cache: register its
         full blocks not registered yet (``token_ids(start, stop)`` gives the tokens). A
         block whose prefix another block already holds stays private."""
         table = self._tables.get(req_id)
         if not self.prefix_caching or table is None:
             return
-        chain = self._chains.setdefault(req_id, [])
-        full, start, size = min(num_tokens // self.block_size, len(table)), len(chain), \
-            self.block_size
+        start = self._num_registered.get(req_id, 0)
+        full = min(num_tokens // self.block_size, len(table))
         if full <= start:
             return
-        new = block_digests(token_ids(start * size, full * size), size, full - start,
-                            chain[-1] if chain else b"")
-        for block, digest in zip(table[start:full], new, strict=True):
+        self._extend(known, full, token_ids)
+        for block, digest in zip(table[start:full], known[start:full], strict=True):
             if digest not in self._cached and block not in self._digest_of:
                 self._cached[digest] = block
                 self._digest_of[block] = digest
-        chain.extend(new)
+        self._num_registered[req_id] = full
+
+    def _extend(self, known: list[bytes], count: int,
+                token_ids: Callable[[int, int], Sequence[int]]) -> None:
+        """Hash blocks onto ``known`` until it holds ``count`` digests."""
+        if len(known) < count:
+            size = self.block_size
+            known += block_digests(token_ids(len(known) * size, count * size), size,
+                                   count - len(known), known[-1] if known else b"")
 
     def _evict(self) -> int:
         block, _ = self._evictable.popitem(last=False)

@@ -52,8 +52,7 @@ class Engine:
         self.num_finished = 0
         self.num_tokens = 0  # run through the model, prefill and decode
         self.num_sampled = 0  # tokens applied to live requests
-        self._preemptions_seen = 0
-        self._prefix_seen = (0, 0)  # the scheduler's prefix-cache counters, as last reported
+        self._reported: dict[str, int] = {}  # the scheduler's counters, as last reported
         self.last_progress = time.monotonic()  # a batch finished, or the loop went idle
         self._queue_lock = threading.Lock()
         self._queued: dict[str, int] = {}  # req_id -> prompt tokens, until first scheduled
@@ -191,11 +190,12 @@ class Engine:
         m.running.set(len(s.running))
         m.waiting.set(len(s.waiting))
         m.kv_usage.set(s.blocks.usage)
-        m.preemptions.inc(s.num_preemptions - self._preemptions_seen)
-        self._preemptions_seen = s.num_preemptions
-        m.prefix_queried.inc(s.prefix_queried_tokens - self._prefix_seen[0])
-        m.prefix_hits.inc(s.prefix_hit_tokens - self._prefix_seen[1])
-        self._prefix_seen = (s.prefix_queried_tokens, s.prefix_hit_tokens)
+        for counter, name in ((m.preemptions, "num_preemptions"),
+                              (m.prefix_queried, "prefix_queried_tokens"),
+                              (m.prefix_hits, "prefix_hit_tokens")):
+            total = getattr(s, name)
+            counter.inc(total - self._reported.get(name, 0))
+            self._reported[name] = total
 
     def _complete(self, plan: BatchPlan) -> None:
         slot = plan.seq % self.segment.layout.num_slots

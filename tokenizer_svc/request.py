@@ -104,7 +104,7 @@ class Request:
     cached_prompt_tokens: int | None = None  # from the prefix cache, at first admission
     num_admissions: int = 0  # times taken from the queue (1 + preemptions so far)
     block_digests: list[bytes] = dataclasses.field(default_factory=list)  # prefix caching:
-    # the digests of its first whole blocks of known tokens, as far as computed
+    # the digests of its first whole blocks of tokens, as far as computed (its only copy)
     first_token: float | None = None
     last_token_at: float = 0.0  # when the latest token was applied
 

@@ -86,7 +86,8 @@ class Scheduler:
         preempted since: the blocks the row wrote are no longer its own."""
         req = row.req
         if req.status != Status.FINISHED and row.admission == req.num_admissions:
-            self.blocks.register(req.req_id, row.start + row.num_tokens, req.known_ids)
+            self.blocks.register(req.req_id, row.start + row.num_tokens, req.known_ids,
+                                 req.block_digests)
 
     def finish(self, req: Request) -> None:
         """Take a finished or aborted request out and free its blocks."""
@@ -175,7 +176,8 @@ class Scheduler:
         if not self.blocks.prefix_caching:
             return 0
         tokens = req.known_ids(0, req.num_known)
-        self.blocks.adopt(req.req_id, *self.blocks.match_prefix(tokens, req.block_digests))
+        blocks, _ = self.blocks.match_prefix(tokens, req.block_digests)
+        self.blocks.adopt(req.req_id, blocks)
         return len(self.blocks.table(req.req_id)) * self.blocks.block_size
 
     def _count_prefix_hit(self, req: Request) -> None:

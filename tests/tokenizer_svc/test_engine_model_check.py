@@ -219,8 +219,9 @@ class Sim:
             raise Bug("did not drain: " + repr([(r.req_id, r.status, r.num_computed, r.num_total)
                                                for r in stuck]))
         bm = self.bm()
-        if bm._tables or bm.num_free != bm.num_blocks or bm._chains:
-            raise Bug(f"leak after drain: tables={bm._tables} chains={len(bm._chains)} "
+        if bm._tables or bm.num_free != bm.num_blocks or bm._num_registered:
+            raise Bug(f"leak after drain: tables={bm._tables} "
+                      f"registered={len(bm._num_registered)} "
                       f"free={bm.num_free}")
 
 

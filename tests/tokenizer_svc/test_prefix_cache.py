@@ -15,7 +15,7 @@ def tokens(n, first=100):
 
 def computed(bm, req_id, toks):
     """The engine's part: the batch that wrote ``toks``' KV has completed."""
-    bm.register(req_id, len(toks), lambda a, b: toks[a:b])
+    bm.register(req_id, len(toks), lambda a, b: toks[a:b], [])
 
 
 def accounted(bm):
@@ -43,12 +43,12 @@ def test_registered_blocks_serve_a_later_prompt_with_the_same_prefix():
     table = list(bm.allocate("a", 10))
     computed(bm, "a", prompt)
     assert bm.num_cached == 2  # two full blocks; the third holds 2 of 4 tokens
-    blocks, digests = bm.match_prefix(prompt)
+    blocks, _ = bm.match_prefix(prompt)
     assert blocks == table[:2]
     assert bm.match_prefix(prompt[:8])[0] == table[:1]  # the last token is always computed
     assert bm.match_prefix(tokens(4, first=0) + prompt[4:])[0] == []
     assert bm.match_prefix(prompt[:4] + tokens(6, first=0))[0] == table[:1]
-    bm.adopt("b", blocks, digests)
+    bm.adopt("b", blocks)
     bm.allocate("b", 12)
     assert bm.table("b")[:2] == table[:2] and bm._refs[table[0]] == 2
     accounted(bm)
@@ -96,12 +96,13 @@ def test_register_is_incremental_and_ignores_requests_that_left():
         calls.append((a, b))
         return seq[a:b]
 
-    bm.register("a", 5, ids)
-    bm.register("a", 7, ids)  # no new full block: nothing to hash
-    bm.register("a", 12, ids)
+    known: list[bytes] = []
+    bm.register("a", 5, ids, known)
+    bm.register("a", 7, ids, known)  # no new full block: nothing to hash
+    bm.register("a", 12, ids, known)
     assert calls == [(0, 4), (4, 12)] and bm.num_cached == 3
     bm.free("a")
-    bm.register("a", 12, ids)  # preempted or finished meanwhile: its blocks are not its own
+    bm.register("a", 12, ids, known)  # preempted or finished meanwhile: its blocks are not its own
     assert len(calls) == 2
 
 
