@@ -57,14 +57,16 @@ def graph_us(fn, copies: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def candidates(n: int, k: int, num_sms: int) -> list[lin.LinearConfig]:
+def candidates(n: int, k: int, num_sms: int, gated: bool = False) -> list[lin.LinearConfig]:
+    """Configs to search; gated tiles hold half their rows from each half of the weight,
+    so they may be twice as tall."""
     out = []
     for bn, bk, split, stages in itertools.product(
-            (32, 64, 128), (64, 128), (1, 2, 4, 8), (3, 5)):
+            (32, 64, 128) + ((256,) if gated else ()), (64, 128), (1, 2, 4, 8), (3, 5)):
         programs = -(-n // bn) * split
         if k % (split * bk) or not num_sms <= programs <= 8 * num_sms:
             continue
-        out.append(lin.LinearConfig(bn, bk, split, 8 if bn == 128 else 4, stages))
+        out.append(lin.LinearConfig(bn, bk, split, 8 if bn >= 128 else 4, stages))
     return out
 
 
@@ -95,7 +97,7 @@ def measure(name, n, k, rows, bandwidth, search) -> dict:
 
     if search:
         best = None
-        for cfg in candidates(n, k, sms):
+        for cfg in candidates(n, k, sms, gated):
             try:
                 us = graph_us(tandem(cfg), copies)
             except Exception as exc:  # noqa: BLE001 - a config that does not compile

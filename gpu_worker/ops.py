@@ -98,9 +98,10 @@ class TorchOps:
 
 
 # Decode-sized batches: the gate/up product and SiLU-and-mul in one launch of the split-K
-# kernel (instead of cuBLAS and a SiLU launch). Off until a GPU has measured it:
-# `python -m bench.gemm --products gate_up_silu` and `python -m bench.sweep --fuse-silu`.
-FUSE_SILU = False
+# kernel (instead of cuBLAS and a SiLU launch). On an H200 (2026-12-02, Llama-3-8B shape,
+# context 1K, `python -m bench.sweep --fuse-silu on|off`): batch 1 4.56 against 4.59 ms a
+# step, batch 8 4.70 against 4.74, batch 32 5.55 against 5.59.
+FUSE_SILU = True
 
 
 class TritonOps:

@@ -117,7 +117,13 @@ def gated_reference(x, gate_up):
     return TorchOps.silu_and_mul(reference(x, gate_up).to(x.dtype)).float()
 
 
-@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"n{c.block_n}k{c.block_k}s{c.split_k}")
+# gated tiles take half their rows from each half: up to 128 from each
+GATED_CONFIGS = CONFIGS + [lin.LinearConfig(128, 64, 2, num_warps=8, num_stages=3),
+                           lin.LinearConfig(256, 64, 1, num_warps=8, num_stages=3)]
+
+
+@pytest.mark.parametrize("cfg", GATED_CONFIGS,
+                         ids=lambda c: f"n{c.block_n}k{c.block_k}s{c.split_k}")
 @pytest.mark.parametrize("rows", [1, 5])
 def test_gate_up_silu_matches_the_unfused_pair(cfg, rows):
     x, gate_up = half(rows, 256, scale=1 / 4), half(2 * 72, 256, scale=1 / 4)  # partial tile

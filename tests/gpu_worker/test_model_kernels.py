@@ -28,8 +28,8 @@ def build(device, dtype, kernels, fuse_silu=False):
         if not name.endswith("norm.weight"):
             w.mul_(8)
     ops = make_ops(device, kernels)
-    if fuse_silu:
-        ops.fuse_silu = True
+    if hasattr(ops, "fuse_silu"):  # the Triton ops' default is on
+        ops.fuse_silu = fuse_silu
     model = LlamaModel(config, weights, dtype, device, ops=ops)
     s = model.shape
     cache = KVCache(s.num_layers, 16, BLOCK, s.num_kv_heads, s.head_dim, dtype, device)
