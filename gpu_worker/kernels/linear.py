@@ -86,7 +86,7 @@ def default_config(num_rows: int, n: int, k: int, sms: int, shared: int,
     32 rows on an H200: 59.9 and 61.3 us for the Llama-3-8B gate/up, where the tiles of
     the plain product took 76.7 and 90.9)."""
     if gated:
-        return _gated_config(num_rows, n, k, sms)
+        return _gated_config(num_rows, n, k, sms, shared)
     block_n = 32 if n <= 4096 else 64
     block_k = next((b for b in (128, 64, 32, 16) if k % b == 0), 16)
     tiles, split_k = triton.cdiv(n, block_n), 1
@@ -97,15 +97,17 @@ def default_config(num_rows: int, n: int, k: int, sms: int, shared: int,
     return LinearConfig(block_n=block_n, block_k=block_k, split_k=split_k, num_stages=stages)
 
 
-def _gated_config(num_rows: int, n: int, k: int, sms: int) -> LinearConfig:
+def _gated_config(num_rows: int, n: int, k: int, sms: int, shared: int) -> LinearConfig:
     block_n = 128
     block_k = next((b for b in ((128, 64) if _block_m(num_rows) <= 16 else (64,)) + (32, 16)
                     if k % b == 0), 16)
     tiles, split_k = triton.cdiv(n, block_n), 1
     while tiles * split_k < sms and k % (2 * split_k * block_k) == 0:
         split_k *= 2
+    stage_bytes = (block_n + _block_m(num_rows)) * block_k * 2
+    stages = max(2, min(3, (shared - SPARE_SHARED) // stage_bytes))  # 2 on ~100 KB cards
     return LinearConfig(block_n=block_n, block_k=block_k, split_k=split_k, num_warps=8,
-                        num_stages=3)
+                        num_stages=stages)
 
 
 def _block_m(num_rows: int) -> int:

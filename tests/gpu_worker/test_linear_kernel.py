@@ -94,6 +94,18 @@ def test_default_config_fills_the_machine_within_its_shared_memory():
     assert (64 + 64) * 128 * 2 * small.num_stages <= (99 << 10) - lin.SPARE_SHARED
 
 
+def test_gated_default_config_is_the_searched_one_and_fits_smaller_gpus():
+    hopper = 227 << 10
+    for rows, block_k in ((1, 128), (32, 64)):  # the H200 search's best at 1 and 32 rows
+        cfg = lin.default_config(rows, 28672, 4096, 132, hopper, gated=True)
+        assert cfg == lin.LinearConfig(128, block_k, 1, num_warps=8, num_stages=3)
+    small = lin.default_config(1, 28672, 4096, 84, 99 << 10, gated=True)
+    assert (128 + 16) * small.block_k * 2 * small.num_stages <= (99 << 10) - lin.SPARE_SHARED
+    narrow = lin.default_config(8, 2 * 1536, 576, 132, hopper, gated=True)  # SmolLM2-135M
+    assert 576 % (narrow.split_k * narrow.block_k) == 0
+    assert lin.default_config(8, 2 * 512, 4096, 132, hopper, gated=True).split_k == 32  # 8 tiles
+
+
 def test_triton_ops_take_narrow_decode_products_and_leave_the_rest_to_torch(monkeypatch):
     from gpu_worker.ops import TritonOps
 
