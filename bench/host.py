@@ -9,7 +9,8 @@ against an in-process stand-in for the worker that writes random tokens:
 - **served** (``--step-ms``): the whole tokenizer_svc process minus the worker: the engine
   thread and the gRPC server, streaming every request's tokens to a client in another
   process, with a worker whose batches take ``--step-ms`` each (slept, as a wait on the
-  GPU's event is). Tokens per second against the ideal ``rows / step``.
+  GPU's event is). Tokens per second against the ideal ``rows / step``, and the serving
+  process's CPU time per step (all its threads; the client's is not counted).
 
 No GPU. Prints JSON on the last line of stdout.
 """
@@ -19,10 +20,12 @@ from __future__ import annotations
 import asyncio
 import json
 import multiprocessing
+import os
 import signal
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -120,8 +123,16 @@ def serve(folder: str, rows: int, step_s: float, listen: str, ready) -> None:
     asyncio.run(run())
 
 
-def served_tokens_per_s(folder: str, rows: int, step_ms: float, new_tokens: int) -> float:
-    """Tokens per second that a client in this process receives over gRPC."""
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid``, all its threads (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def served(folder: str, rows: int, step_ms: float, new_tokens: int) -> tuple[float, float]:
+    """Tokens per second that a client in this process receives over gRPC, and the
+    serving process's CPU milliseconds per step meanwhile (engine and gRPC threads: the
+    smallest step it could keep up with if it had the cores to itself)."""
     import grpc
 
     from bench.tandem_run import engine_send, generate_all
@@ -142,10 +153,11 @@ def served_tokens_per_s(folder: str, rows: int, step_ms: float, new_tokens: int)
                 async with grpc.aio.insecure_channel(listen) as channel:
                     send = engine_send(channel)
                     await generate_all(send, prompts[:1], 2, "warmup")
-                    started = time.perf_counter()
+                    started, cpu = time.perf_counter(), _cpu_seconds(child.pid)
                     arrivals = await generate_all(send, prompts, new_tokens, "host")
+                    cpu = _cpu_seconds(child.pid) - cpu
                     tokens = sum(n for chunks in arrivals for _, n in chunks)
-                    return tokens / (time.perf_counter() - started)
+                    return tokens / (time.perf_counter() - started), cpu * 1e3 / new_tokens
 
             return asyncio.run(client())
         finally:
@@ -175,9 +187,11 @@ def main(argv: list[str] | None = None) -> int:
         line = f"{rows:5d} requests: engine {point['ms_per_step']:.3f} ms CPU per step"
         if args.step_ms is not None:
             ideal = rows / args.step_ms * 1e3
-            got = served_tokens_per_s(str(source.folder), rows, args.step_ms, args.steps)
-            point |= {"served_tokens_per_s": got, "ideal_tokens_per_s": ideal}
-            line += f"; served {got:,.0f} tokens/s of {ideal:,.0f} ({got / ideal:.0%})"
+            got, cpu_ms = served(str(source.folder), rows, args.step_ms, args.steps)
+            point |= {"served_tokens_per_s": got, "ideal_tokens_per_s": ideal,
+                      "served_cpu_ms_per_step": cpu_ms}
+            line += (f"; served {got:,.0f} tokens/s of {ideal:,.0f} ({got / ideal:.0%}), "
+                     f"{cpu_ms:.2f} ms of the server's CPU per step")
         print(line, file=sys.stderr)
         result["points"].append(point)
     print(json.dumps(result), flush=True)
