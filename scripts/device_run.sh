@@ -32,7 +32,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --f
 status=0
 if [ "$what" = gpu ] || [ "$what" = tests ] || [ "$what" = sweep ] || [ "$what" = kernels ] ||
         [ "$what" = all ]; then
-    python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tee "$OUT/gpu_tests.txt"
+    python3 -m pytest -q -rfs -p no:cacheprovider -m gpu tests 2>&1 | tee "$OUT/gpu_tests.txt"
     status=$(( status | PIPESTATUS[0] ))
 fi
 if [ "$what" = sweep ]; then
@@ -49,7 +49,7 @@ if [ "$what" = kernels ]; then
 fi
 if [ "$what" = tests ] || [ "$what" = all ]; then
     TANDEM_TEST_MODEL=random:smollm2-135m TANDEM_TEST_DEVICE=cuda \
-        python3 -m pytest -q -p no:cacheprovider tests/e2e 2>&1 | tee "$OUT/e2e_cuda.txt"
+        python3 -m pytest -q -rfs -p no:cacheprovider tests/e2e 2>&1 | tee "$OUT/e2e_cuda.txt"
     status=$(( status | PIPESTATUS[0] ))
 fi
 BG=/tmp/tandem-bench
