@@ -59,6 +59,7 @@ class BenchConfig:
     hf_trace: bool
     hf_timeout_s: float
     hf_cb: str = "tuned"  # Transformers' ContinuousBatchingConfig: tuned or its defaults
+    gateway_args: tuple[str, ...] = ()  # extra arguments of the tandem-gateway mode's gateway
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.modes if m not in MODES]
@@ -83,6 +84,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="of the random prompts")
     p.add_argument("--engine-arg", action="append", default=[], metavar="ARG",
                    help="extra tokenizer_svc argument (repeat), e.g. --engine-arg=--block-size=32")
+    p.add_argument("--gateway-arg", action="append", default=[], metavar="ARG",
+                   help="extra gateway argument (repeat), e.g. "
+                   "--gateway-arg=--engine-streams=multiplexed")
     p.add_argument("--hf-attn", default="sdpa", help="Transformers attention implementation")
     p.add_argument("--keep-traces", action="store_true", help="keep the workers' trace files")
     p.add_argument("--no-hf-trace", dest="hf_trace", action="store_false",
@@ -107,7 +111,7 @@ def make_config(args: argparse.Namespace, is_gpu: bool) -> BenchConfig:
     return BenchConfig(pick["model"], workload, tuple(m for m in args.modes.split(",") if m),
                        args.out, args.timeline_ms, tuple(args.engine_arg), args.hf_attn,
                        args.keep_traces, args.sweep, args.hf_trace, args.hf_timeout,
-                       args.hf_cb)
+                       args.hf_cb, tuple(args.gateway_arg))
 
 
 def probe_device(device: str) -> dict[str, Any]:
@@ -176,7 +180,7 @@ def run_one(cfg: BenchConfig, mode: str, device: dict[str, Any], model: ModelInf
     return run_mode(mode, engine_spec(cfg, mode, is_gpu), make_prompts(wl, model),
                     warmup_prompts(wl, model, WARMUP_REQUESTS), wl.new_tokens, sampler,
                     cfg.timeline_ms * 1e3, log_dir, cfg.keep_traces,
-                    via_gateway=mode == GATEWAY_MODE)
+                    via_gateway=mode == GATEWAY_MODE, gateway_args=cfg.gateway_args)
 
 
 def add_floor(rows: list[dict], floor: analysis.Floor) -> None:

@@ -11,6 +11,8 @@ against an in-process stand-in for the worker that writes random tokens:
   process, with a worker whose batches take ``--step-ms`` each (slept, as a wait on the
   GPU's event is). Tokens per second against the ideal ``rows / step``, and the serving
   process's CPU time per step (all its threads; the client's is not counted).
+- **multiplexed**: the same, with every request on one ``GenerateMany`` stream, as a
+  gateway with ``--engine-streams multiplexed`` sends them.
 
 No GPU. Prints JSON on the last line of stdout.
 """
@@ -129,13 +131,16 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def served(folder: str, rows: int, step_ms: float, new_tokens: int) -> tuple[float, float]:
+def served(folder: str, rows: int, step_ms: float, new_tokens: int,
+           multiplexed: bool = False) -> tuple[float, float]:
     """Tokens per second that a client in this process receives over gRPC, and the
     serving process's CPU milliseconds per step meanwhile (engine and gRPC threads: the
-    smallest step it could keep up with if it had the cores to itself)."""
+    smallest step it could keep up with if it had the cores to itself). ``multiplexed``:
+    all requests on one GenerateMany stream (a gateway's ``--engine-streams
+    multiplexed``), else a Generate stream each."""
     import grpc
 
-    from bench.tandem_run import engine_send, generate_all
+    from bench.tandem_run import engine_mux_send, engine_send, generate_all
 
     context = multiprocessing.get_context("spawn")
     with tempfile.TemporaryDirectory() as tmp:
@@ -151,7 +156,7 @@ def served(folder: str, rows: int, step_ms: float, new_tokens: int) -> tuple[flo
 
             async def client() -> float:
                 async with grpc.aio.insecure_channel(listen) as channel:
-                    send = engine_send(channel)
+                    send = (engine_mux_send if multiplexed else engine_send)(channel)
                     await generate_all(send, prompts[:1], 2, "warmup")
                     started, cpu = time.perf_counter(), _cpu_seconds(child.pid)
                     arrivals = await generate_all(send, prompts, new_tokens, "host")
@@ -187,11 +192,13 @@ def main(argv: list[str] | None = None) -> int:
         line = f"{rows:5d} requests: engine {point['ms_per_step']:.3f} ms CPU per step"
         if args.step_ms is not None:
             ideal = rows / args.step_ms * 1e3
-            got, cpu_ms = served(str(source.folder), rows, args.step_ms, args.steps)
-            point |= {"served_tokens_per_s": got, "ideal_tokens_per_s": ideal,
-                      "served_cpu_ms_per_step": cpu_ms}
-            line += (f"; served {got:,.0f} tokens/s of {ideal:,.0f} ({got / ideal:.0%}), "
-                     f"{cpu_ms:.2f} ms of the server's CPU per step")
+            point["ideal_tokens_per_s"] = ideal
+            for key, multiplexed in (("served", False), ("multiplexed", True)):
+                got, cpu_ms = served(str(source.folder), rows, args.step_ms, args.steps,
+                                     multiplexed)
+                point |= {f"{key}_tokens_per_s": got, f"{key}_cpu_ms_per_step": cpu_ms}
+                line += (f"; {key} {got:,.0f} tokens/s of {ideal:,.0f} ({got / ideal:.0%}), "
+                         f"{cpu_ms:.2f} ms of the server's CPU per step")
         print(line, file=sys.stderr)
         result["points"].append(point)
     print(json.dumps(result), flush=True)

@@ -136,9 +136,11 @@ class GatewayProcess(ServiceProcess):
     health_service = GATEWAY_SERVICE
     start_timeout_s = GATEWAY_START_TIMEOUT_S
 
-    def __init__(self, engine_address: str, log_path: Path) -> None:
+    def __init__(self, engine_address: str, log_path: Path,
+                 extra_args: tuple[str, ...] = ()) -> None:
         address = f"127.0.0.1:{free_port()}"
-        argv = [sys.executable, "-m", "gateway", "--listen", address, "--engine", engine_address]
+        argv = [sys.executable, "-m", "gateway", "--listen", address, "--engine", engine_address,
+                *extra_args]
         super().__init__(argv, address, log_path)
 
 

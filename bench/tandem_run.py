@@ -66,6 +66,18 @@ def engine_send(channel: grpc.aio.Channel) -> Send:
         timeout=RPC_TIMEOUT_S)
 
 
+def engine_mux_send(channel: grpc.aio.Channel) -> Send:
+    """``GenerateMany`` of the engine's internal API: every request on one stream, as a
+    gateway with ``--engine-streams multiplexed`` sends them."""
+    from gateway.mux import EngineMux
+
+    mux = EngineMux(engine_pb2_grpc.EngineStub(channel), "bench")
+    return lambda req_id, prompt, max_tokens: mux.start(
+        engine_pb2.EngineRequest(request_id=req_id,
+                                 request=generate_request(prompt, max_tokens)),
+        RPC_TIMEOUT_S)
+
+
 def gateway_send(channel: grpc.aio.Channel) -> Send:
     """``GenerateStream`` of the public API (the gateway's)."""
     stub = generation_pb2_grpc.GenerationStub(channel)
@@ -159,7 +171,8 @@ async def measure(engine_address: str, gateway_address: str | None,
 
 def run_mode(mode: str, spec: EngineSpec, prompts: list[list[int]], warm: list[list[int]],
              new_tokens: int, sampler: NvmlSampler, slice_us: float, run_dir: Path,
-             keep_trace: bool, via_gateway: bool = False) -> dict:
+             keep_trace: bool, via_gateway: bool = False,
+             gateway_args: tuple[str, ...] = ()) -> dict:
     """One Tandem mode, start to stop: its table row (without the floor)."""
     trace_path = (run_dir / f"trace-{mode}.json").resolve()
     OUTPUTS.clear()
@@ -168,7 +181,7 @@ def run_mode(mode: str, spec: EngineSpec, prompts: list[list[int]], warm: list[l
         gateway = None
         if via_gateway:
             gateway = processes.enter_context(
-                GatewayProcess(engine.address, run_dir / f"{mode}-gateway.log"))
+                GatewayProcess(engine.address, run_dir / f"{mode}-gateway.log", gateway_args))
         log.info("%s: %s SERVING, measuring", mode, "gateway" if gateway else "engine")
         got = asyncio.run(measure(engine.address, gateway.address if gateway else None,
                                   prompts, warm, new_tokens, trace_path, sampler))

@@ -14,7 +14,15 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from gateway.config import DEFAULT_LISTEN, MIB, ROUTINGS, GatewayConfig, SpawnConfig, TlsConfig
+from gateway.config import (
+    DEFAULT_LISTEN,
+    ENGINE_STREAMS,
+    MIB,
+    ROUTINGS,
+    GatewayConfig,
+    SpawnConfig,
+    TlsConfig,
+)
 from gateway.security import read_api_keys
 from gateway.server import GatewayServer, build_server
 
@@ -56,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "beginning went to before (that engine's prefix cache), unless that "
                         "engine is busier than the least loaded one by more than a small "
                         "margin; least-loaded: always the fewest requests in flight")
+    parser.add_argument("--engine-streams", choices=ENGINE_STREAMS, default="per-request",
+                        help="per-request (default): one stream to the engine per request; "
+                        "multiplexed: one stream per engine carries every request, one "
+                        "message per engine step (less CPU in the engine at large batches)")
     parser.add_argument("--health-interval", type=float, default=0.5, metavar="S",
                         help="how often each engine's health is polled (default 0.5)")
     parser.add_argument("--grace-period", type=float, default=5.0, metavar="S",
@@ -119,6 +131,7 @@ def _build_config(args: argparse.Namespace, engine_args: tuple[str, ...]) -> Gat
         health_poll_interval_s=args.health_interval,
         grace_period_s=args.grace_period,
         routing=args.routing,
+        engine_streams=args.engine_streams,
         tls=_tls_config(args),
         api_keys=_api_keys(args),
     )

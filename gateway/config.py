@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 DEFAULT_LISTEN = "0.0.0.0:50051"
 MIB = 1024 * 1024
 ROUTINGS = ("prefix", "least-loaded")
+ENGINE_STREAMS = ("per-request", "multiplexed")
 
 
 def default_engine_command() -> tuple[str, ...]:
@@ -90,6 +91,9 @@ class GatewayConfig:
     # "prefix": prefer the engine a request's input beginning went to before (its prefix
     # cache), within a load margin; "least-loaded": always the fewest requests in flight.
     routing: str = "prefix"
+    # "per-request": a Generate stream to the engine per request; "multiplexed": one
+    # GenerateMany stream per engine carries them all (one message per engine step).
+    engine_streams: str = "per-request"
 
     def __post_init__(self) -> None:
         if not self.listen:
@@ -116,6 +120,9 @@ class GatewayConfig:
             _require_positive(name, getattr(self, name))
         if self.routing not in ROUTINGS:
             raise ValueError(f"routing must be one of {', '.join(ROUTINGS)}, not {self.routing!r}")
+        if self.engine_streams not in ENGINE_STREAMS:
+            raise ValueError(f"engine_streams must be one of {', '.join(ENGINE_STREAMS)}, "
+                             f"not {self.engine_streams!r}")
         if not math.isfinite(self.grace_period_s) or self.grace_period_s < 0:
             raise ValueError(f"grace_period_s must be finite and >= 0, got {self.grace_period_s}")
         for i, key in enumerate(self.api_keys):  # never echo a key in a message

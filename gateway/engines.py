@@ -29,7 +29,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from gateway.affinity import PrefixAffinity, input_bytes, prefix_keys
 from gateway.config import GatewayConfig
 from gateway.errors import EngineLost, GatewayError, NoEngineReady
-from tandem.internal.v1 import engine_pb2_grpc
+from gateway.mux import EngineMux, MuxCall
+from tandem.internal.v1 import engine_pb2, engine_pb2_grpc
 from tandem.v1 import generation_pb2 as pb
 
 logger = logging.getLogger(__name__)
@@ -56,10 +57,10 @@ class Lease:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.error: GatewayError | None = None  # why the gateway ended the request, if it did
-        self._call: grpc.aio.Call | None = None
+        self._call: grpc.aio.Call | MuxCall | None = None
         self._is_released = False
 
-    def attach(self, call: grpc.aio.Call) -> None:
+    def attach(self, call: grpc.aio.Call | MuxCall) -> None:
         """Registers the engine call, so that `abort` or `release` cancels it."""
         self._call = call
         if self.error is not None:
@@ -110,6 +111,8 @@ class Engine:
         self._on_change = on_change
         self._channel = grpc.aio.insecure_channel(address, options=channel_options(config))
         self.stub = engine_pb2_grpc.EngineStub(self._channel)
+        self._mux = EngineMux(self.stub, address) \
+            if config.engine_streams == "multiplexed" else None
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._poller: asyncio.Task[None] | None = None
         self._last_problem: str | None = None
@@ -128,6 +131,14 @@ class Engine:
         self.leases.add(lease)
         return lease
 
+    def generate(self, request: engine_pb2.EngineRequest,
+                 timeout: float | None) -> grpc.aio.UnaryStreamCall | MuxCall:
+        """Starts ``request`` on this engine: a call to iterate for its outputs and to
+        cancel, on a stream of its own or on the engine's multiplexed stream."""
+        if self._mux is not None:
+            return self._mux.start(request, timeout)
+        return self.stub.Generate(request, timeout=timeout)
+
     def start(self) -> None:
         self._poller = asyncio.create_task(self._poll_health(), name=f"health {self.address}")
 
@@ -135,6 +146,8 @@ class Engine:
         if self._poller is not None:
             self._poller.cancel()
             await asyncio.gather(self._poller, return_exceptions=True)
+        if self._mux is not None:
+            await self._mux.close()
         await self._channel.close(grace=None)
 
     def mark_down(self, reason: str) -> None:

@@ -20,6 +20,7 @@ from gateway.admission import Admission
 from gateway.config import GatewayConfig
 from gateway.engines import EnginePool, Lease
 from gateway.errors import EngineProtocolError
+from gateway.mux import MuxCall
 from gateway.validation import validate_generate_request, validate_tokenize_request
 from tandem.internal.v1 import engine_pb2
 from tandem.v1 import generation_pb2 as pb
@@ -97,9 +98,9 @@ class Relay:
         try:
             validate_generate_request(request, lease.engine.model_info)
             engine_req_id = new_request_id()  # unique on the engine, whatever the client sent
-            call = lease.engine.stub.Generate(
+            call = lease.engine.generate(
                 engine_pb2.EngineRequest(request_id=engine_req_id, request=request),
-                timeout=_timeout(context, self._config.default_timeout_s),
+                _timeout(context, self._config.default_timeout_s),
             )
             lease.attach(call)
             logger.debug("req_id=%s -> engine %s as %s", req_id, lease.engine.address,
@@ -130,7 +131,7 @@ class Relay:
 
 
 async def _relay(
-    call: grpc.aio.UnaryStreamCall, lease: Lease, req_id: str
+    call: grpc.aio.UnaryStreamCall | MuxCall, lease: Lease, req_id: str
 ) -> AsyncIterator[pb.GenerateStreamResponse]:
     """Yields the engine's messages with the client's request id; checks the stream ended
     with a finish_reason; turns a call cut off by the engine's death into EngineLost."""

@@ -83,9 +83,10 @@ class GatewayServer:
         self.pool.start()
         if self.supervisor is not None:
             self.supervisor.start()
-        logger.info("gateway listening on %s (port %d, %s, %s), engines: %s",
-                    self.config.listen, self.port, _describe_tls(self.config),
-                    _describe_auth(self.config), [e.address for e in self.pool.engines])
+        logger.info("gateway listening on %s (port %d, %s, %s), engines: %s (%s streams, "
+                    "%s routing)", self.config.listen, self.port, _describe_tls(self.config),
+                    _describe_auth(self.config), [e.address for e in self.pool.engines],
+                    self.config.engine_streams, self.config.routing)
         if self.config.api_keys and self.config.tls is None and not _is_loopback(
             self.config.listen
         ):

@@ -183,14 +183,18 @@ async def watch(engine: Engine, health_servicer, stall_timeout: float,
 
 
 async def drain(servicer: EngineServicer, health_servicer, engine: Engine, grace: float) -> None:
-    """SIGTERM: NOT_SERVING, refuse new requests, let the running ones finish."""
+    """SIGTERM: NOT_SERVING, refuse new requests, let the running ones finish and their
+    calls send their last output (a request leaves the engine before its call has sent
+    it)."""
     servicer.draining = True
     await set_health(health_servicer, False)
     deadline = asyncio.get_running_loop().time() + grace
-    while engine.requests and asyncio.get_running_loop().time() < deadline:
+    while (engine.requests or servicer.num_calls) and \
+            asyncio.get_running_loop().time() < deadline:
         await asyncio.sleep(0.05)
-    if engine.requests:
-        log.warning("grace period over: %d requests cut off", len(engine.requests))
+    if engine.requests or servicer.num_calls:
+        log.warning("grace period over: %d requests cut off, %d calls still open",
+                    len(engine.requests), servicer.num_calls)
     log.info("drained; shutting down")
 
 

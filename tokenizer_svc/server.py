@@ -4,6 +4,7 @@ converts, hands requests to the engine thread, and relays outputs."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import itertools
 import logging
@@ -24,6 +25,8 @@ from tokenizer_svc.tokenization import ModelTokenizer
 
 log = logging.getLogger("tokenizer_svc.server")
 SERVICE = "tandem.internal.v1.Engine"
+MUX_POLL_S = 0.5  # a GenerateMany stream with nothing to send rechecks for its end this often
+MUX_MESSAGE_BYTES = 1 << 20  # EngineEvents messages are cut at about this size
 
 
 class OutputBridge:
@@ -70,6 +73,89 @@ async def _deltas(outputs: asyncio.Queue):
             return
 
 
+class Refused(Exception):
+    """A request the engine will not run: the status code and message its caller gets."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+class _Muxed:
+    """One ``GenerateMany`` stream's state: the requests it runs and the events that wait
+    to be sent. Touched on the event loop only (outputs arrive through the OutputBridge)."""
+
+    def __init__(self) -> None:
+        self.active: dict[str, str] = {}  # caller's request id -> engine's request id
+        self.accepting: set[str] = set()  # started, still being checked and tokenized
+        self.cancelled: set[str] = set()  # cancelled while being accepted
+        self.pending: list[tuple[str, RequestOutput | Refused]] = []
+        self.wake = asyncio.Event()
+
+    def push(self, rid: str, item: RequestOutput | Refused) -> None:
+        if isinstance(item, Refused) or item.error is not None or item.finish_reason is not None:
+            self.active.pop(rid, None)
+        self.pending.append((rid, item))
+        self.wake.set()
+
+    def sink(self, rid: str):
+        """What the bridge posts a request's outputs to (it calls ``put_nowait``)."""
+        return _MuxSink(self, rid)
+
+    async def take(self, timeout: float) -> list[engine_pb2.EngineEvent]:
+        """The waiting events (after at most ``timeout`` s); a request's outputs that
+        queued up go out as one, as on a stream of its own."""
+        if not self.pending:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), timeout)
+        self.wake.clear()
+        pending, self.pending = self.pending, []
+        merged: dict[str, RequestOutput] = {}
+        order: list[tuple[str, RequestOutput | Refused]] = []
+        for rid, item in pending:
+            if isinstance(item, RequestOutput) and item.error is None:
+                earlier = merged.get(rid)
+                if earlier is not None and earlier.finish_reason is None:
+                    earlier.extend(item)
+                    continue
+                merged[rid] = item
+            order.append((rid, item))
+        return [_event(rid, item) for rid, item in order]
+
+
+class _MuxSink:
+    def __init__(self, muxed: _Muxed, rid: str) -> None:
+        self.muxed, self.rid = muxed, rid
+
+    def put_nowait(self, out: RequestOutput) -> None:
+        self.muxed.push(self.rid, out)
+
+
+def _event(rid: str, item: RequestOutput | Refused) -> engine_pb2.EngineEvent:
+    if isinstance(item, Refused):
+        return engine_pb2.EngineEvent(request_id=rid, error_code=item.code.value[0],
+                                      error_message=item.message)
+    if item.error is not None:
+        return engine_pb2.EngineEvent(request_id=rid,
+                                      error_code=grpc.StatusCode.UNAVAILABLE.value[0],
+                                      error_message=item.error)
+    return engine_pb2.EngineEvent(request_id=rid, output=convert.output_to_pb(item, rid))
+
+
+def _batches(events: list[engine_pb2.EngineEvent], limit: int):
+    """``events`` as EngineEvents messages of at most ~``limit`` bytes each."""
+    batch, size = [], 0
+    for event in events:
+        n = event.ByteSize()
+        if batch and size + n > limit:
+            yield engine_pb2.EngineEvents(events=batch)
+            batch, size = [], 0
+        batch.append(event)
+        size += n
+    if batch:
+        yield engine_pb2.EngineEvents(events=batch)
+
+
 class EngineServicer(engine_pb2_grpc.EngineServicer):
     def __init__(self, cfg: EngineConfig, tok: ModelTokenizer, model_name: str,
                  metrics: EngineMetrics) -> None:
@@ -83,18 +169,17 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
         self.dtype = ""
         self.bridge: OutputBridge | None = None  # outputs from the engine thread, made on first use
         self._num_requests = itertools.count()  # makes every engine-side request id unique
+        self.num_calls = 0  # Generate and GenerateMany calls still sending: drain waits for them
 
     async def Generate(self, request: engine_pb2.EngineRequest, context):
-        engine = await self._engine(context)
-        if self.draining:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the engine is shutting down")
-        req = await self._build(request, context)
-        await self._admit(engine, req, context)
+        try:
+            engine, req = await self._accept(request)
+        except Refused as exc:
+            await context.abort(exc.code, exc.message)
         outputs: asyncio.Queue = asyncio.Queue()
-        if self.bridge is None:
-            self.bridge = OutputBridge(asyncio.get_running_loop())
-        engine.add_request(req, functools.partial(self.bridge.post, outputs))
+        engine.add_request(req, functools.partial(self._bridge().post, outputs))
         finished = False
+        self.num_calls += 1
         try:
             async for out in _deltas(outputs):
                 if out.error is not None:
@@ -102,17 +187,87 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
                 finished = out.finish_reason is not None
                 yield convert.output_to_pb(out, request.request.request_id or request.request_id)
         finally:
+            self.num_calls -= 1
             if not finished:  # the caller went away (or we failed): free its blocks
                 engine.abort(req.req_id)
 
-    async def _engine(self, context) -> Engine:
+    async def GenerateMany(self, calls, context):
+        muxed = _Muxed()
+        reader = asyncio.create_task(self._read_calls(calls, muxed))
+        self.num_calls += 1
+        try:
+            while True:
+                for message in _batches(await muxed.take(MUX_POLL_S), MUX_MESSAGE_BYTES):
+                    yield message
+                if (reader.done() or self.draining) and not muxed.active and \
+                        not muxed.accepting and not muxed.pending:
+                    return  # half-closed, or draining, with nothing left to send
+        finally:
+            self.num_calls -= 1
+            reader.cancel()
+            for req_id in muxed.active.values():  # the caller went away: free their blocks
+                self.engine.abort(req_id)
+
+    async def _read_calls(self, calls, muxed: _Muxed) -> None:
+        starts: set[asyncio.Task] = set()
+        async for call in calls:
+            if call.WhichOneof("call") == "start":
+                task = asyncio.create_task(self._start_muxed(call.start, muxed))
+                starts.add(task)
+                task.add_done_callback(starts.discard)
+            elif call.WhichOneof("call") == "cancel":
+                req_id = muxed.active.pop(call.cancel, None)
+                if req_id is not None:
+                    self.engine.abort(req_id)
+                elif call.cancel in muxed.accepting:
+                    muxed.cancelled.add(call.cancel)
+        await asyncio.gather(*starts)
+
+    async def _start_muxed(self, request: engine_pb2.EngineRequest, muxed: _Muxed) -> None:
+        rid = request.request_id
+        muxed.accepting.add(rid)
+        try:
+            engine, req = await self._accept(request)
+        except Refused as exc:
+            if rid not in muxed.cancelled:
+                muxed.push(rid, exc)
+            return
+        finally:
+            muxed.accepting.discard(rid)
+        if rid in muxed.cancelled:  # the caller gave up while it was being tokenized
+            muxed.cancelled.discard(rid)
+            return
+        muxed.active[rid] = req.req_id
+        engine.add_request(req, functools.partial(self._bridge().post, muxed.sink(rid)))
+
+    def _bridge(self) -> OutputBridge:
+        if self.bridge is None:
+            self.bridge = OutputBridge(asyncio.get_running_loop())
+        return self.bridge
+
+    async def _accept(self, request: engine_pb2.EngineRequest) -> tuple[Engine, Request]:
+        """The engine and the request, checked and tokenized; else raises Refused."""
+        engine = self._ready_engine()
+        if self.draining:
+            raise Refused(grpc.StatusCode.UNAVAILABLE, "the engine is shutting down")
+        req = await self._build(request)
+        self._admit(engine, req)
+        return engine, req
+
+    def _ready_engine(self) -> Engine:
         if self.engine is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the engine is still warming up")
+            raise Refused(grpc.StatusCode.UNAVAILABLE, "the engine is still warming up")
         if self.engine.fatal is not None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"engine failed: {self.engine.fatal}")
+            raise Refused(grpc.StatusCode.UNAVAILABLE, f"engine failed: {self.engine.fatal}")
         return self.engine
 
-    async def _build(self, request: engine_pb2.EngineRequest, context) -> Request:
+    async def _engine(self, context) -> Engine:
+        try:
+            return self._ready_engine()
+        except Refused as exc:
+            await context.abort(exc.code, exc.message)
+
+    async def _build(self, request: engine_pb2.EngineRequest) -> Request:
         loop = asyncio.get_running_loop()
         try:
             ids = await loop.run_in_executor(None, convert.prompt_ids, request.request, self.tok)
@@ -122,12 +277,12 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
             self._check_fits_cache(len(ids) + options.max_tokens)
         except convert.InvalidRequest as exc:
             self.metrics.rejected.labels("invalid").inc()
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         # unique on the engine even if a client reuses an id (the gateway never does)
         req_id = f"{request.request_id}.{next(self._num_requests)}"
         return Request(req_id, ids, options, arrival=time.monotonic())
 
-    async def _admit(self, engine: Engine, req: Request, context) -> None:
+    def _admit(self, engine: Engine, req: Request) -> None:
         """Refuse at once, with the limit named, when the waiting queue is full."""
         sched = self.cfg.scheduler
         num_requests, num_tokens = engine.queued()
@@ -141,7 +296,7 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
         else:
             return
         self.metrics.rejected.labels("queue_full").inc()
-        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, reason)
+        raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, reason)
 
     def _check_fits_cache(self, num_tokens: int) -> None:
         blocks = self.engine.scheduler.blocks

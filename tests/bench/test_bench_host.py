@@ -13,6 +13,8 @@ def test_engine_cpu_per_step_is_measured_over_decode_steps():
 
 def test_served_engine_streams_every_token_over_grpc():
     source = models.resolve_model("random:tiny-llama", models.default_cache_dir())
-    got, cpu_ms = host.served(str(source.folder), rows=4, step_ms=1.0, new_tokens=12)
-    assert 0 < got <= 4 / 1e-3 * 1.05  # at most what 1 ms batches of 4 rows allow
-    assert 0 < cpu_ms < 1000  # the serving process used some CPU: read from /proc
+    for multiplexed in (False, True):
+        got, cpu_ms = host.served(str(source.folder), rows=4, step_ms=1.0, new_tokens=12,
+                                  multiplexed=multiplexed)
+        assert 0 < got <= 4 / 1e-3 * 1.05  # at most what 1 ms batches of 4 rows allow
+        assert 0 < cpu_ms < 1000  # the serving process used some CPU: read from /proc

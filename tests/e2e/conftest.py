@@ -19,9 +19,13 @@ BASE_ARGS = ["--model", MODEL, "--device", DEVICE, "--dtype", "float32",
              "--max-num-seqs", "16", "--max-num-batched-tokens", "256", "--kv-cache-gib", "0.25"]
 
 
-def _start(request, args, name):
+MUX = ("--engine-streams", "multiplexed")  # the gateway's one stream per engine
+
+
+def _start(request, args, name, gateway_args=()):
     metrics_port = free_port()
-    service = Service(BASE_ARGS + args + ["--metrics-port", str(metrics_port)], name)
+    service = Service(BASE_ARGS + args + ["--metrics-port", str(metrics_port)], name,
+                      gateway_args)
     service.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
     request.addfinalizer(service.stop)
     service.wait_serving()
@@ -54,6 +58,20 @@ def small_queue_service(request, model_folder):
     """One request at a time and a waiting queue of one: the third concurrent request
     must be refused."""
     return _start(request, ["--max-num-seqs", "1", "--max-waiting-requests", "1"], "queue")
+
+
+@pytest.fixture(scope="session")
+def mux_service(request, model_folder):
+    """As async_service, but the gateway multiplexes all requests over one engine stream."""
+    return _start(request, [], "mux", MUX)
+
+
+@pytest.fixture(scope="session")
+def async_results(async_service):
+    """The greedy requests of test_generation, all streamed at once from async_service."""
+    from tests.e2e.test_generation import greedy_requests, run_staggered
+
+    return run_staggered(async_service, greedy_requests())
 
 
 @pytest.fixture(scope="session")

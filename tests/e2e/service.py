@@ -31,7 +31,8 @@ def free_port() -> int:
 class Service:
     """A gateway on a loopback port in front of one engine on a Unix socket."""
 
-    def __init__(self, engine_args: list[str], name: str) -> None:
+    def __init__(self, engine_args: list[str], name: str,
+                 gateway_args: tuple[str, ...] = ()) -> None:
         self.tmp = tempfile.TemporaryDirectory(prefix=f"tandem-{name}-")
         self.engine_addr = f"unix://{self.tmp.name}/engine.sock"
         self.port = free_port()
@@ -45,7 +46,7 @@ class Service:
             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
         self.gateway = subprocess.Popen(
             [sys.executable, "-m", "gateway", "--listen", self.address,
-             "--engine", self.engine_addr],
+             "--engine", self.engine_addr, *gateway_args],
             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
         self.channel = grpc.insecure_channel(self.address)
         self.stub = generation_pb2_grpc.GenerationStub(self.channel)

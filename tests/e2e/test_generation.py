@@ -80,11 +80,6 @@ def hf_greedy(hf_model, prompt_ids, max_new):
     return hf_greedy_with(hf_model, prompt_ids, max_new)
 
 
-@pytest.fixture(scope="module")
-def async_results(async_service):
-    return run_staggered(async_service, greedy_requests())
-
-
 def prompt_of(service, request):
     field = request.WhichOneof("input")
     tok_req = pb.TokenizeRequest(**{field: getattr(request, field)})

@@ -99,3 +99,51 @@ def test_bridge_keeps_each_queue_in_order_with_fewer_wakeups_than_outputs():
     got, wakeups = asyncio.run(main())
     assert all(g == list(range(200)) for g in got)
     assert 1 <= wakeups < 800
+
+
+# ---- GenerateMany: one stream's events
+
+def muxed_output(rid, token, finish=None, error=None):
+    out = output(token, finish, error)
+    out.req_id = rid
+    return out
+
+
+def test_a_multiplexed_stream_merges_each_requests_outputs_and_keeps_errors_apart():
+    import grpc
+
+    from tokenizer_svc.server import Refused, _Muxed
+
+    async def main():
+        muxed = _Muxed()
+        muxed.active.update(a="a.0", b="b.1", c="c.2")
+        for rid, token, finish, error in [("a", 1, None, None), ("b", 7, None, None),
+                                          ("a", 2, None, None), ("b", 8, None, "worker died"),
+                                          ("a", 3, FinishReason.STOP, None)]:
+            muxed.sink(rid).put_nowait(muxed_output(rid, token, finish, error))
+        muxed.push("d", Refused(grpc.StatusCode.INVALID_ARGUMENT, "text: empty"))
+        events = await muxed.take(timeout=1)
+        assert await muxed.take(timeout=0.01) == []  # nothing left
+        return muxed, events
+
+    muxed, events = asyncio.run(main())
+    assert [e.request_id for e in events] == ["a", "b", "b", "d"]
+    a, b, b_error, d = events
+    assert list(a.output.token_ids) == [1, 2, 3] and a.output.finish_reason  # one delta
+    assert list(b.output.token_ids) == [7] and not b.error_code  # an error is never merged
+    assert (b_error.error_code, b_error.error_message) == (14, "worker died")  # UNAVAILABLE
+    assert (d.error_code, d.error_message) == (3, "text: empty")  # INVALID_ARGUMENT
+    assert muxed.active == {"c": "c.2"}  # finished and failed requests left
+
+
+def test_multiplexed_events_are_cut_into_messages_of_bounded_size():
+    from tandem.internal.v1 import engine_pb2
+    from tokenizer_svc.server import _batches
+
+    events = [engine_pb2.EngineEvent(request_id=f"r{i}", error_message="x" * 100)
+              for i in range(10)]
+    size = events[0].ByteSize()
+    messages = list(_batches(events, limit=3 * size))
+    assert [len(m.events) for m in messages] == [3, 3, 3, 1]
+    assert [e for m in messages for e in m.events] == events
+    assert [len(m.events) for m in _batches(events[:1], limit=1)] == [1]  # never empty

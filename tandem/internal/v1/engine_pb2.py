@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from tandem.v1 import generation_pb2 as tandem_dot_v1_dot_generation__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ftandem/internal/v1/engine.proto\x12\x12tandem.internal.v1\x1a\x1atandem/v1/generation.proto\"\x13\n\x11StartTraceRequest\" \n\x10StopTraceRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\"D\n\nTraceReply\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x13\n\x0bnum_kernels\x18\x02 \x01(\r\x12\x13\n\x0bnum_batches\x18\x03 \x01(\x04\"\x11\n\x0fGetStatsRequest\"\xd5\x01\n\x0b\x45ngineStats\x12\x13\n\x0bnum_running\x18\x01 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x03 \x01(\r\x12\x16\n\x0ekv_blocks_free\x18\x04 \x01(\r\x12\x17\n\x0fnum_preemptions\x18\x05 \x01(\x04\x12\x13\n\x0bnum_batches\x18\x06 \x01(\x04\x12\x14\n\x0cnum_finished\x18\x07 \x01(\x04\x12\x12\n\nnum_tokens\x18\x08 \x01(\x04\x12\x13\n\x0bnum_sampled\x18\t \x01(\x04\"P\n\rEngineRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12+\n\x07request\x18\x02 \x01(\x0b\x32\x1a.tandem.v1.GenerateRequest2\xe1\x03\n\x06\x45ngine\x12R\n\x08Generate\x12!.tandem.internal.v1.EngineRequest\x1a!.tandem.v1.GenerateStreamResponse0\x01\x12\x43\n\x08Tokenize\x12\x1a.tandem.v1.TokenizeRequest\x1a\x1b.tandem.v1.TokenizeResponse\x12\x44\n\x0cGetModelInfo\x12\x1e.tandem.v1.GetModelInfoRequest\x1a\x14.tandem.v1.ModelInfo\x12P\n\x08GetStats\x12#.tandem.internal.v1.GetStatsRequest\x1a\x1f.tandem.internal.v1.EngineStats\x12S\n\nStartTrace\x12%.tandem.internal.v1.StartTraceRequest\x1a\x1e.tandem.internal.v1.TraceReply\x12Q\n\tStopTrace\x12$.tandem.internal.v1.StopTraceRequest\x1a\x1e.tandem.internal.v1.TraceReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ftandem/internal/v1/engine.proto\x12\x12tandem.internal.v1\x1a\x1atandem/v1/generation.proto\"\x13\n\x11StartTraceRequest\" \n\x10StopTraceRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\"D\n\nTraceReply\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x13\n\x0bnum_kernels\x18\x02 \x01(\r\x12\x13\n\x0bnum_batches\x18\x03 \x01(\x04\"\x11\n\x0fGetStatsRequest\"\xd5\x01\n\x0b\x45ngineStats\x12\x13\n\x0bnum_running\x18\x01 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x03 \x01(\r\x12\x16\n\x0ekv_blocks_free\x18\x04 \x01(\r\x12\x17\n\x0fnum_preemptions\x18\x05 \x01(\x04\x12\x13\n\x0bnum_batches\x18\x06 \x01(\x04\x12\x14\n\x0cnum_finished\x18\x07 \x01(\x04\x12\x12\n\nnum_tokens\x18\x08 \x01(\x04\x12\x13\n\x0bnum_sampled\x18\t \x01(\x04\"P\n\rEngineRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12+\n\x07request\x18\x02 \x01(\x0b\x32\x1a.tandem.v1.GenerateRequest\"Z\n\nEngineCall\x12\x32\n\x05start\x18\x01 \x01(\x0b\x32!.tandem.internal.v1.EngineRequestH\x00\x12\x10\n\x06\x63\x61ncel\x18\x02 \x01(\tH\x00\x42\x06\n\x04\x63\x61ll\"\x7f\n\x0b\x45ngineEvent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x31\n\x06output\x18\x02 \x01(\x0b\x32!.tandem.v1.GenerateStreamResponse\x12\x12\n\nerror_code\x18\x03 \x01(\x05\x12\x15\n\rerror_message\x18\x04 \x01(\t\"?\n\x0c\x45ngineEvents\x12/\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1f.tandem.internal.v1.EngineEvent2\xb7\x04\n\x06\x45ngine\x12R\n\x08Generate\x12!.tandem.internal.v1.EngineRequest\x1a!.tandem.v1.GenerateStreamResponse0\x01\x12T\n\x0cGenerateMany\x12\x1e.tandem.internal.v1.EngineCall\x1a .tandem.internal.v1.EngineEvents(\x01\x30\x01\x12\x43\n\x08Tokenize\x12\x1a.tandem.v1.TokenizeRequest\x1a\x1b.tandem.v1.TokenizeResponse\x12\x44\n\x0cGetModelInfo\x12\x1e.tandem.v1.GetModelInfoRequest\x1a\x14.tandem.v1.ModelInfo\x12P\n\x08GetStats\x12#.tandem.internal.v1.GetStatsRequest\x1a\x1f.tandem.internal.v1.EngineStats\x12S\n\nStartTrace\x12%.tandem.internal.v1.StartTraceRequest\x1a\x1e.tandem.internal.v1.TraceReply\x12Q\n\tStopTrace\x12$.tandem.internal.v1.StopTraceRequest\x1a\x1e.tandem.internal.v1.TraceReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,6 +44,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ENGINESTATS']._serialized_end=441
   _globals['_ENGINEREQUEST']._serialized_start=443
   _globals['_ENGINEREQUEST']._serialized_end=523
-  _globals['_ENGINE']._serialized_start=526
-  _globals['_ENGINE']._serialized_end=1007
+  _globals['_ENGINECALL']._serialized_start=525
+  _globals['_ENGINECALL']._serialized_end=615
+  _globals['_ENGINEEVENT']._serialized_start=617
+  _globals['_ENGINEEVENT']._serialized_end=744
+  _globals['_ENGINEEVENTS']._serialized_start=746
+  _globals['_ENGINEEVENTS']._serialized_end=809
+  _globals['_ENGINE']._serialized_start=812
+  _globals['_ENGINE']._serialized_end=1379
 # @@protoc_insertion_point(module_scope)

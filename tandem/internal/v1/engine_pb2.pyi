@@ -1,7 +1,8 @@
 from tandem.v1 import generation_pb2 as _generation_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -59,3 +60,29 @@ class EngineRequest(_message.Message):
     request_id: str
     request: _generation_pb2.GenerateRequest
     def __init__(self, request_id: _Optional[str] = ..., request: _Optional[_Union[_generation_pb2.GenerateRequest, _Mapping]] = ...) -> None: ...
+
+class EngineCall(_message.Message):
+    __slots__ = ("start", "cancel")
+    START_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_FIELD_NUMBER: _ClassVar[int]
+    start: EngineRequest
+    cancel: str
+    def __init__(self, start: _Optional[_Union[EngineRequest, _Mapping]] = ..., cancel: _Optional[str] = ...) -> None: ...
+
+class EngineEvent(_message.Message):
+    __slots__ = ("request_id", "output", "error_code", "error_message")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    output: _generation_pb2.GenerateStreamResponse
+    error_code: int
+    error_message: str
+    def __init__(self, request_id: _Optional[str] = ..., output: _Optional[_Union[_generation_pb2.GenerateStreamResponse, _Mapping]] = ..., error_code: _Optional[int] = ..., error_message: _Optional[str] = ...) -> None: ...
+
+class EngineEvents(_message.Message):
+    __slots__ = ("events",)
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[EngineEvent]
+    def __init__(self, events: _Optional[_Iterable[_Union[EngineEvent, _Mapping]]] = ...) -> None: ...

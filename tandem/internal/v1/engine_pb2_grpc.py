@@ -43,6 +43,11 @@ class EngineStub:
                 request_serializer=tandem_dot_internal_dot_v1_dot_engine__pb2.EngineRequest.SerializeToString,
                 response_deserializer=tandem_dot_v1_dot_generation__pb2.GenerateStreamResponse.FromString,
                 _registered_method=True)
+        self.GenerateMany = channel.stream_stream(
+                '/tandem.internal.v1.Engine/GenerateMany',
+                request_serializer=tandem_dot_internal_dot_v1_dot_engine__pb2.EngineCall.SerializeToString,
+                response_deserializer=tandem_dot_internal_dot_v1_dot_engine__pb2.EngineEvents.FromString,
+                _registered_method=True)
         self.Tokenize = channel.unary_unary(
                 '/tandem.internal.v1.Engine/Tokenize',
                 request_serializer=tandem_dot_v1_dot_generation__pb2.TokenizeRequest.SerializeToString,
@@ -81,6 +86,22 @@ class EngineServicer:
         everything that does not need the tokenizer; the engine checks the rest
         (prompt length against the context) and fails the call with
         INVALID_ARGUMENT. Cancelling the call aborts the request.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GenerateMany(self, request_iterator, context):
+        """Many requests over one stream (a gateway's path with --engine-streams
+        multiplexed): each EngineCall starts or cancels a request; each EngineEvents
+        message carries the news of every request that has some, so an engine step
+        costs one message however many requests it served. A request's events come
+        in order and end with one that has a finish_reason or an error. The engine
+        checks what Generate checks and reports a refusal as that request's error,
+        with the status code Generate would have failed with. When the stream ends
+        (the caller cancels or half-closes it with nothing running) the engine
+        aborts whatever it still runs for it. A draining engine refuses new
+        requests (UNAVAILABLE) and ends the stream once its requests are done.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -129,6 +150,11 @@ def add_EngineServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=tandem_dot_internal_dot_v1_dot_engine__pb2.EngineRequest.FromString,
                     response_serializer=tandem_dot_v1_dot_generation__pb2.GenerateStreamResponse.SerializeToString,
+            ),
+            'GenerateMany': grpc.stream_stream_rpc_method_handler(
+                    servicer.GenerateMany,
+                    request_deserializer=tandem_dot_internal_dot_v1_dot_engine__pb2.EngineCall.FromString,
+                    response_serializer=tandem_dot_internal_dot_v1_dot_engine__pb2.EngineEvents.SerializeToString,
             ),
             'Tokenize': grpc.unary_unary_rpc_method_handler(
                     servicer.Tokenize,
@@ -186,6 +212,33 @@ class Engine:
             '/tandem.internal.v1.Engine/Generate',
             tandem_dot_internal_dot_v1_dot_engine__pb2.EngineRequest.SerializeToString,
             tandem_dot_v1_dot_generation__pb2.GenerateStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateMany(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/tandem.internal.v1.Engine/GenerateMany',
+            tandem_dot_internal_dot_v1_dot_engine__pb2.EngineCall.SerializeToString,
+            tandem_dot_internal_dot_v1_dot_engine__pb2.EngineEvents.FromString,
             options,
             channel_credentials,
             insecure,
