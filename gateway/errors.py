@@ -28,6 +28,9 @@ import grpc
 logger = logging.getLogger(__name__)
 
 NO_ENGINE_READY = "no engine is ready (model still loading?)"
+# an engine's answers that say the request, not the service, was at fault: logged as INFO
+CALLER_CODES = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.DEADLINE_EXCEEDED,
+                          grpc.StatusCode.CANCELLED})
 SHUTTING_DOWN = "server is shutting down"
 
 Req = TypeVar("Req")
@@ -145,8 +148,8 @@ async def _abort(
     code, message = status_for(exc, req_id)
     if not isinstance(exc, (GatewayError, grpc.aio.AioRpcError)):
         logger.exception("req_id=%s %s failed unexpectedly", req_id, rpc, exc_info=exc)
-    elif isinstance(exc, InvalidRequest):
-        logger.info("req_id=%s %s rejected: %s", req_id, rpc, message)
+    elif isinstance(exc, InvalidRequest) or code in CALLER_CODES:
+        logger.info("req_id=%s %s rejected: %s %s", req_id, rpc, code.name, message)
     elif isinstance(exc, ShuttingDown):
         logger.info("req_id=%s %s: %s", req_id, rpc, message)
     else:

@@ -52,7 +52,7 @@ def sampling_options(sp: pb.SamplingParams, num_prompt: int, max_context: int,
             f"{max_context} tokens (max_context_tokens)")
     if sp.max_tokens > room:
         raise InvalidRequest(
-            f"sampling.max_tokens: the prompt's {num_prompt} tokens plus max_tokens "
+            f"sampling.max_tokens: the prompt ({num_prompt} tokens) plus max_tokens "
             f"{sp.max_tokens} exceed the context of {max_context} tokens")
     max_tokens = sp.max_tokens or min(default_max_tokens, room)
     if sp.min_tokens > max_tokens:

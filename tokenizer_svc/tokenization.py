@@ -37,7 +37,9 @@ class ModelTokenizer:
         return frozenset(ids)
 
     def encode_text(self, text: str) -> list[int]:
-        return list(self.tokenizer(text)["input_ids"])
+        # verbose=False: a prompt past the model's length is the caller's to refuse (with
+        # INVALID_ARGUMENT), not a warning in the log on every such request
+        return list(self.tokenizer(text, verbose=False)["input_ids"])
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
