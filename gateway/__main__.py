@@ -68,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="per-request (default): one stream to the engine per request; "
                         "multiplexed: one stream per engine carries every request, one "
                         "message per engine step (less CPU in the engine at large batches)")
+    parser.add_argument("--metrics-port", type=int, metavar="PORT",
+                        help="serve Prometheus metrics on this port (0: any free port; "
+                        "default: off)")
+    parser.add_argument("--metrics-host", default="127.0.0.1",
+                        help="address of the metrics endpoint (0.0.0.0 to expose it)")
     parser.add_argument("--health-interval", type=float, default=0.5, metavar="S",
                         help="how often each engine's health is polled (default 0.5)")
     parser.add_argument("--grace-period", type=float, default=5.0, metavar="S",
@@ -132,6 +137,8 @@ def _build_config(args: argparse.Namespace, engine_args: tuple[str, ...]) -> Gat
         grace_period_s=args.grace_period,
         routing=args.routing,
         engine_streams=args.engine_streams,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
         tls=_tls_config(args),
         api_keys=_api_keys(args),
     )

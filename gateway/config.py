@@ -94,6 +94,8 @@ class GatewayConfig:
     # "per-request": a Generate stream to the engine per request; "multiplexed": one
     # GenerateMany stream per engine carries them all (one message per engine step).
     engine_streams: str = "per-request"
+    metrics_port: int | None = None  # Prometheus /metrics over HTTP (None: off; 0: any port)
+    metrics_host: str = "127.0.0.1"
 
     def __post_init__(self) -> None:
         if not self.listen:
@@ -120,6 +122,8 @@ class GatewayConfig:
             _require_positive(name, getattr(self, name))
         if self.routing not in ROUTINGS:
             raise ValueError(f"routing must be one of {', '.join(ROUTINGS)}, not {self.routing!r}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port must be 0-65535, got {self.metrics_port}")
         if self.engine_streams not in ENGINE_STREAMS:
             raise ValueError(f"engine_streams must be one of {', '.join(ENGINE_STREAMS)}, "
                              f"not {self.engine_streams!r}")

@@ -18,8 +18,11 @@ before it reaches a servicer. `status_for` is the mapping itself (pure, unit-tes
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -111,13 +114,14 @@ def unary_errors(
 
     @functools.wraps(method)
     async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext) -> Resp:
-        try:
-            return await method(self, request, context)
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - this is the one place errors are mapped
-            await _abort(context, exc, _req_id(request), method.__name__)
-            raise AssertionError("unreachable: context.abort raises") from exc
+        with _accounted(self, method.__name__, context):
+            try:
+                return await method(self, request, context)
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - this is the one place errors are mapped
+                await _abort(context, exc, _req_id(request), method.__name__)
+                raise AssertionError("unreachable: context.abort raises") from exc
 
     return wrapper
 
@@ -131,15 +135,41 @@ def stream_errors(
     async def wrapper(
         self: Any, request: Req, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[Resp]:
-        try:
-            async for item in method(self, request, context):
-                yield item
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - this is the one place errors are mapped
-            await _abort(context, exc, _req_id(request), method.__name__)
+        with _accounted(self, method.__name__, context):
+            try:
+                async for item in method(self, request, context):
+                    yield item
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - this is the one place errors are mapped
+                await _abort(context, exc, _req_id(request), method.__name__)
 
     return wrapper
+
+
+@contextlib.contextmanager
+def _accounted(servicer: Any, method: str, context: grpc.aio.ServicerContext):
+    """Counts the call in ``servicer.metrics`` (a GatewayMetrics, if it has one) with the
+    status code it ends with."""
+    metrics = getattr(servicer, "metrics", None)
+    if metrics is None:
+        yield
+        return
+    start, code = time.monotonic(), grpc.StatusCode.OK
+    metrics.started(method)
+    try:
+        yield
+    except grpc.aio.AbortError:
+        code = context.code() or grpc.StatusCode.UNKNOWN
+        raise
+    except (asyncio.CancelledError, GeneratorExit):  # the client went away
+        code = grpc.StatusCode.CANCELLED
+        raise
+    except BaseException:
+        code = grpc.StatusCode.UNKNOWN
+        raise
+    finally:
+        metrics.finished(method, code, time.monotonic() - start)
 
 
 async def _abort(

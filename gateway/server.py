@@ -27,6 +27,7 @@ from gateway.config import GatewayConfig
 from gateway.engines import EnginePool
 from gateway.errors import ShuttingDown
 from gateway.health import NOT_SERVING, SERVING, HealthServicer
+from gateway.metrics import GatewayMetrics
 from gateway.relay import Relay
 from gateway.security import ApiKeyAuth, server_credentials
 from gateway.servicer import GenerationServicer
@@ -58,6 +59,8 @@ class GatewayServer:
         self.port = _bind(self._server, config)  # fail before starting anything else
         self.health = HealthServicer(HEALTH_SERVICES)
         self.admission = Admission()
+        self.metrics = GatewayMetrics()
+        self.metrics_port: int | None = None  # where /metrics is served, once started
         self.supervisor = self._make_supervisor(config)
         addresses = config.engine_addresses
         if self.supervisor is not None:
@@ -72,7 +75,7 @@ class GatewayServer:
 
     def _add_services(self) -> None:
         relay = Relay(self.pool, self.config, self.admission)
-        servicer = GenerationServicer(relay)
+        servicer = GenerationServicer(relay, self.metrics)
         generation_pb2_grpc.add_GenerationServicer_to_server(servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         names = (GENERATION_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME)
@@ -83,6 +86,11 @@ class GatewayServer:
         self.pool.start()
         if self.supervisor is not None:
             self.supervisor.start()
+        if self.config.metrics_port is not None:
+            self.metrics_port = self.metrics.serve(self.config.metrics_port,
+                                                   self.config.metrics_host)
+            logger.info("metrics on http://%s:%d/metrics", self.config.metrics_host,
+                        self.metrics_port)
         logger.info("gateway listening on %s (port %d, %s, %s), engines: %s (%s streams, "
                     "%s routing)", self.config.listen, self.port, _describe_tls(self.config),
                     _describe_auth(self.config), [e.address for e in self.pool.engines],

@@ -7,14 +7,16 @@ from collections.abc import AsyncIterator
 import grpc
 
 from gateway.errors import stream_errors, unary_errors
+from gateway.metrics import GatewayMetrics
 from gateway.relay import Relay
 from tandem.v1 import generation_pb2 as pb
 from tandem.v1 import generation_pb2_grpc
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServicer):
-    def __init__(self, relay: Relay) -> None:
+    def __init__(self, relay: Relay, metrics: GatewayMetrics | None = None) -> None:
         self._relay = relay
+        self.metrics = metrics  # counted by the error wrappers, with each call's status code
 
     @unary_errors
     async def Generate(
