@@ -20,7 +20,7 @@ import logging
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from gateway.admission import Admission
 from gateway.config import GatewayConfig
@@ -39,7 +39,10 @@ logger = logging.getLogger(__name__)
 GENERATION_SERVICE = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 HEALTH_SERVICES = ("", GENERATION_SERVICE)
-OPEN_SERVICES = (HEALTH_SERVICE, reflection.SERVICE_NAME)  # served without an API key
+# gRPC reflection v1: the messages of v1alpha (which grpcio-reflection serves) under the
+# newer name, which some tools ask for first
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+OPEN_SERVICES = (HEALTH_SERVICE, reflection.SERVICE_NAME, REFLECTION_V1)  # no API key needed
 # After the grace period, how long cut-off requests get to send their UNAVAILABLE status
 # before the server cancels whatever is left.
 CUT_OFF_WAIT_S = 1.0
@@ -78,8 +81,15 @@ class GatewayServer:
         servicer = GenerationServicer(relay, self.metrics)
         generation_pb2_grpc.add_GenerationServicer_to_server(servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
-        names = (GENERATION_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME)
-        reflection.enable_server_reflection(names, self._server)
+        names = (GENERATION_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME, REFLECTION_V1)
+        reflector = reflection.aio.ReflectionServicer(names)
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(reflector, self._server)
+        v1 = grpc.stream_stream_rpc_method_handler(
+            reflector.ServerReflectionInfo,
+            request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+            response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString)
+        self._server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(REFLECTION_V1, {"ServerReflectionInfo": v1}),))
 
     async def start(self) -> None:
         await self._server.start()

@@ -237,6 +237,14 @@ def test_reflection_lists_the_services() -> None:
                 file_containing_symbol="tandem.v1.Generation")
             responses = [r async for r in stub.ServerReflectionInfo(iter([symbol]))]
             assert responses[0].file_descriptor_response.file_descriptor_proto
+            # v1, the same messages under the newer service name
+            v1 = client.channel.stream_stream(
+                "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+                request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+                response_deserializer=reflection_pb2.ServerReflectionResponse.FromString)
+            responses = [r async for r in v1(iter([request]))]
+            names = {s.name for s in responses[0].list_services_response.service}
+            assert {"tandem.v1.Generation", "grpc.reflection.v1.ServerReflection"} <= names
 
     run(body())
 
