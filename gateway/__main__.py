@@ -25,6 +25,7 @@ from gateway.config import (
 )
 from gateway.security import read_api_keys
 from gateway.server import GatewayServer, build_server
+from tandem import LOG_FORMAT
 
 logger = logging.getLogger("gateway")
 
@@ -183,9 +184,7 @@ def _on_signal(server: GatewayServer, sig: signal.Signals) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     config, log_level = config_from_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(
-        level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=log_level, format=LOG_FORMAT)
     try:
         return asyncio.run(serve(config))
     except Exception:  # noqa: BLE001 - a fatal error: report it and exit non-zero

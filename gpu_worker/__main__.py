@@ -15,6 +15,7 @@ import traceback
 from pathlib import Path
 
 from gpu_worker.config import KERNELS, WorkerConfig
+from tandem import LOG_FORMAT
 from tandem.link import Kind, Link, Message, PeerGone
 from tandem.slots import SlotShape
 
@@ -52,7 +53,7 @@ def parse_args(argv: list[str]) -> WorkerConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s gpu_worker %(message)s")
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     cfg = parse_args(sys.argv[1:] if argv is None else argv)
     from gpu_worker.worker import Worker  # after arg parsing: imports torch
 

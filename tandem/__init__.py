@@ -1,3 +1,6 @@
 """Tandem's shared core: what two processes both need (slot layout, link messages,
 model resolution) and the generated protobuf modules (``tandem.v1``,
 ``tandem.internal.v1``). Process packages import this, never each other."""
+
+# every process logs lines alike: time, level, logger, message
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"

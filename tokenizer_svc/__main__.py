@@ -16,7 +16,7 @@ import signal
 import sys
 from pathlib import Path
 
-from tandem import models
+from tandem import LOG_FORMAT, models
 from tandem import slots as S
 from tokenizer_svc.block_manager import BlockManager
 from tokenizer_svc.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
@@ -199,7 +199,7 @@ async def drain(servicer: EngineServicer, health_servicer, engine: Engine, grace
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s tokenizer_svc %(message)s")
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     cfg = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         return asyncio.run(serve(cfg))
