@@ -131,6 +131,11 @@ class _MuxSink:
         self.muxed.push(self.rid, out)
 
 
+def _retrieve(task: asyncio.Task) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
 def _event(rid: str, item: RequestOutput | Refused) -> engine_pb2.EngineEvent:
     if isinstance(item, Refused):
         return engine_pb2.EngineEvent(request_id=rid, error_code=item.code.value[0],
@@ -194,6 +199,7 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
     async def GenerateMany(self, calls, context):
         muxed = _Muxed()
         reader = asyncio.create_task(self._read_calls(calls, muxed))
+        reader.add_done_callback(_retrieve)  # a caller that broke off: nothing to report
         self.num_calls += 1
         try:
             while True:
@@ -228,7 +234,10 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
         muxed.accepting.add(rid)
         try:
             engine, req = await self._accept(request)
-        except Refused as exc:
+        except Exception as exc:  # noqa: BLE001 - ends this request alone, as Generate would
+            if not isinstance(exc, Refused):
+                log.exception("request %s could not start", rid)
+                exc = Refused(grpc.StatusCode.INTERNAL, f"the engine could not start it: {exc}")
             if rid not in muxed.cancelled:
                 muxed.push(rid, exc)
             return

@@ -147,3 +147,26 @@ def test_multiplexed_events_are_cut_into_messages_of_bounded_size():
     assert [len(m.events) for m in messages] == [3, 3, 3, 1]
     assert [e for m in messages for e in m.events] == events
     assert [len(m.events) for m in _batches(events[:1], limit=1)] == [1]  # never empty
+
+
+def test_a_request_that_cannot_start_fails_alone_with_internal():
+    import grpc
+
+    from tandem.internal.v1 import engine_pb2
+    from tokenizer_svc.server import EngineServicer, Refused, _Muxed
+
+    async def broken(request):
+        raise RuntimeError("tokenizer crashed")
+
+    async def main():
+        servicer = EngineServicer(None, None, "m", None)
+        servicer._accept = broken
+        muxed = _Muxed()
+        await servicer._start_muxed(engine_pb2.EngineRequest(request_id="x"), muxed)
+        return muxed
+
+    muxed = asyncio.run(main())
+    ((rid, refused),) = muxed.pending
+    assert rid == "x" and isinstance(refused, Refused)
+    assert refused.code == grpc.StatusCode.INTERNAL and "tokenizer crashed" in refused.message
+    assert not muxed.accepting and not muxed.active
