@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--engine-streams", choices=ENGINE_STREAMS, default="per-request",
                         help="per-request (default): one stream to the engine per request; "
                         "multiplexed: one stream per engine carries every request, one "
-                        "message per engine step (less CPU in the engine at large batches)")
+                        "message per engine step (less CPU in the engine at large batches; "
+                        "needs --max-response-bytes of at least 2 MiB)")
     parser.add_argument("--metrics-port", type=int, metavar="PORT",
                         help="serve Prometheus metrics on this port (0: any free port; "
                         "default: off)")

@@ -10,6 +10,7 @@ DEFAULT_LISTEN = "0.0.0.0:50051"
 MIB = 1024 * 1024
 ROUTINGS = ("prefix", "least-loaded")
 ENGINE_STREAMS = ("per-request", "multiplexed")
+MUX_MIN_BYTES = 2 * MIB  # engines cut GenerateMany messages at ~1 MiB
 
 
 def default_engine_command() -> tuple[str, ...]:
@@ -127,6 +128,11 @@ class GatewayConfig:
         if self.engine_streams not in ENGINE_STREAMS:
             raise ValueError(f"engine_streams must be one of {', '.join(ENGINE_STREAMS)}, "
                              f"not {self.engine_streams!r}")
+        if self.engine_streams == "multiplexed" and self.max_response_bytes < MUX_MIN_BYTES:
+            raise ValueError(  # one engine message carries many requests: never refuse one
+                f"max_response_bytes must be at least {MUX_MIN_BYTES // MIB} MiB with "
+                f"multiplexed engine streams (engines send messages of up to ~1 MiB), "
+                f"got {self.max_response_bytes}")
         if not math.isfinite(self.grace_period_s) or self.grace_period_s < 0:
             raise ValueError(f"grace_period_s must be finite and >= 0, got {self.grace_period_s}")
         for i, key in enumerate(self.api_keys):  # never echo a key in a message

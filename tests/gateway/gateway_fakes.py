@@ -22,6 +22,8 @@ from tandem.v1 import generation_pb2 as pb
 from tandem.v1 import generation_pb2_grpc
 
 ENGINE_SERVICE = "tandem.internal.v1.Engine"
+# the gateway's --engine-streams in fast_config; test_gateway_server runs with each value
+ENGINE_STREAMS = ["per-request"]
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -103,6 +105,37 @@ class FakeEngine(engine_pb2_grpc.EngineServicer):
         finally:
             self.num_active -= 1
 
+    async def GenerateMany(self, calls, context) -> AsyncIterator[engine_pb2.EngineEvents]:
+        """Each started request runs as `Generate` would, its chunks and its abort sent as
+        events (no per-request deadline: the gateway keeps those on this path)."""
+        events: asyncio.Queue = asyncio.Queue()
+        running: dict[str, asyncio.Task] = {}
+
+        async def run_one(request: engine_pb2.EngineRequest) -> None:
+            rid = request.request_id
+            try:
+                async for chunk in self.Generate(request, _MuxContext()):
+                    events.put_nowait(engine_pb2.EngineEvent(request_id=rid, output=chunk))
+            except _Aborted as exc:
+                events.put_nowait(engine_pb2.EngineEvent(
+                    request_id=rid, error_code=exc.code.value[0], error_message=exc.details))
+
+        async def read() -> None:
+            async for call in calls:
+                if call.WhichOneof("call") == "start":
+                    running[call.start.request_id] = asyncio.create_task(run_one(call.start))
+                elif call.cancel in running:
+                    running[call.cancel].cancel()
+
+        reader = asyncio.create_task(read())
+        try:
+            while True:
+                yield engine_pb2.EngineEvents(events=[await events.get()])
+        finally:
+            reader.cancel()
+            for task in running.values():
+                task.cancel()
+
     async def Tokenize(self, request, context) -> pb.TokenizeResponse:
         self.tokenize_requests.append(request)
         if self.error is not None:
@@ -111,6 +144,22 @@ class FakeEngine(engine_pb2_grpc.EngineServicer):
 
     async def GetModelInfo(self, request, context) -> pb.ModelInfo:
         return self.info
+
+
+class _Aborted(Exception):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code, self.details = code, details
+
+
+class _MuxContext:
+    """What FakeEngine.Generate needs of a call's context, for a request on GenerateMany."""
+
+    def time_remaining(self) -> None:
+        return None
+
+    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+        raise _Aborted(code, details)
 
 
 @dataclasses.dataclass
@@ -144,7 +193,7 @@ def fast_config(engine_addresses: tuple[str, ...], **overrides) -> GatewayConfig
     values = dict(
         listen="127.0.0.1:0", engine_addresses=engine_addresses,
         health_poll_interval_s=0.05, health_check_timeout_s=0.5, grace_period_s=0.2,
-        rpc_timeout_s=5.0,
+        rpc_timeout_s=5.0, engine_streams=ENGINE_STREAMS[0],
     )
     values.update(overrides)
     return GatewayConfig(**values)

@@ -27,6 +27,21 @@ from gateway.server import build_server
 from tandem.v1 import generation_pb2 as pb
 
 pytestmark = pytest.mark.timeout(30)
+PER_REQUEST_ONLY = "only a stream of its own can end without a finish_reason"
+
+
+@pytest.fixture(autouse=True, params=["per-request", "multiplexed"])
+def engine_streams(request, monkeypatch):
+    """Every test runs with each of the gateway's --engine-streams."""
+    import gateway_fakes
+
+    monkeypatch.setattr(gateway_fakes, "ENGINE_STREAMS", [request.param])
+    return request.param
+
+
+def per_request_only(engine_streams: str) -> None:
+    if engine_streams != "per-request":
+        pytest.skip(PER_REQUEST_ONLY)
 
 GOOD = pb.GenerateRequest(text="Say hello", request_id="client-1")
 
@@ -108,28 +123,31 @@ def test_client_cancelling_a_stream_cancels_the_engine_stream() -> None:
     run(body())
 
 
-def test_client_deadline_is_relayed_and_cancels_the_engine_call() -> None:
+def test_client_deadline_is_relayed_and_cancels_the_engine_call(engine_streams) -> None:
     async def body() -> None:
         async with gateway_with_engine() as (_, client, engine):
             engine.engine.hang = True
             error = await rpc_error(client.stub.Generate(GOOD, timeout=0.5))
             assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-            remaining = engine.engine.time_remaining[0]
-            assert remaining is not None and 0 < remaining <= 0.55  # clocks differ slightly
+            if engine_streams == "per-request":  # multiplexed: the gateway keeps deadlines
+                remaining = engine.engine.time_remaining[0]
+                assert remaining is not None and 0 < remaining <= 0.55  # clocks differ a bit
             await asyncio.wait_for(engine.engine.cancelled.wait(), timeout=3)
 
     run(body())
 
 
-def test_client_deadline_cuts_a_slow_stream_and_cancels_the_engine_stream() -> None:
+def test_client_deadline_cuts_a_slow_stream_and_cancels_the_engine_stream(
+        engine_streams) -> None:
     async def body() -> None:
         async with gateway_with_engine() as (server, client, engine):
             engine.engine.hold_last = asyncio.Event()  # the last chunk never comes
             received, error = await stream_error(client.stub.GenerateStream(GOOD, timeout=0.5))
             assert [chunk.text for chunk in received] == ["Hel", "lo"]
             assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-            remaining = engine.engine.time_remaining[0]
-            assert remaining is not None and 0 < remaining <= 0.55
+            if engine_streams == "per-request":
+                remaining = engine.engine.time_remaining[0]
+                assert remaining is not None and 0 < remaining <= 0.55
             await asyncio.wait_for(engine.engine.cancelled.wait(), timeout=3)
             await wait_until(lambda: server.pool.num_in_flight == 0)
             await wait_until(lambda: server.admission.num_in_flight == 0)
@@ -137,13 +155,15 @@ def test_client_deadline_cuts_a_slow_stream_and_cancels_the_engine_stream() -> N
     run(body())
 
 
-def test_default_timeout_applies_without_a_client_deadline() -> None:
+def test_default_timeout_applies_without_a_client_deadline(engine_streams) -> None:
     async def body() -> None:
         async with gateway_with_engine(default_timeout_s=0.3) as (_, client, engine):
             engine.engine.hang = True
             error = await rpc_error(client.stub.Generate(GOOD))
             assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-            assert 0 < engine.engine.time_remaining[0] <= 0.35
+            if engine_streams == "per-request":
+                assert 0 < engine.engine.time_remaining[0] <= 0.35
+            await asyncio.wait_for(engine.engine.cancelled.wait(), timeout=3)
 
     run(body())
 
@@ -279,7 +299,9 @@ def test_tokenize_and_model_info() -> None:
     run(body())
 
 
-def test_stream_without_finish_reason_is_internal() -> None:
+def test_stream_without_finish_reason_is_internal(engine_streams) -> None:
+    per_request_only(engine_streams)  # multiplexed: events end with a finish or an error
+
     async def body() -> None:
         async with gateway_with_engine() as (_, client, engine):
             engine.engine.chunks = engine.engine.chunks[:1]

@@ -93,6 +93,10 @@ def test_accumulate_folds_the_stream() -> None:
         (dict(engine_addresses=("a:1",), health_poll_interval_s=float("nan")),
          "health_poll_interval_s"),
         (dict(engine_addresses=("a:1",), grace_period_s=-1.0), "grace_period_s"),
+        (dict(engine_addresses=("a:1",), engine_streams="one"), "engine_streams"),
+        (dict(engine_addresses=("a:1",), engine_streams="multiplexed",
+              max_response_bytes=1 << 20), "at least 2 MiB with multiplexed"),
+        (dict(engine_addresses=("a:1",), metrics_port=70000), "metrics_port"),
     ],
 )
 def test_config_is_validated(kwargs: dict, problem: str) -> None:
