@@ -173,12 +173,13 @@ class Scheduler:
     def _take_cached_prefix(self, req: Request) -> int:
         """Start ``req``'s table with the cached blocks of its longest whole-block prefix;
         returns how many tokens they hold."""
-        if not self.blocks.prefix_caching:
+        if not self.blocks.num_cached:  # nothing to match (or prefix caching is off)
             return 0
-        tokens = req.known_ids(0, req.num_known)
+        # read only: a request that has not generated yet needs no copy of its prompt
+        tokens = req.known_ids(0, req.num_known) if req.output_ids else req.prompt_ids
         blocks, _ = self.blocks.match_prefix(tokens, req.block_digests)
         self.blocks.adopt(req.req_id, blocks)
-        return len(self.blocks.table(req.req_id)) * self.blocks.block_size
+        return len(blocks) * self.blocks.block_size
 
     def _count_prefix_hit(self, req: Request) -> None:
         self.prefix_queried_tokens += req.num_known

@@ -10,6 +10,7 @@ import itertools
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -30,20 +31,20 @@ MUX_MESSAGE_BYTES = 1 << 20  # EngineEvents messages are cut at about this size
 
 
 class OutputBridge:
-    """Hands outputs from the engine thread to the event loop's queues with one wake-up per
-    burst (a step's outputs for every request), not one per output: each wake-up is a
-    write to the loop's self-pipe, and the loop then contends for the GIL with the engine
-    thread, which is still applying the step."""
+    """Hands outputs from the engine thread to the event loop (a request's queue, or its
+    multiplexed stream) with one wake-up per burst (a step's outputs for every request),
+    not one per output: each wake-up is a write to the loop's self-pipe, and the loop then
+    contends for the GIL with the engine thread, which is still applying the step."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self._lock = threading.Lock()
-        self._pending: list[tuple[asyncio.Queue, RequestOutput]] = []
+        self._pending: list[tuple[Callable[[RequestOutput], None], RequestOutput]] = []
 
-    def post(self, queue: asyncio.Queue, out: RequestOutput) -> None:
-        """Any thread: ``queue.put_nowait(out)`` on the loop, in the order of posting."""
+    def post(self, deliver: Callable[[RequestOutput], None], out: RequestOutput) -> None:
+        """Any thread: ``deliver(out)`` on the loop, in the order of posting."""
         with self._lock:
-            self._pending.append((queue, out))
+            self._pending.append((deliver, out))
             wake = len(self._pending) == 1
         if wake:
             self.loop.call_soon_threadsafe(self._deliver)
@@ -51,8 +52,8 @@ class OutputBridge:
     def _deliver(self) -> None:
         with self._lock:
             pending, self._pending = self._pending, []
-        for queue, out in pending:
-            queue.put_nowait(out)
+        for deliver, out in pending:
+            deliver(out)
 
 
 async def _deltas(outputs: asyncio.Queue):
@@ -98,10 +99,6 @@ class _Muxed:
         self.pending.append((rid, item))
         self.wake.set()
 
-    def sink(self, rid: str):
-        """What the bridge posts a request's outputs to (it calls ``put_nowait``)."""
-        return _MuxSink(self, rid)
-
     async def take(self, timeout: float) -> list[engine_pb2.EngineEvent]:
         """The waiting events (after at most ``timeout`` s); a request's outputs that
         queued up go out as one, as on a stream of its own."""
@@ -121,14 +118,6 @@ class _Muxed:
                 merged[rid] = item
             order.append((rid, item))
         return [_event(rid, item) for rid, item in order]
-
-
-class _MuxSink:
-    def __init__(self, muxed: _Muxed, rid: str) -> None:
-        self.muxed, self.rid = muxed, rid
-
-    def put_nowait(self, out: RequestOutput) -> None:
-        self.muxed.push(self.rid, out)
 
 
 def _retrieve(task: asyncio.Task) -> None:
@@ -182,7 +171,7 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
         except Refused as exc:
             await context.abort(exc.code, exc.message)
         outputs: asyncio.Queue = asyncio.Queue()
-        engine.add_request(req, functools.partial(self._bridge().post, outputs))
+        engine.add_request(req, functools.partial(self._bridge().post, outputs.put_nowait))
         finished = False
         self.num_calls += 1
         try:
@@ -247,7 +236,8 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
             muxed.cancelled.discard(rid)
             return
         muxed.active[rid] = req.req_id
-        engine.add_request(req, functools.partial(self._bridge().post, muxed.sink(rid)))
+        engine.add_request(req, functools.partial(self._bridge().post,
+                                                  functools.partial(muxed.push, rid)))
 
     def _bridge(self) -> OutputBridge:
         if self.bridge is None:

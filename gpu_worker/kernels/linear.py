@@ -85,28 +85,18 @@ def default_config(num_rows: int, n: int, k: int, sms: int, shared: int,
     3 stages, and 128-deep K steps for up to 16 rows, else 64 (the search's best at 1 and
     32 rows on an H200: 59.9 and 61.3 us for the Llama-3-8B gate/up, where the tiles of
     the plain product took 76.7 and 90.9)."""
-    if gated:
-        return _gated_config(num_rows, n, k, sms, shared)
-    block_n = 32 if n <= 4096 else 64
-    block_k = next((b for b in (128, 64, 32, 16) if k % b == 0), 16)
+    if gated:  # (block_n, depths, programs x10 to reach, stages at most, warps)
+        block_n, depths, target, most, warps = \
+            128, (128, 64) if _block_m(num_rows) <= 16 else (64,), 10 * sms, 3, 8
+    else:
+        block_n, depths, target, most, warps = 32 if n <= 4096 else 64, (128, 64), 14 * sms, 4, 4
+    block_k = next((b for b in (*depths, 32, 16) if k % b == 0), 16)
     tiles, split_k = triton.cdiv(n, block_n), 1
-    while tiles * split_k * 10 < 14 * sms and k % (2 * split_k * block_k) == 0:
+    while tiles * split_k * 10 < target and k % (2 * split_k * block_k) == 0:
         split_k *= 2
     stage_bytes = (block_n + _block_m(num_rows)) * block_k * 2  # a weight and an x tile
-    stages = max(2, min(4, (shared - SPARE_SHARED) // stage_bytes))
-    return LinearConfig(block_n=block_n, block_k=block_k, split_k=split_k, num_stages=stages)
-
-
-def _gated_config(num_rows: int, n: int, k: int, sms: int, shared: int) -> LinearConfig:
-    block_n = 128
-    block_k = next((b for b in ((128, 64) if _block_m(num_rows) <= 16 else (64,)) + (32, 16)
-                    if k % b == 0), 16)
-    tiles, split_k = triton.cdiv(n, block_n), 1
-    while tiles * split_k < sms and k % (2 * split_k * block_k) == 0:
-        split_k *= 2
-    stage_bytes = (block_n + _block_m(num_rows)) * block_k * 2
-    stages = max(2, min(3, (shared - SPARE_SHARED) // stage_bytes))  # 2 on ~100 KB cards
-    return LinearConfig(block_n=block_n, block_k=block_k, split_k=split_k, num_warps=8,
+    stages = max(2, min(most, (shared - SPARE_SHARED) // stage_bytes))  # 2 on ~100 KB cards
+    return LinearConfig(block_n=block_n, block_k=block_k, split_k=split_k, num_warps=warps,
                         num_stages=stages)
 
 

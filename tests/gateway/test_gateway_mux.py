@@ -11,7 +11,7 @@ import pytest
 from gateway.mux import EngineMux
 from tandem.internal.v1 import engine_pb2, engine_pb2_grpc
 from tandem.v1 import generation_pb2 as pb
-from tests.gateway.gateway_fakes import run
+from tests.gateway.gateway_fakes import run, wait_until
 
 
 class ScriptedEngine(engine_pb2_grpc.EngineServicer):
@@ -90,10 +90,7 @@ def test_cancel_tells_the_engine_and_ends_the_iteration():
         assert call.cancel() and not call.cancel()  # only once
         with pytest.raises(asyncio.CancelledError):
             await waiting
-        for _ in range(100):
-            if engine.cancelled:
-                break
-            await asyncio.sleep(0.01)
+        await wait_until(lambda: engine.cancelled)
         assert engine.cancelled == ["hang-1"]
 
     run(with_mux(body))
@@ -104,10 +101,7 @@ def test_a_deadline_is_deadline_exceeded_and_cancels_the_request():
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await texts(start(mux, "hang-2", timeout=0.1))
         assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        for _ in range(100):
-            if engine.cancelled:
-                break
-            await asyncio.sleep(0.01)
+        await wait_until(lambda: engine.cancelled)
         assert engine.cancelled == ["hang-2"]
 
     run(with_mux(body))

@@ -83,7 +83,7 @@ def test_bridge_keeps_each_queue_in_order_with_fewer_wakeups_than_outputs():
         def engine_thread():
             for step in range(200):  # a burst per step: one output for every request
                 for q in queues:
-                    bridge.post(q, step)
+                    bridge.post(q.put_nowait, step)
 
         thread = threading.Thread(target=engine_thread)
         thread.start()
@@ -120,7 +120,7 @@ def test_a_multiplexed_stream_merges_each_requests_outputs_and_keeps_errors_apar
         for rid, token, finish, error in [("a", 1, None, None), ("b", 7, None, None),
                                           ("a", 2, None, None), ("b", 8, None, "worker died"),
                                           ("a", 3, FinishReason.STOP, None)]:
-            muxed.sink(rid).put_nowait(muxed_output(rid, token, finish, error))
+            muxed.push(rid, muxed_output(rid, token, finish, error))
         muxed.push("d", Refused(grpc.StatusCode.INVALID_ARGUMENT, "text: empty"))
         events = await muxed.take(timeout=1)
         assert await muxed.take(timeout=0.01) == []  # nothing left
