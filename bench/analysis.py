@@ -6,6 +6,7 @@ Times are microseconds on one clock unless a name says otherwise; an interval ar
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -290,6 +291,33 @@ def ratio(numerator: float | None, denominator: float | None) -> float | None:
     if numerator is None or not denominator:
         return None
     return numerator / denominator
+
+
+# --- outputs of two modes -------------------------------------------------------------
+
+OUTPUT_BLOCK = 128  # generated tokens per digest in a mode's output_blocks
+
+
+def output_blocks(outputs: Sequence[Sequence[int]]) -> list[list[str]]:
+    """Per request, a short digest of each OUTPUT_BLOCK generated tokens: enough for
+    compare_outputs to say which requests two modes disagree on, and from about where."""
+    return [[hashlib.sha256(str(list(ids[i:i + OUTPUT_BLOCK])).encode()).hexdigest()[:12]
+             for i in range(0, len(ids), OUTPUT_BLOCK)] for ids in outputs]
+
+
+def compare_outputs(a: Sequence[Sequence[str]] | None,
+                    b: Sequence[Sequence[str]] | None) -> dict[str, Any] | None:
+    """Two modes' output_blocks: how many requests generated the same tokens, and the first
+    block (as a token index) where any request's tokens differ."""
+    if a is None or b is None:
+        return None
+    if len(a) != len(b):
+        return {"requests": max(len(a), len(b)), "equal": None, "first_difference": 0}
+    firsts = [next(i for i in range(max(len(x), len(y)))
+                   if i >= min(len(x), len(y)) or x[i] != y[i])
+              for x, y in zip(a, b, strict=True) if list(x) != list(y)]
+    return {"requests": len(a), "equal": len(a) - len(firsts),
+            "first_difference": min(firsts) * OUTPUT_BLOCK if firsts else None}
 
 
 # --- one mode's table row -------------------------------------------------------------

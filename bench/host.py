@@ -27,6 +27,7 @@ import signal
 import sys
 import tempfile
 import time
+from contextlib import AsyncExitStack
 from pathlib import Path
 
 import numpy as np
@@ -155,8 +156,11 @@ def served(folder: str, rows: int, step_ms: float, new_tokens: int,
             prompts = [rng.integers(*TOKEN_RANGE, PROMPT_TOKENS).tolist() for _ in range(rows)]
 
             async def client() -> float:
-                async with grpc.aio.insecure_channel(listen) as channel:
-                    send = (engine_mux_send if multiplexed else engine_send)(channel)
+                async with AsyncExitStack() as stack:
+                    channel = await stack.enter_async_context(
+                        grpc.aio.insecure_channel(listen))
+                    send = (engine_mux_send(channel, stack) if multiplexed
+                            else engine_send(channel))
                     await generate_all(send, prompts[:1], 2, "warmup")
                     started, cpu = time.perf_counter(), _cpu_seconds(child.pid)
                     arrivals = await generate_all(send, prompts, new_tokens, "host")

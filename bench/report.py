@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from bench.analysis import ratio
+from bench.analysis import OUTPUT_BLOCK, compare_outputs, ratio
 
 COLUMNS = (  # (header, row key, format)
     ("mode", "mode", "{}"),
@@ -57,12 +57,20 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "tandem_async_outputs_equal_sync": _same_outputs(by_mode, "tandem-async", "tandem-sync"),
         "tandem_gateway_outputs_equal_async": _same_outputs(by_mode, "tandem-gateway",
                                                             "tandem-async"),
+        "tandem_async_vs_sync_outputs": _compared(by_mode, "tandem-async", "tandem-sync"),
+        "tandem_gateway_vs_async_outputs": _compared(by_mode, "tandem-gateway",
+                                                     "tandem-async"),
     }
 
 
 def _same_outputs(by_mode: dict[str, dict[str, Any]], mode: str, other: str) -> bool | None:
     digests = [by_mode.get(m, {}).get("outputs_sha256") for m in (mode, other)]
     return None if None in digests else digests[0] == digests[1]
+
+
+def _compared(by_mode: dict[str, dict[str, Any]], mode: str,
+              other: str) -> dict[str, Any] | None:
+    return compare_outputs(*(by_mode.get(m, {}).get("output_blocks") for m in (mode, other)))
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -130,8 +138,8 @@ def _summary_lines(result: dict[str, Any]) -> list[str]:
     lines.append(f"Tandem through the gateway vs the engine's own (async): "
                  f"{x(s.get('gateway_over_engine'))} (target {GATEWAY_TARGET:.2f}x)")
     lines.append(f"Tandem async outputs equal sync: "
-                 f"{_yes(s.get('tandem_async_outputs_equal_sync'))}; gateway outputs equal "
-                 f"async: {_yes(s.get('tandem_gateway_outputs_equal_async'))}")
+                 f"{_same(s, 'tandem_async', 'sync')}; gateway outputs equal async: "
+                 f"{_same(s, 'tandem_gateway', 'async')}")
     for row in result["modes"]:
         lines += [f"note [{row['mode']}]: {note}" for note in row.get("notes", [])]
         lines += _idle_line(row)
@@ -150,8 +158,17 @@ def _idle_line(row: dict[str, Any]) -> list[str]:
     return [f"idle [{row['mode']}]: " + "; ".join(parts)]
 
 
-def _yes(same: bool | None) -> str:
-    return "n/a" if same is None else "yes" if same else "NO"
+def _same(summary: dict[str, Any], mode: str, other: str) -> str:
+    """yes / NO / n/a, and for NO how many requests differ and from which token on."""
+    same = summary.get(f"{mode}_outputs_equal_{other}")
+    compared = summary.get(f"{mode}_vs_{other}_outputs")
+    if same is None:
+        return "n/a"
+    if same or not compared or compared["equal"] is None:
+        return "yes" if same else "NO"
+    start = compared["first_difference"]
+    return (f"NO ({compared['requests'] - compared['equal']} of {compared['requests']} "
+            f"requests differ, the first from tokens {start}-{start + OUTPUT_BLOCK - 1})")
 
 
 def write_json(result: dict[str, Any], path: Path) -> None:

@@ -1,7 +1,8 @@
 """One Tandem mode: start an engine (and a gateway), warm up, trace the measured window, stop.
 
 ``tandem-sync`` and ``tandem-async`` drive the engine over its internal API
-(``tandem.internal.v1.Engine``), without a gateway, so that the numbers are the engine's own.
+(``tandem.internal.v1.Engine``), without a gateway, so that the numbers are the engine's own:
+every request on one ``GenerateMany`` stream, as a gateway sends them by default.
 ``tandem-gateway`` sends the same requests as ``GenerateStream`` calls of the public API
 (``tandem.v1.Generation``) to a gateway in front of the same kind of engine. The trace and
 the engine's statistics always come from the engine's internal API.
@@ -39,11 +40,15 @@ Arrivals = list[tuple[float, int]]  # (perf_counter time, tokens in the chunk)
 OUTPUTS: dict[str, list[int]] = {}  # request id -> generated ids, of the latest mode run
 
 
+def _outputs(tag: str) -> list[list[int]]:
+    """The generated ids of the requests tagged ``tag``, in request order."""
+    return [OUTPUTS[k] for k in sorted(OUTPUTS, key=lambda k: int(k.rsplit("-", 1)[1]))
+            if k.startswith(f"{tag}-")]
+
+
 def outputs_digest(tag: str) -> str:
     """sha256 over the generated ids of the requests tagged ``tag``, in request order."""
-    ids = [OUTPUTS[k] for k in sorted(OUTPUTS, key=lambda k: int(k.rsplit("-", 1)[1]))
-           if k.startswith(f"{tag}-")]
-    return hashlib.sha256(json.dumps(ids).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(_outputs(tag)).encode()).hexdigest()
 
 
 Send = Callable[[str, list[int], int], AsyncIterator[pb.GenerateStreamResponse]]
@@ -66,12 +71,14 @@ def engine_send(channel: grpc.aio.Channel) -> Send:
         timeout=RPC_TIMEOUT_S)
 
 
-def engine_mux_send(channel: grpc.aio.Channel) -> Send:
+def engine_mux_send(channel: grpc.aio.Channel, closing: AsyncExitStack) -> Send:
     """``GenerateMany`` of the engine's internal API: every request on one stream, as a
-    gateway with ``--engine-streams multiplexed`` sends them."""
+    gateway sends them (``--engine-streams multiplexed``, its default). The stream is
+    closed with ``closing``."""
     from gateway.mux import EngineMux
 
     mux = EngineMux(engine_pb2_grpc.EngineStub(channel), "bench")
+    closing.push_async_callback(mux.close)
     return lambda req_id, prompt, max_tokens: mux.start(
         engine_pb2.EngineRequest(request_id=req_id,
                                  request=generate_request(prompt, max_tokens)),
@@ -150,7 +157,7 @@ async def measure(engine_address: str, gateway_address: str | None,
     async with AsyncExitStack() as stack:
         channel = await stack.enter_async_context(grpc.aio.insecure_channel(engine_address))
         stub = engine_pb2_grpc.EngineStub(channel)
-        send = engine_send(channel)
+        send = engine_mux_send(channel, stack)
         if gateway_address is not None:
             send = gateway_send(await stack.enter_async_context(
                 grpc.aio.insecure_channel(gateway_address)))
@@ -193,4 +200,5 @@ def run_mode(mode: str, spec: EngineSpec, prompts: list[list[int]], warm: list[l
     return analysis.mode_row(mode, got.wall_s, got.arrivals, timeline, result_dict(sampler),
                              got.notes, expected_tokens=len(prompts) * new_tokens,
                              extra={"engine_stats": got.engine_stats,
-                                    "outputs_sha256": outputs_digest("bench")})
+                                    "outputs_sha256": outputs_digest("bench"),
+                                    "output_blocks": analysis.output_blocks(_outputs("bench"))})

@@ -65,11 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "beginning went to before (that engine's prefix cache), unless that "
                         "engine is busier than the least loaded one by more than a small "
                         "margin; least-loaded: always the fewest requests in flight")
-    parser.add_argument("--engine-streams", choices=ENGINE_STREAMS, default="per-request",
-                        help="per-request (default): one stream to the engine per request; "
-                        "multiplexed: one stream per engine carries every request, one "
-                        "message per engine step (less CPU in the engine at large batches; "
-                        "needs --max-response-bytes of at least 2 MiB)")
+    parser.add_argument("--engine-streams", choices=ENGINE_STREAMS, default="multiplexed",
+                        help="multiplexed (default): one stream per engine carries every "
+                        "request, one message per engine step (needs --max-response-bytes of "
+                        "at least 2 MiB); per-request: one stream to the engine per request")
     parser.add_argument("--metrics-port", type=int, metavar="PORT",
                         help="serve Prometheus metrics on this port (0: any free port; "
                         "default: off)")

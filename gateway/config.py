@@ -92,9 +92,9 @@ class GatewayConfig:
     # "prefix": prefer the engine a request's input beginning went to before (its prefix
     # cache), within a load margin; "least-loaded": always the fewest requests in flight.
     routing: str = "prefix"
-    # "per-request": a Generate stream to the engine per request; "multiplexed": one
-    # GenerateMany stream per engine carries them all (one message per engine step).
-    engine_streams: str = "per-request"
+    # "multiplexed": one GenerateMany stream per engine carries every request (one message
+    # per engine step); "per-request": a Generate stream to the engine per request.
+    engine_streams: str = "multiplexed"
     metrics_port: int | None = None  # Prometheus /metrics over HTTP (None: off; 0: any port)
     metrics_host: str = "127.0.0.1"
 

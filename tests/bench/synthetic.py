@@ -15,17 +15,19 @@ def synthetic_trace(busy_per_step_us=9.0, step_us=10.0, num_steps=1000):
             "kernels_us": kernels, "steps_us": steps}
 
 
-def fake_result(meaningful=True, gateway_digest="same"):
+def fake_result(meaningful=True, gateway_digest="same", gateway_outputs=((1, 2, 3),)):
+    same = analysis.output_blocks([(1, 2, 3)])
     rows = [
         analysis.mode_row("tandem-sync", 10.0, [[(0.0, 1), (1.0, 99)]], {"busy": 0.8},
                           {"busy": 0.75}, [], expected_tokens=100,
-                          extra={"outputs_sha256": "same"}),
+                          extra={"outputs_sha256": "same", "output_blocks": same}),
         analysis.mode_row("tandem-async", 8.0, [[(0.0, 1), (0.8, 99)]], {"busy": 0.995},
                           {"busy": None}, [], expected_tokens=100,
-                          extra={"outputs_sha256": "same"}),
+                          extra={"outputs_sha256": "same", "output_blocks": same}),
         analysis.mode_row("tandem-gateway", 8.5, [[(0.0, 1), (0.85, 99)]], {"busy": 0.94},
                           {"busy": None}, [], expected_tokens=100,
-                          extra={"outputs_sha256": gateway_digest}),
+                          extra={"outputs_sha256": gateway_digest,
+                                 "output_blocks": analysis.output_blocks(gateway_outputs)}),
         analysis.skipped_row("hf-async", "skipped", "needs CUDA"),
     ]
     floor = analysis.Floor(15_000_000_000, 3_200_000_000, 3e12, 0.006)

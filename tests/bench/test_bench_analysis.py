@@ -181,6 +181,38 @@ def test_summary_gateway_over_engine_and_its_outputs():
         "tandem_gateway_outputs_equal_async"] is False
 
 
+def test_output_blocks_say_which_requests_differ_and_from_where():
+    n = analysis.OUTPUT_BLOCK
+    base = [list(range(3 * n)), list(range(10)), [7] * n]
+    blocks = analysis.output_blocks(base)
+    assert [len(b) for b in blocks] == [3, 1, 1]
+    assert analysis.compare_outputs(blocks, analysis.output_blocks(base)) == {
+        "requests": 3, "equal": 3, "first_difference": None}
+    late = [base[0][:2 * n + 5] + [0] * (n - 5), base[1], base[2]]
+    early = [base[0], base[1][:4] + [99] * 6, base[2]]
+    assert analysis.compare_outputs(blocks, analysis.output_blocks(late)) == {
+        "requests": 3, "equal": 2, "first_difference": 2 * n}
+    both = analysis.compare_outputs(analysis.output_blocks(late), analysis.output_blocks(early))
+    assert both == {"requests": 3, "equal": 1, "first_difference": 0}
+    shorter = [base[0][:n], base[1], base[2]]  # stopped early: differs where it stopped
+    assert analysis.compare_outputs(blocks, analysis.output_blocks(shorter))[
+        "first_difference"] == n
+    assert analysis.compare_outputs(blocks, None) is None
+    assert analysis.compare_outputs(blocks, blocks[:2])["equal"] is None
+
+
+def test_table_says_how_many_requests_differ():
+    result = fake_result(gateway_digest="other", gateway_outputs=((1, 2, 4),))
+    summary = result["summary"]
+    assert summary["tandem_gateway_vs_async_outputs"] == {
+        "requests": 1, "equal": 0, "first_difference": 0}
+    assert summary["tandem_async_vs_sync_outputs"]["equal"] == 1
+    text = report.format_table(result)
+    assert (f"gateway outputs equal async: NO (1 of 1 requests differ, the first from "
+            f"tokens 0-{analysis.OUTPUT_BLOCK - 1})") in text
+    assert "async outputs equal sync: yes;" in report.format_table(fake_result())
+
+
 def test_summary_without_a_gateway_or_an_engine_row():
     rows = fake_result()["modes"]
     no_gateway = report.summarize([r for r in rows if r["mode"] != "tandem-gateway"])

@@ -1,5 +1,6 @@
 """The Tandem modes' client against a stand-in engine: directly, and through a real gateway
-process (``python -m gateway --engine ...``) as ``tandem-gateway`` runs it."""
+process (``python -m gateway --engine ...``) as ``tandem-gateway`` runs it. Both reach the
+engine over GenerateMany."""
 
 import asyncio
 import threading
@@ -39,6 +40,14 @@ class GreedyEngine(engine_pb2_grpc.EngineServicer):
                 token_ids=[(sum(prompt) + k) % VOCAB],
                 finish_reason=pb.FINISH_REASON_LENGTH if last else pb.FINISH_REASON_UNSPECIFIED,
                 usage=pb.Usage(prompt_tokens=len(prompt), completion_tokens=n) if last else None)
+
+    def GenerateMany(self, calls, context):
+        """Each started request as Generate runs it, one event a message (no cancels)."""
+        for call in calls:
+            rid = call.start.request_id
+            for chunk in self.Generate(call.start, context):
+                yield engine_pb2.EngineEvents(events=[
+                    engine_pb2.EngineEvent(request_id=rid, output=chunk)])
 
     def GetModelInfo(self, request, context):
         return pb.ModelInfo(model="greedy", vocab_size=VOCAB, max_context_tokens=64,

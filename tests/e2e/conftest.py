@@ -19,7 +19,7 @@ BASE_ARGS = ["--model", MODEL, "--device", DEVICE, "--dtype", "float32",
              "--max-num-seqs", "16", "--max-num-batched-tokens", "256", "--kv-cache-gib", "0.25"]
 
 
-MUX = ("--engine-streams", "multiplexed")  # the gateway's one stream per engine
+PER_REQUEST = ("--engine-streams", "per-request")  # not the default: one stream per request
 
 
 def _start(request, args, name, gateway_args=()):
@@ -61,9 +61,9 @@ def small_queue_service(request, model_folder):
 
 
 @pytest.fixture(scope="session")
-def mux_service(request, model_folder):
-    """As async_service, but the gateway multiplexes all requests over one engine stream."""
-    return _start(request, [], "mux", MUX)
+def per_request_service(request, model_folder):
+    """As async_service, but the gateway opens an engine stream per request."""
+    return _start(request, [], "per-request", PER_REQUEST)
 
 
 @pytest.fixture(scope="session")

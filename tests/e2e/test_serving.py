@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2
 
 from tandem.internal.v1 import engine_pb2
 from tandem.v1 import generation_pb2 as pb
-from tests.e2e.conftest import BASE_ARGS, DEVICE, MUX
+from tests.e2e.conftest import BASE_ARGS, DEVICE, PER_REQUEST
 from tests.e2e.service import Service, scrape
 
 pytestmark = pytest.mark.e2e
@@ -115,7 +115,7 @@ def shm_segments() -> set[str]:
     return {p.name for p in Path("/dev/shm").glob("psm_*")}
 
 
-@pytest.mark.parametrize("gateway_args", [(), MUX], ids=["per-request", "multiplexed"])
+@pytest.mark.parametrize("gateway_args", [(), PER_REQUEST], ids=["multiplexed", "per-request"])
 def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(model_folder, gateway_args):
     before = shm_segments()
     service = Service(BASE_ARGS, "drain", gateway_args)

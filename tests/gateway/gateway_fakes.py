@@ -23,7 +23,7 @@ from tandem.v1 import generation_pb2_grpc
 
 ENGINE_SERVICE = "tandem.internal.v1.Engine"
 # the gateway's --engine-streams in fast_config; test_gateway_server runs with each value
-ENGINE_STREAMS = ["per-request"]
+ENGINE_STREAMS = ["multiplexed"]
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -238,8 +238,8 @@ async def gateway_with_engine(
 ) -> AsyncIterator[tuple[GatewayServer, Client, RunningEngine]]:
     """A fake engine on loopback and a gateway in front of it."""
     engine = await start_fake_engine(is_serving=is_serving)
-    config = fast_config((engine.address,), **overrides)
-    try:
+    try:  # a config that does not validate must not leave the engine running (a hang)
+        config = fast_config((engine.address,), **overrides)
         async with running_gateway(config, credentials) as (server, client):
             if wait_ready:
                 await wait_for_status(client, SERVING)

@@ -191,11 +191,11 @@ def test_cli_rejects_bad_security_flags(argv: list[str]) -> None:
 def test_cli_security_and_size_flags() -> None:
     config, _ = config_from_args([
         "--tls-cert", "c.pem", "--tls-key", "k.pem", "--tls-client-ca", "ca.pem",
-        "--max-request-bytes", "1000", "--max-response-bytes", "2000", "--grace-period", "7",
+        "--max-request-bytes", "1000", "--max-response-bytes", "3000000", "--grace-period", "7",
         "--engine-stop-timeout", "3",
     ])
     assert config.tls == TlsConfig("c.pem", "k.pem", "ca.pem")
-    assert (config.max_request_bytes, config.max_response_bytes) == (1000, 2000)
+    assert (config.max_request_bytes, config.max_response_bytes) == (1000, 3000000)
     assert config.grace_period_s == 7.0 and config.spawn.terminate_timeout_s == 3.0
     assert config_from_args([])[0].tls is None
     assert config_from_args([])[0].max_response_bytes == 64 * MIB
@@ -205,8 +205,9 @@ def test_cli_security_and_size_flags() -> None:
 
 
 def test_engine_messages_over_the_response_limit_are_refused() -> None:
-    async def body() -> None:
-        async with gateway_with_engine(max_response_bytes=1024) as (_, client, engine):
+    async def body() -> None:  # per-request: multiplexed streams need 2 MiB or more
+        async with gateway_with_engine(max_response_bytes=1024,
+                                       engine_streams="per-request") as (_, client, engine):
             big = pb.GenerateStreamResponse(text="x" * 2000, finish_reason=pb.FINISH_REASON_STOP)
             engine.engine.chunks = [big]
             error = await stream_error(client.stub.GenerateStream(GOOD))
