@@ -12,7 +12,7 @@ against an in-process stand-in for the worker that writes random tokens:
   GPU's event is). Tokens per second against the ideal ``rows / step``, and the serving
   process's CPU time per step (all its threads; the client's is not counted).
 - **multiplexed**: the same, with every request on one ``GenerateMany`` stream, as a
-  gateway with ``--engine-streams multiplexed`` sends them.
+  gateway sends them (``--engine-streams multiplexed``, its default).
 
 No GPU. Prints JSON on the last line of stdout.
 """

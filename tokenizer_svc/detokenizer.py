@@ -2,8 +2,96 @@
 
 from __future__ import annotations
 
+import codecs
 import functools
+import random
 from collections.abc import Callable
+from typing import Protocol
+
+
+class Detokenizer(Protocol):
+    def add(self, token_id: int) -> str: ...
+
+    def flush(self) -> str: ...
+
+
+def detokenizer_factory(tokenizer) -> Callable[[], Detokenizer]:
+    """Makes each request's detokenizer: a :class:`ByteLevelDetokenizer` where the
+    tokenizer's decoding is byte-level BPE's (Llama 3, Qwen2, SmolLM2, GPT-2) and checks out
+    against the tokenizer itself, else an :class:`IncrementalDetokenizer`."""
+    table = byte_table(tokenizer)
+    if table is not None:
+        return functools.partial(ByteLevelDetokenizer, table)
+    return functools.partial(IncrementalDetokenizer, tokenizer)
+
+
+class ByteLevelDetokenizer:
+    """Byte-level BPE decodes ids by concatenating each token's bytes and reading them as
+    UTF-8 (special tokens skipped, each invalid sequence one U+FFFD). So a token's text is a
+    table lookup fed to an incremental UTF-8 decoder, which holds back a character split
+    across tokens until it is whole: ~0.5 µs a token, where IncrementalDetokenizer calls the
+    tokenizer twice (~4 µs; every step, for every request)."""
+
+    def __init__(self, table: list[bytes]) -> None:
+        self.table = table
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def add(self, token_id: int) -> str:
+        if not 0 <= token_id < len(self.table):
+            return ""  # not in the vocabulary: the tokenizer skips it too
+        return self._utf8.decode(self.table[token_id])
+
+    def flush(self) -> str:
+        """Whatever is still held back (the output has ended)."""
+        return self._utf8.decode(b"", final=True)
+
+
+def byte_table(tokenizer, check_samples: int = 64) -> list[bytes] | None:
+    """Each id's bytes as ``tokenizer.decode(..., skip_special_tokens=True)`` concatenates
+    them (b"" for special tokens and ids not in the vocabulary), or None where decoding is
+    not byte-level BPE's. The table is checked against the tokenizer's own decoding of
+    random ids, which are mostly not valid UTF-8 when joined, and of every added token."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or not _decodes_plainly(type(tokenizer)):
+        return None
+    from tokenizers import decoders
+
+    if not isinstance(backend.decoder, decoders.ByteLevel):
+        return None
+    byte_of = {c: b for b, c in _bytes_to_unicode().items()}
+    vocab = backend.get_vocab(with_added_tokens=True)
+    table = [b""] * (max(vocab.values(), default=-1) + 1)
+    added = backend.get_added_tokens_decoder()
+    for token, i in vocab.items():
+        if i in added and added[i].special:
+            continue
+        try:
+            table[i] = bytes(byte_of[c] for c in token)
+        except KeyError:  # not byte-level text (an added token): the decoder keeps it as is
+            table[i] = token.encode()
+    decode = _decoder(tokenizer)
+    rng = random.Random(0)
+    samples = [[rng.randrange(len(table)) for _ in range(rng.randrange(1, 48))]
+               for _ in range(check_samples)]
+    samples += [[i, rng.randrange(len(table)), i] for i in added]
+    for ids in samples:
+        if b"".join(table[i] for i in ids).decode("utf-8", "replace") != decode(ids):
+            return None
+    return table
+
+
+@functools.cache
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: each byte as the printable character that stands for it
+    in the vocabulary (printable Latin-1 as itself, the rest shifted past 255)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+            *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {b: chr(b) for b in keep}, 0
+    for b in range(256):
+        if b not in chars:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
 
 
 class IncrementalDetokenizer:

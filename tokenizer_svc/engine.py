@@ -13,6 +13,7 @@ next, so no placeholder is ever needed: the benchmark's baseline.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -48,6 +49,12 @@ class Engine:
         self.sinks: dict[str, Sink] = {}
         self.requests: dict[str, Request] = {}
         self.in_flight: deque[BatchPlan] = deque()
+        # per slot, what each row's block table was when last written (batch_writer); only
+        # this engine writes them once serving (the worker does in its warm-up, before)
+        self._tables_written: list[list] = [[] for _ in range(segment.layout.num_slots)]
+        # wraps the delivery of a step's outputs (the server's OutputBridge.burst)
+        self.output_burst: Callable[[], contextlib.AbstractContextManager] = \
+            contextlib.nullcontext
         self.num_batches = 0
         self.num_finished = 0
         self.num_tokens = 0  # run through the model, prefill and decode
@@ -173,7 +180,7 @@ class Engine:
         slot = plan.seq % self.segment.layout.num_slots
         self.worker.wait_inputs_copied(slot)
         write_plan(self.segment.slots[slot], plan, self.scheduler.blocks,
-                   self.outputs.eos_token_ids)
+                   self.outputs.eos_token_ids, self._tables_written[slot])
         self.worker.submit(slot, plan.seq)
         self.in_flight.append(plan)
         self.num_batches += 1
@@ -203,9 +210,14 @@ class Engine:
         self.last_progress = time.monotonic()
         if timing is not None:
             self.metrics.observe_step(timing.busy_s, timing.idle_s)
-        view = self.segment.slots[slot]
-        sampled = view.sampled_ids[: len(plan.rows)].tolist()
         num_sampled = self.num_sampled
+        with self.output_burst():
+            self._apply_samples(plan, self.segment.slots[slot])
+        self.metrics.generated.inc(self.num_sampled - num_sampled)
+        self._observe_state()
+
+    def _apply_samples(self, plan: BatchPlan, view: S.SlotView) -> None:
+        sampled = view.sampled_ids[: len(plan.rows)].tolist()
         for r, row in enumerate(plan.rows):
             req = row.req
             self.scheduler.written(row)
@@ -223,8 +235,6 @@ class Engine:
                 sink(out)
             if req.finish_reason is not None:
                 self.sinks.pop(req.req_id, None)
-        self.metrics.generated.inc(self.num_sampled - num_sampled)
-        self._observe_state()
 
     def _observe_token(self, req: Request, out: RequestOutput, previous: float | None) -> None:
         m, now = self.metrics, time.monotonic()

@@ -4,27 +4,28 @@ from __future__ import annotations
 
 import time
 
-from tokenizer_svc.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from tokenizer_svc.detokenizer import Detokenizer, StopStringMatcher, detokenizer_factory
 from tokenizer_svc.request import FinishReason, Request, RequestOutput, TokenLogprob
 
 
 class OutputState:
     """The per-request text state: detokenizer and stop-string matcher."""
 
-    def __init__(self, req: Request, tokenizer) -> None:
-        self.detok = IncrementalDetokenizer(tokenizer)
+    def __init__(self, req: Request, detok: Detokenizer) -> None:
+        self.detok = detok
         self.stops = StopStringMatcher(req.options.stop)
 
 
 class OutputProcessor:
     def __init__(self, tokenizer, eos_token_ids: frozenset[int], max_context: int) -> None:
         self.tokenizer = tokenizer
+        self.new_detokenizer = detokenizer_factory(tokenizer)
         self.eos_token_ids = eos_token_ids
         self.max_context = max_context
         self.states: dict[str, OutputState] = {}
 
     def add(self, req: Request) -> None:
-        self.states[req.req_id] = OutputState(req, self.tokenizer)
+        self.states[req.req_id] = OutputState(req, self.new_detokenizer())
 
     def discard(self, req: Request) -> None:
         self.states.pop(req.req_id, None)

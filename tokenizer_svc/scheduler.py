@@ -128,13 +128,15 @@ class Scheduler:
     def _make_room(self, req: Request, num_tokens: int, preempted: list) -> bool:
         """Preempt from the back until ``req`` can hold ``num_tokens``; False if
         ``req`` had to go itself."""
-        while not self.blocks.can_allocate(req.req_id, num_tokens):
+        blocks = self.blocks
+        while (need := blocks.blocks_needed(req.req_id, num_tokens)) > blocks.num_free:
             victim = self.running[-1]
             self._preempt(victim)
             preempted.append(victim)
             if victim is req:
                 return False
-        self.blocks.allocate(req.req_id, num_tokens)
+        if need:  # a decoding request needs a block only every block_size tokens
+            blocks.allocate(req.req_id, num_tokens)
         return True
 
     def _preempt(self, req: Request) -> None:

@@ -40,19 +40,50 @@ class OutputBridge:
         self.loop = loop
         self._lock = threading.Lock()
         self._pending: list[tuple[Callable[[RequestOutput], None], RequestOutput]] = []
+        self._ready = 0  # leading pending outputs that no open burst holds back
+        self._scheduled = False  # a _deliver is on its way to the loop
+        self._held = 0  # bursts open
 
     def post(self, deliver: Callable[[RequestOutput], None], out: RequestOutput) -> None:
         """Any thread: ``deliver(out)`` on the loop, in the order of posting."""
         with self._lock:
             self._pending.append((deliver, out))
-            wake = len(self._pending) == 1
+            wake = self._release()
         if wake:
             self.loop.call_soon_threadsafe(self._deliver)
 
+    @contextlib.contextmanager
+    def burst(self):
+        """Engine thread, around a step's outputs: they reach the loop together, with one
+        wake-up at the end. A loop woken at the first output takes the GIL while the rest
+        are still being made, and a multiplexed stream then sends one step in several
+        messages (~3 at 128 requests, measured)."""
+        with self._lock:
+            self._held += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._held -= 1
+                wake = self._release()
+            if wake:
+                self.loop.call_soon_threadsafe(self._deliver)
+
+    def _release(self) -> bool:
+        """Under the lock: all that waits is ready unless a burst is open; True if the loop
+        must be woken for it."""
+        if self._held:
+            return False
+        self._ready = len(self._pending)
+        wake = bool(self._ready) and not self._scheduled
+        self._scheduled |= wake
+        return wake
+
     def _deliver(self) -> None:
         with self._lock:
-            pending, self._pending = self._pending, []
-        for deliver, out in pending:
+            ready, self._pending = self._pending[:self._ready], self._pending[self._ready:]
+            self._ready, self._scheduled = 0, False
+        for deliver, out in ready:
             deliver(out)
 
 
@@ -171,7 +202,7 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
         except Refused as exc:
             await context.abort(exc.code, exc.message)
         outputs: asyncio.Queue = asyncio.Queue()
-        engine.add_request(req, functools.partial(self._bridge().post, outputs.put_nowait))
+        engine.add_request(req, functools.partial(self._bridge(engine).post, outputs.put_nowait))
         finished = False
         self.num_calls += 1
         try:
@@ -236,12 +267,13 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
             muxed.cancelled.discard(rid)
             return
         muxed.active[rid] = req.req_id
-        engine.add_request(req, functools.partial(self._bridge().post,
+        engine.add_request(req, functools.partial(self._bridge(engine).post,
                                                   functools.partial(muxed.push, rid)))
 
-    def _bridge(self) -> OutputBridge:
+    def _bridge(self, engine: Engine) -> OutputBridge:
         if self.bridge is None:
             self.bridge = OutputBridge(asyncio.get_running_loop())
+            engine.output_burst = self.bridge.burst
         return self.bridge
 
     async def _accept(self, request: engine_pb2.EngineRequest) -> tuple[Engine, Request]:

@@ -77,9 +77,15 @@ def segments():
         segment.close()
 
 
-def test_writer_matches_the_row_by_row_reference(segments):
-    blocks = BlockManager(64, 4)
+@pytest.mark.parametrize("num_blocks", [64, 12], ids=["roomy", "preempting"])
+@pytest.mark.parametrize("incremental", [False, True], ids=["whole-tables", "incremental"])
+def test_writer_matches_the_row_by_row_reference(segments, num_blocks, incremental):
+    """``incremental``: block tables written only where they changed, as the engine does
+    (a slot's rows are reused by other requests, tables grow, and preempted requests get
+    new blocks)."""
+    blocks = BlockManager(num_blocks, 4)
     scheduler = Scheduler(SchedulerLimits(4, 16, 0), blocks)
+    written = [[], []] if incremental else [None, None]
     for i, (prompt_len, options) in enumerate(REQUESTS):
         scheduler.add(Request(f"r{i}", list(range(100 + i, 100 + i + prompt_len)), options, 0.0))
     in_flight, seen_placeholders, batches = [], 0, 0
@@ -87,7 +93,7 @@ def test_writer_matches_the_row_by_row_reference(segments):
         plan = scheduler.schedule() if scheduler.has_work else None
         if plan is not None:
             slot = plan.seq % 2
-            write_plan(segments[0].slots[slot], plan, blocks, EOS)
+            write_plan(segments[0].slots[slot], plan, blocks, EOS, written[slot])
             reference_write(segments[1].slots[slot], plan, blocks, EOS)
             ours, theirs = segments[0].slots[slot], segments[1].slots[slot]
             assert np.array_equal(ours.input_bytes, theirs.input_bytes), f"batch {plan.seq}"
@@ -104,3 +110,4 @@ def test_writer_matches_the_row_by_row_reference(segments):
                     if len(row.req.output_ids) >= row.req.options.max_tokens:
                         scheduler.finish(row.req)
     assert batches > 5 and seen_placeholders > 0
+    assert (scheduler.num_preemptions > 0) == (num_blocks == 12)

@@ -237,9 +237,9 @@ def test_random_runs_keep_every_invariant(engine_module, monkeypatch, seed):
     sim = Sim(seed, prefix_caching=seed % 6 != 5, p_preempt=0.2 if seed % 3 == 2 else 0.0)
     real = E.write_plan
 
-    def write_plan(view, plan, blocks, eos):
+    def write_plan(view, plan, blocks, eos, tables_written):
         sim.plans[plan.seq] = plan
-        real(view, plan, blocks, eos)
+        real(view, plan, blocks, eos, tables_written)
 
     monkeypatch.setattr(E, "write_plan", write_plan)
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 from tokenizer_svc.request import FinishReason, RequestOutput, TokenLogprob
 from tokenizer_svc.server import OutputBridge, _deltas
@@ -99,6 +100,42 @@ def test_bridge_keeps_each_queue_in_order_with_fewer_wakeups_than_outputs():
     got, wakeups = asyncio.run(main())
     assert all(g == list(range(200)) for g in got)
     assert 1 <= wakeups < 800
+
+
+def test_a_burst_reaches_the_loop_in_one_delivery_at_its_end():
+    async def main():
+        loop = CountingLoop(asyncio.get_running_loop())
+        bridge = OutputBridge(loop)
+        batches: list[list] = []  # what each wake-up of the loop delivered
+        real_deliver = bridge._deliver
+
+        def deliver_batch():
+            batches.append([])
+            real_deliver()
+
+        bridge._deliver = deliver_batch
+        steps = 50
+
+        def engine_thread():
+            for step in range(steps):
+                with bridge.burst():
+                    for row in range(8):
+                        bridge.post(batches_append, (step, row))
+                        time.sleep(0.0002)  # the loop could take the GIL meanwhile
+
+        def batches_append(item):
+            batches[-1].append(item)
+
+        thread = threading.Thread(target=engine_thread)
+        thread.start()
+        while thread.is_alive() or sum(map(len, batches)) < steps * 8:
+            await asyncio.sleep(0.0005)
+        return batches, loop.wakeups
+
+    batches, wakeups = asyncio.run(main())
+    assert [item for b in batches for item in b] == [(s, r) for s in range(50) for r in range(8)]
+    assert all(len(b) % 8 == 0 for b in batches)  # never a step cut in two
+    assert wakeups == len(batches) <= 50
 
 
 # ---- GenerateMany: one stream's events
