@@ -93,9 +93,14 @@ def _seed(seed: int) -> int:
     return seed - (1 << 64) if seed >= 1 << 63 else seed
 
 
-def output_to_pb(out: RequestOutput, request_id: str) -> pb.GenerateStreamResponse:
-    msg = pb.GenerateStreamResponse(text=out.text, token_ids=out.token_ids,
-                                    request_id=request_id)
+def output_to_pb(out: RequestOutput, request_id: str,
+                 msg: pb.GenerateStreamResponse | None = None) -> pb.GenerateStreamResponse:
+    """``out`` as the public API's stream message, filled into ``msg`` if given (a field of
+    an enclosing message: no copy)."""
+    if msg is None:
+        msg = pb.GenerateStreamResponse()
+    msg.text, msg.request_id = out.text, request_id
+    msg.token_ids.extend(out.token_ids)
     for lp in out.logprobs:
         entry = msg.logprobs.add(token_id=lp.token_id, logprob=lp.logprob)
         for token_id, logprob in lp.top:

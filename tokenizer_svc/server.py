@@ -130,7 +130,7 @@ class _Muxed:
         self.pending.append((rid, item))
         self.wake.set()
 
-    async def take(self, timeout: float) -> list[engine_pb2.EngineEvent]:
+    async def take(self, timeout: float) -> engine_pb2.EngineEvents:
         """The waiting events (after at most ``timeout`` s); a request's outputs that
         queued up go out as one, as on a stream of its own."""
         if not self.pending:
@@ -148,7 +148,10 @@ class _Muxed:
                     continue
                 merged[rid] = item
             order.append((rid, item))
-        return [_event(rid, item) for rid, item in order]
+        message = engine_pb2.EngineEvents()
+        for rid, item in order:  # filled in place: a field passed to a constructor is copied
+            _fill_event(message.events.add(), rid, item)
+        return message
 
 
 def _retrieve(task: asyncio.Task) -> None:
@@ -156,21 +159,27 @@ def _retrieve(task: asyncio.Task) -> None:
         task.exception()
 
 
-def _event(rid: str, item: RequestOutput | Refused) -> engine_pb2.EngineEvent:
+def _fill_event(event: engine_pb2.EngineEvent, rid: str, item: RequestOutput | Refused) -> None:
+    event.request_id = rid
     if isinstance(item, Refused):
-        return engine_pb2.EngineEvent(request_id=rid, error_code=item.code.value[0],
-                                      error_message=item.message)
-    if item.error is not None:
-        return engine_pb2.EngineEvent(request_id=rid,
-                                      error_code=grpc.StatusCode.UNAVAILABLE.value[0],
-                                      error_message=item.error)
-    return engine_pb2.EngineEvent(request_id=rid, output=convert.output_to_pb(item, rid))
+        event.error_code, event.error_message = item.code.value[0], item.message
+    elif item.error is not None:
+        event.error_code = grpc.StatusCode.UNAVAILABLE.value[0]
+        event.error_message = item.error
+    else:
+        convert.output_to_pb(item, rid, event.output)
 
 
-def _batches(events: list[engine_pb2.EngineEvent], limit: int):
-    """``events`` as EngineEvents messages of at most ~``limit`` bytes each."""
+def _batches(message: engine_pb2.EngineEvents, limit: int):
+    """``message`` as EngineEvents messages of at most ~``limit`` bytes each (itself, unless
+    it is larger: measured once, not event by event); none if it holds no events."""
+    if not message.events:
+        return
+    if message.ByteSize() <= limit:
+        yield message
+        return
     batch, size = [], 0
-    for event in events:
+    for event in message.events:
         n = event.ByteSize()
         if batch and size + n > limit:
             yield engine_pb2.EngineEvents(events=batch)

@@ -159,8 +159,8 @@ def test_a_multiplexed_stream_merges_each_requests_outputs_and_keeps_errors_apar
                                           ("a", 3, FinishReason.STOP, None)]:
             muxed.push(rid, muxed_output(rid, token, finish, error))
         muxed.push("d", Refused(grpc.StatusCode.INVALID_ARGUMENT, "text: empty"))
-        events = await muxed.take(timeout=1)
-        assert await muxed.take(timeout=0.01) == []  # nothing left
+        events = list((await muxed.take(timeout=1)).events)
+        assert not (await muxed.take(timeout=0.01)).events  # nothing left
         return muxed, events
 
     muxed, events = asyncio.run(main())
@@ -180,10 +180,14 @@ def test_multiplexed_events_are_cut_into_messages_of_bounded_size():
     events = [engine_pb2.EngineEvent(request_id=f"r{i}", error_message="x" * 100)
               for i in range(10)]
     size = events[0].ByteSize()
-    messages = list(_batches(events, limit=3 * size))
+    whole = engine_pb2.EngineEvents(events=events)
+    messages = list(_batches(whole, limit=3 * size))
     assert [len(m.events) for m in messages] == [3, 3, 3, 1]
     assert [e for m in messages for e in m.events] == events
-    assert [len(m.events) for m in _batches(events[:1], limit=1)] == [1]  # never empty
+    one = engine_pb2.EngineEvents(events=events[:1])
+    assert [len(m.events) for m in _batches(one, limit=1)] == [1]  # never empty
+    assert list(_batches(whole, limit=whole.ByteSize())) == [whole]  # fits: as it is
+    assert list(_batches(engine_pb2.EngineEvents(), limit=100)) == []
 
 
 def test_a_request_that_cannot_start_fails_alone_with_internal():
