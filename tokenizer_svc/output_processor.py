@@ -18,8 +18,7 @@ class OutputState:
 
 class OutputProcessor:
     def __init__(self, tokenizer, eos_token_ids: frozenset[int], max_context: int) -> None:
-        self.tokenizer = tokenizer
-        self.new_detokenizer = detokenizer_factory(tokenizer)
+        self.new_detokenizer = detokenizer_factory(tokenizer)  # checks its table once, here
         self.eos_token_ids = eos_token_ids
         self.max_context = max_context
         self.states: dict[str, OutputState] = {}

@@ -21,14 +21,14 @@ from gateway.errors import (
     status_for,
 )
 from gateway.health import NOT_SERVING, SERVICE_UNKNOWN, SERVING, HealthServicer
+from gateway.mux import rpc_error
 from gateway.relay import accumulate
 from tandem.v1 import generation_pb2 as pb
 
 pytestmark = pytest.mark.timeout(30)
 
 
-def engine_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
-    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
+engine_error = rpc_error  # an engine call's failure, as grpc raises it
 
 
 @pytest.mark.parametrize(
