@@ -28,7 +28,6 @@ import torch
 
 from bench import analysis
 from bench.device import measure_bandwidth, tool_parser
-from gpu_worker import kernels
 from gpu_worker.attention import AttentionMetadata, KVCache, make_attention
 from gpu_worker.config import KERNELS
 from gpu_worker.model import LlamaModel, load_config
@@ -56,7 +55,6 @@ class SweepConfig:
     kernels: str  # auto (Triton on CUDA), triton or torch: as the worker's --kernels
     profile: tuple[tuple[int, int], ...] = ()  # (batch, context) points to profile (CUDA)
     fuse_silu: bool | None = None  # Triton ops: gate/up + SiLU in one launch (None: default)
-    pdl: tuple[str, ...] | None = None  # kernel families launched with PDL (None: default)
 
 
 def build_model(cfg: SweepConfig) -> tuple[LlamaModel, analysis.ModelShape]:
@@ -64,8 +62,6 @@ def build_model(cfg: SweepConfig) -> tuple[LlamaModel, analysis.ModelShape]:
     config = load_config(source.folder)
     weights = models.random_state_dict(config, cfg.dtype, cfg.device, seed=0)
     shape = analysis.ModelShape.from_hf_config(config.to_dict())
-    if cfg.pdl is not None:
-        kernels.PDL = frozenset(cfg.pdl)  # read at each launch: holds for the attention too
     ops = make_ops(cfg.device, cfg.kernels)
     if cfg.fuse_silu is not None and hasattr(ops, "fuse_silu"):
         ops.fuse_silu = cfg.fuse_silu
@@ -278,19 +274,7 @@ def make_config(args: argparse.Namespace) -> SweepConfig:
         prefill_tokens=pick(args.prefill_tokens, 1024, 64),
         device=device, dtype=torch.bfloat16 if is_cuda else torch.float32, kernels=args.kernels,
         profile=tuple(tuple(ints(point.replace("x", ","))) for point in args.profile),
-        fuse_silu={"on": True, "off": False}.get(args.fuse_silu),
-        pdl=pdl_families(args.pdl))
-
-
-def pdl_families(text: str | None) -> tuple[str, ...] | None:
-    if text is None:
-        return None
-    named = {"all": kernels.PDL_FAMILIES, "none": ()}
-    families = named[text] if text in named else tuple(text.split(","))
-    if unknown := set(families) - set(kernels.PDL_FAMILIES):
-        raise SystemExit(f"--pdl: unknown {', '.join(sorted(unknown))}; choose all, none or "
-                         f"some of {','.join(kernels.PDL_FAMILIES)}")
-    return families
+        fuse_silu={"on": True, "off": False}.get(args.fuse_silu))
 
 
 def ints(text: str) -> list[int]:
@@ -312,10 +296,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fuse-silu", choices=("on", "off"),
                    help="Triton ops: gate/up product and SiLU-and-mul in one launch for "
                         "decode-sized batches (default: gpu_worker.ops.FUSE_SILU)")
-    p.add_argument("--pdl", metavar="FAMILIES",
-                   help="Triton kernel families launched with programmatic dependent launch "
-                        "on sm_90+: all, none, or some of linear,norm,attention (default: "
-                        "gpu_worker.kernels.PDL)")
     torch.backends.cuda.matmul.allow_tf32 = False
     with torch.inference_mode():
         result = run(make_config(p.parse_args(argv)))

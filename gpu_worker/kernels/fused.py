@@ -18,9 +18,8 @@ import torch
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from gpu_worker.kernels import INTERPRETED, pdl_args
+from gpu_worker.kernels import INTERPRETED
 
 # ---------------------------------------------------------------- kernels
 
@@ -49,44 +48,32 @@ def _normalize(x32, w, n_cols, eps, LIBDEVICE: tl.constexpr):
 
 
 @triton.jit
-def _wait_and_release(USE_PDL: tl.constexpr):
-    """PDL (see :mod:`gpu_worker.kernels`): wait for the kernels before this one, then let
-    the next one launch at once (for kernels of one short wave, which leave the next one's
-    programs room from the start)."""
-    if USE_PDL:
-        gdc_wait()
-        gdc_launch_dependents()
-
-
-@triton.jit
 def _rms_norm_kernel(
     x_ptr, w_ptr, y_ptr, x_stride, y_stride, n_cols, eps,
-    BLOCK: tl.constexpr, LIBDEVICE: tl.constexpr, USE_PDL: tl.constexpr,
+    BLOCK: tl.constexpr, LIBDEVICE: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
-    _wait_and_release(USE_PDL)
     x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
     tl.store(y_ptr + row * y_stride + cols, _normalize(x, w, n_cols, eps, LIBDEVICE), mask=mask)
 
 
 @triton.jit
 def _add_rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, y_ptr, x_stride, res_stride, y_stride, n_cols, eps,
-    BLOCK: tl.constexpr, LIBDEVICE: tl.constexpr, USE_PDL: tl.constexpr,
+    BLOCK: tl.constexpr, LIBDEVICE: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
-    _wait_and_release(USE_PDL)
     x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0)
     res_ptrs = res_ptr + row * res_stride + cols
     res = tl.load(res_ptrs, mask=mask, other=0.0)
     total = (x.to(tl.float32) + res.to(tl.float32)).to(x.dtype)  # torch's add in dtype
     tl.store(res_ptrs, total, mask=mask)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
     y = _normalize(total.to(tl.float32), w, n_cols, eps, LIBDEVICE)
     tl.store(y_ptr + row * y_stride + cols, y, mask=mask)
 
@@ -203,7 +190,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         _rms_norm_kernel[(x.shape[0],)](
             x, weight.contiguous(), y, x.stride(0), y.stride(0), hidden, eps,
             BLOCK=block, LIBDEVICE=LIBDEVICE, num_warps=num_warps, enable_fp_fusion=False,
-            **pdl_args(x.device, "norm"),
         )
     return y
 
@@ -230,7 +216,6 @@ def add_rms_norm(
             x, residual, weight.contiguous(), y,
             x.stride(0), residual.stride(0), y.stride(0), hidden, eps,
             BLOCK=block, LIBDEVICE=LIBDEVICE, num_warps=num_warps, enable_fp_fusion=False,
-            **pdl_args(x.device, "norm"),
         )
     return y, residual
 

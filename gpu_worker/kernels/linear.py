@@ -34,9 +34,8 @@ import dataclasses
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from gpu_worker.kernels import INTERPRETED, num_sms, pdl_args, shared_memory
+from gpu_worker.kernels import INTERPRETED, num_sms, shared_memory
 from gpu_worker.kernels.fused import LIBDEVICE, silu_mul
 
 MAX_ROWS = 64  # larger batches leave the weights' stream to cuBLAS
@@ -149,7 +148,7 @@ def _launch(x, w, bias, counters, config, gated: bool) -> torch.Tensor:
         m, n, x.stride(0), y.stride(0), K=k,
         BLOCK_M=_block_m(m), BLOCK_N=block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,
         HAS_BIAS=bias is not None, GATED=gated, LIBDEVICE=LIBDEVICE,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(x.device, "linear"),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return y
 
@@ -160,7 +159,7 @@ def _linear_kernel(
     M, N, stride_xm, stride_ym, K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
-    LIBDEVICE: tl.constexpr, USE_PDL: tl.constexpr,
+    LIBDEVICE: tl.constexpr,
 ):
     """One (column tile, K slice): acc[n, m] = sum_k w[n, k] * x[m, k] over the slice.
     GATED: w is [2 N, K]; up_acc sums the tile's rows N further on, and the output is
@@ -177,23 +176,17 @@ def _linear_kernel(
     x_ptrs = x_ptr + offs_m[None, :] * stride_xm + (split * k_per_split + offs_k)[:, None]
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     up_acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    if USE_PDL:  # the first weight tile is in flight while the kernel before this finishes
-        w = tl.load(w_ptrs, mask=n_ok[:, None], other=0.0)
-        up = w
-        if GATED:
-            up = tl.load(up_ptrs, mask=n_ok[:, None], other=0.0)
-        gdc_wait()
-        acc, up_acc, w_ptrs, up_ptrs, x_ptrs = _step(
-            w, up, acc, up_acc, w_ptrs, up_ptrs, x_ptrs, m_ok, BLOCK_K, GATED)
-    for _ in range(BLOCK_K if USE_PDL else 0, k_per_split, BLOCK_K):
+    for _ in range(0, k_per_split, BLOCK_K):
         w = tl.load(w_ptrs, mask=n_ok[:, None], other=0.0)  # [BLOCK_N, BLOCK_K]
-        up = w
         if GATED:
             up = tl.load(up_ptrs, mask=n_ok[:, None], other=0.0)
-        acc, up_acc, w_ptrs, up_ptrs, x_ptrs = _step(
-            w, up, acc, up_acc, w_ptrs, up_ptrs, x_ptrs, m_ok, BLOCK_K, GATED)
-    if USE_PDL:
-        gdc_launch_dependents()
+            up_ptrs += BLOCK_K
+        xt = tl.load(x_ptrs, mask=m_ok[None, :], other=0.0)  # [BLOCK_K, BLOCK_M]
+        acc = tl.dot(w, xt, acc)
+        if GATED:
+            up_acc = tl.dot(up, xt, up_acc)
+        w_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K
 
     y_offs = offs_m[None, :] * stride_ym + offs_n[:, None]  # [BLOCK_N, BLOCK_M]
     out_ok = n_ok[:, None] & m_ok[None, :]
@@ -221,17 +214,6 @@ def _linear_kernel(
     else:
         _store_output(y_ptr, bias_ptr, acc, up_acc, y_offs, offs_n, out_ok, n_ok, HAS_BIAS,
                       GATED, LIBDEVICE)
-
-
-@triton.jit
-def _step(w, up, acc, up_acc, w_ptrs, up_ptrs, x_ptrs, m_ok, BLOCK_K: tl.constexpr,
-          GATED: tl.constexpr):
-    """One BLOCK_K step: multiply the loaded weight tile(s) by x's and advance."""
-    xt = tl.load(x_ptrs, mask=m_ok[None, :], other=0.0)  # [BLOCK_K, BLOCK_M]
-    acc = tl.dot(w, xt, acc)
-    if GATED:
-        up_acc = tl.dot(up, xt, up_acc)
-    return acc, up_acc, w_ptrs + BLOCK_K, up_ptrs + BLOCK_K, x_ptrs + BLOCK_K
 
 
 @triton.jit

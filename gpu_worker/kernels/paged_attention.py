@@ -14,10 +14,9 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from gpu_worker.attention import AttentionMetadata, KVCache
-from gpu_worker.kernels import INTERPRETED, fused, num_sms, pdl_args, shared_memory
+from gpu_worker.kernels import INTERPRETED, fused, num_sms, shared_memory
 
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 64  # decode splits per (row, kv head)
@@ -155,7 +154,7 @@ def paged_decode(
         GROUP=group, BLOCK_M=max(16, triton.next_power_of_2(group)), HEAD_DIM=dim,
         BLOCK_N=block_n, BLOCK_SIZE=key_cache.shape[1], NUM_SPLITS=num_splits,
         IS_FP32=is_fp32, WHILE_LOOP=INTERPRETED, FUSE_ROPE=fuse, num_warps=num_warps,
-        num_stages=num_stages, **pdl_args(q.device, "attention"),
+        num_stages=num_stages,
         # RoPE rounds each product as torch does; with FP fusion on, the compiler drops the
         # rounding of one of them into an FMA (seen on sm_90, half and bfloat16 alike)
         enable_fp_fusion=not fuse,
@@ -256,15 +255,12 @@ def _decode_kernel(
     stride_table,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, IS_FP32: tl.constexpr,
-    WHILE_LOOP: tl.constexpr, FUSE_ROPE: tl.constexpr, USE_PDL: tl.constexpr,
+    WHILE_LOOP: tl.constexpr, FUSE_ROPE: tl.constexpr,
 ):
     """One (row, kv head, split): an equal share of the row's key tiles, all GROUP heads.
     The split that finishes last merges all of them. FUSE_ROPE: q arrives unrotated, and
-    the row's new key and value are not cached yet (see ``_rope_new_token``). USE_PDL: waits
-    for the kernels before it first, lets the next launch once its keys are read."""
+    the row's new key and value are not cached yet (see ``_rope_new_token``)."""
     row, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    if USE_PDL:
-        gdc_wait()
     kv_len = tl.minimum(tl.load(context_lens_ptr + row), tl.load(positions_ptr + row) + 1)
     num_tiles = tl.cdiv(kv_len, BLOCK_N)
     per_split = tl.cdiv(num_tiles, NUM_SPLITS)
@@ -291,8 +287,6 @@ def _decode_kernel(
         block_tables_ptr + row * stride_bt, k_ptr + kv_head * stride_kh,
         v_ptr + kv_head * stride_kh, stride_kb, stride_kt, scale_log2,
         HEAD_DIM, BLOCK_N, BLOCK_SIZE, IS_FP32, WHILE_LOOP)
-    if USE_PDL:
-        gdc_launch_dependents()
 
     out = out_ptr + row * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
     if NUM_SPLITS == 1:

@@ -48,10 +48,10 @@ def variants():
 
     norm = ptrs("bf16", "x_ptr", "res_ptr", "w_ptr", "y_ptr") | ints(
         "x_stride", "res_stride", "y_stride", "n_cols") | {"eps": "fp32"}
-    for label, kernel in (("rms_norm", fused._rms_norm_kernel),
-                          ("add_rms_norm", fused._add_rms_norm_kernel)):
-        yield (label, kernel, norm, dict(BLOCK=4096, LIBDEVICE=True, USE_PDL=True),
-               dict(num_warps=8, enable_fp_fusion=False, launch_pdl=True))
+    yield ("rms_norm", fused._rms_norm_kernel, norm, dict(BLOCK=4096, LIBDEVICE=True),
+           dict(num_warps=8, enable_fp_fusion=False))
+    yield ("add_rms_norm", fused._add_rms_norm_kernel, norm, dict(BLOCK=4096, LIBDEVICE=True),
+           dict(num_warps=8, enable_fp_fusion=False))
     rope = ptrs("bf16", "q_ptr", "k_ptr", "v_ptr", "key_cache", "value_cache", "cos_ptr",
                 "sin_ptr") | ptrs("i64", "slot_ptr", "pos_ptr") | ints(
         "q_token_stride", "q_head_stride", "k_token_stride", "v_token_stride",
@@ -67,12 +67,12 @@ def variants():
     for split_k in (1, 2):
         yield (f"linear split_k={split_k}", linear._linear_kernel, lin,
                dict(K=4096, BLOCK_M=32, BLOCK_N=32, BLOCK_K=128, SPLIT_K=split_k,
-                    HAS_BIAS=split_k == 1, GATED=False, LIBDEVICE=True, USE_PDL=True),
-               dict(num_warps=4, num_stages=4, launch_pdl=True))
+                    HAS_BIAS=split_k == 1, GATED=False, LIBDEVICE=True),
+               dict(num_warps=4, num_stages=4))
         yield (f"gate/up + SiLU split_k={split_k}", linear._linear_kernel, lin,
                dict(K=4096, BLOCK_M=32, BLOCK_N=32, BLOCK_K=128, SPLIT_K=split_k,
-                    HAS_BIAS=False, GATED=True, LIBDEVICE=True, USE_PDL=True),
-               dict(num_warps=4, num_stages=4, launch_pdl=True))
+                    HAS_BIAS=False, GATED=True, LIBDEVICE=True),
+               dict(num_warps=4, num_stages=4))
     attn = ptrs("bf16", "q_ptr", "k_ptr", "v_ptr", "out_ptr", "k_new_ptr", "v_new_ptr",
                 "cos_ptr", "sin_ptr") | ptrs("fp32", "partial_acc_ptr", "partial_ml_ptr") | \
         ptrs("i32", "counters_ptr") | ptrs(
@@ -86,9 +86,8 @@ def variants():
             yield (f"decode attention splits={splits} fuse_rope={fuse}", pa._decode_kernel,
                    attn, dict(GROUP=4, BLOCK_M=16, HEAD_DIM=128, BLOCK_N=64, BLOCK_SIZE=16,
                               NUM_SPLITS=splits, IS_FP32=False, WHILE_LOOP=False,
-                              FUSE_ROPE=fuse, USE_PDL=True),
-                   dict(num_warps=4, num_stages=4, enable_fp_fusion=not fuse,  # as launched
-                        launch_pdl=True))
+                              FUSE_ROPE=fuse),
+                   dict(num_warps=4, num_stages=4, enable_fp_fusion=not fuse))  # as launched
     yield ("prefill attention", pa._prefill_kernel, attn,
            dict(GROUP=4, GROUP_PAD=4, BLOCK_Q=16, HEAD_DIM=128, BLOCK_N=64, BLOCK_SIZE=16,
                 IS_FP32=False, WHILE_LOOP=False), dict(num_warps=4, num_stages=2))
@@ -108,12 +107,6 @@ def variants():
            dict(num_warps=1))
 
 
-def _loads_before_wait(compiled) -> bool:
-    """PDL: the product's first weight tile is loaded before it waits for the kernel before."""
-    ptx = compiled.asm["ptx"]
-    return "griddepcontrol.wait" in ptx and "ld.global" in ptx.split("griddepcontrol.wait")[0]
-
-
 def main() -> int:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("run with TRITON_INTERPRET=0: the interpreter compiles nothing", file=sys.stderr)
@@ -122,8 +115,6 @@ def main() -> int:
     for label, kernel, types, constexprs, options in variants():
         try:
             compiled = compile_for_hopper(kernel, types, constexprs, **options)
-            if label.startswith(("linear", "gate/up")) and not _loads_before_wait(compiled):
-                raise AssertionError("no weight load is issued before griddepcontrol.wait")
             print(f"ok   {label}: {compiled.metadata.shared} B shared", flush=True)
         except Exception as exc:  # noqa: BLE001 - report every kernel, then fail
             failed += 1
