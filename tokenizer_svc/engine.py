@@ -218,6 +218,7 @@ class Engine:
 
     def _apply_samples(self, plan: BatchPlan, view: S.SlotView) -> None:
         sampled = view.sampled_ids[: len(plan.rows)].tolist()
+        now, gaps = time.monotonic(), []  # the step's tokens arrived together
         for r, row in enumerate(plan.rows):
             req = row.req
             self.scheduler.written(row)
@@ -227,7 +228,7 @@ class Engine:
             self.num_sampled += 1
             last_token = req.first_token
             out = self.outputs.apply(req, sampled[r], _logprob(view, r, req, sampled[r]))
-            self._observe_token(req, out, last_token)
+            self._observe_token(req, out, last_token, now, gaps)
             if req.finish_reason is not None:
                 self._retire(req)
             sink = self.sinks.get(req.req_id)
@@ -235,13 +236,17 @@ class Engine:
                 sink(out)
             if req.finish_reason is not None:
                 self.sinks.pop(req.req_id, None)
+        self.metrics.itl.observe_many(gaps)
 
-    def _observe_token(self, req: Request, out: RequestOutput, previous: float | None) -> None:
-        m, now = self.metrics, time.monotonic()
+    def _observe_token(self, req: Request, out: RequestOutput, previous: float | None,
+                       now: float, gaps: list[float]) -> None:
+        """Latency metrics of one token that arrived at ``now``; its inter-token gap goes to
+        ``gaps`` (the step's, observed together)."""
+        m = self.metrics
         if previous is None:
             m.ttft.observe(now - req.arrival)
         else:
-            m.itl.observe(now - req.last_token_at)
+            gaps.append(now - req.last_token_at)
         req.last_token_at = now
         if out.finish_reason is not None:
             m.e2e.observe(now - req.arrival)

@@ -9,7 +9,14 @@ is the device's busy fraction.
 
 from __future__ import annotations
 
+import bisect
+import math
+import threading
+from collections.abc import Iterable, Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1)
@@ -25,9 +32,9 @@ class EngineMetrics:
         self.ttft = Histogram("tandem_time_to_first_token_seconds",
                               "Arrival to first generated token", buckets=LATENCY_BUCKETS,
                               registry=r)
-        self.itl = Histogram("tandem_inter_token_latency_seconds",
-                             "Time between a request's consecutive tokens",
-                             buckets=TOKEN_BUCKETS, registry=r)
+        self.itl = StepHistogram("tandem_inter_token_latency_seconds",
+                                 "Time between a request's consecutive tokens",
+                                 buckets=TOKEN_BUCKETS, registry=r)
         self.queue_time = Histogram("tandem_queue_time_seconds", "Arrival to first scheduled",
                                     buckets=LATENCY_BUCKETS, registry=r)
         self.e2e = Histogram("tandem_e2e_latency_seconds", "Arrival to the end of the request",
@@ -76,3 +83,45 @@ class EngineMetrics:
         self.device_idle.inc(idle_s)
         self.idle_gap.observe(idle_s)
         self.step_time.observe(busy_s)
+
+
+class StepHistogram:
+    """A Prometheus histogram that takes a whole step's observations in one call
+    (:meth:`observe_many`): the inter-token latency has one observation per running request
+    per step, and ``Histogram.observe`` one at a time took ~9% of the engine thread's step
+    at 128 requests. Exposed as ``Histogram`` exposes it (``_bucket``, ``_count``,
+    ``_sum``), less the ``_created`` sample."""
+
+    def __init__(self, name: str, documentation: str, buckets: Iterable[float],
+                 registry: CollectorRegistry) -> None:
+        self.name, self.documentation = name, documentation
+        self._bounds = (*sorted(float(b) for b in buckets), math.inf)
+        self._counts = [0] * len(self._bounds)
+        self._sum = 0.0
+        self._lock = threading.Lock()  # the /metrics thread reads while the engine writes
+        registry.register(self)
+
+    def observe(self, value: float) -> None:
+        self.observe_many((value,))
+
+    def observe_many(self, values: Iterable[float]) -> None:
+        values = list(values)
+        slots = [bisect.bisect_left(self._bounds, v) for v in values]  # first bound >= v
+        total = math.fsum(values)
+        with self._lock:
+            for i in slots:
+                self._counts[i] += 1
+            self._sum += total
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        with self._lock:
+            counts, total = list(self._counts), self._sum
+        cumulative, buckets = 0, []
+        for bound, count in zip(self._bounds, counts, strict=True):
+            cumulative += count
+            buckets.append((floatToGoString(bound), cumulative))
+        yield HistogramMetricFamily(self.name, self.documentation, buckets=buckets,
+                                    sum_value=total)
+
+    def describe(self) -> Iterator[HistogramMetricFamily]:
+        yield HistogramMetricFamily(self.name, self.documentation)
