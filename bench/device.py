@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Self
+from typing import Any, Self
 
 
 def _sync(device: str) -> None:
@@ -93,7 +93,7 @@ class _Utilization(ctypes.Structure):
     _fields_ = [("gpu", ctypes.c_uint), ("memory", ctypes.c_uint)]
 
 
-def _ctypes_reader(pci_bus_id: str | None) -> Callable[[], int]:
+def _ctypes_device(pci_bus_id: str | None) -> tuple[ctypes.CDLL, ctypes.c_void_p]:
     try:
         lib = ctypes.CDLL("libnvidia-ml.so.1")
     except OSError as exc:
@@ -105,6 +105,11 @@ def _ctypes_reader(pci_bus_id: str | None) -> Callable[[], int]:
         lib.nvmlDeviceGetHandleByPciBusId_v2(pci_bus_id.encode(), ctypes.byref(handle)) == 0
     if not found and lib.nvmlDeviceGetHandleByIndex_v2(0, ctypes.byref(handle)) != 0:
         raise NvmlUnavailable("NVML found no device")
+    return lib, handle
+
+
+def _ctypes_reader(pci_bus_id: str | None) -> Callable[[], int]:
+    lib, handle = _ctypes_device(pci_bus_id)
     util = _Utilization()
 
     def read() -> int:
@@ -113,6 +118,41 @@ def _ctypes_reader(pci_bus_id: str | None) -> Callable[[], int]:
         return int(util.gpu)
 
     return read
+
+
+# NVML's clock-event (throttle) reason bits, and the names device_state gives them
+CLOCK_REASONS = {0x1: "idle", 0x2: "application clocks", 0x4: "power cap",
+                 0x8: "hardware slowdown", 0x10: "sync boost", 0x20: "software thermal",
+                 0x40: "hardware thermal", 0x80: "power brake", 0x100: "display clocks"}
+
+
+def clock_reasons(mask: int) -> list[str]:
+    """The names of the reasons set in an NVML clock-event mask (unknown bits in hex)."""
+    names = [name for bit, name in CLOCK_REASONS.items() if mask & bit]
+    rest = mask & ~sum(CLOCK_REASONS)
+    return names + ([hex(rest)] if rest else [])
+
+
+def device_state(pci_bus_id: str | None = None) -> dict[str, Any] | None:
+    """The GPU's state now, for telling runs on one card apart: SM and memory clocks (MHz),
+    temperature (C), power draw (W) and why the clocks are below their maximum. None where
+    NVML cannot say (no GPU, no library); a reading NVML refuses is left out."""
+    try:
+        lib, handle = _ctypes_device(pci_bus_id)
+    except NvmlUnavailable:
+        return None
+    value, wide = ctypes.c_uint(), ctypes.c_ulonglong()
+    state: dict[str, Any] = {}
+    readings = (("sm_mhz", lib.nvmlDeviceGetClockInfo, (1,), 1),  # NVML_CLOCK_SM
+                ("mem_mhz", lib.nvmlDeviceGetClockInfo, (2,), 1),  # NVML_CLOCK_MEM
+                ("temp_c", lib.nvmlDeviceGetTemperature, (0,), 1),  # NVML_TEMPERATURE_GPU
+                ("power_w", lib.nvmlDeviceGetPowerUsage, (), 1000))  # milliwatts
+    for key, call, args, per_unit in readings:
+        if call(handle, *args, ctypes.byref(value)) == 0:
+            state[key] = value.value / per_unit if per_unit > 1 else value.value
+    if lib.nvmlDeviceGetCurrentClocksThrottleReasons(handle, ctypes.byref(wide)) == 0:
+        state["clock_reasons"] = clock_reasons(wide.value)
+    return state
 
 
 def _pynvml_reader(pci_bus_id: str | None) -> Callable[[], int]:
@@ -145,6 +185,7 @@ class NvmlResult:
     busy: float | None  # mean utilization over the samples, 0..1
     num_samples: int
     note: str
+    state_at_end: dict[str, Any] | None = None  # device_state() as the window closed
 
 
 class NvmlSampler:
@@ -159,6 +200,7 @@ class NvmlSampler:
         self.note = "no GPU" if not enabled else ""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.state_at_end: dict[str, Any] | None = None
 
     def __enter__(self) -> Self:
         if self.enabled:
@@ -175,6 +217,7 @@ class NvmlSampler:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+            self.state_at_end = device_state(self.pci_bus_id)
 
     def _run(self, read: Callable[[], int]) -> None:
         while not self._stop.wait(self.interval_s):
@@ -186,9 +229,9 @@ class NvmlSampler:
 
     def result(self) -> NvmlResult:
         if not self.samples:
-            return NvmlResult(None, 0, self.note or "no samples")
+            return NvmlResult(None, 0, self.note or "no samples", self.state_at_end)
         mean = sum(self.samples) / len(self.samples) / 100
-        return NvmlResult(mean, len(self.samples), self.note)
+        return NvmlResult(mean, len(self.samples), self.note, self.state_at_end)
 
 
 def result_dict(sampler: NvmlSampler) -> dict:

@@ -7,7 +7,9 @@ directly, without slots or processes, so that each number is the device's time a
   size and context length, replayed as a CUDA graph and timed with CUDA events, against the
   memory-bandwidth floor (weights read once, plus each sequence's KV cache read once, over
   the device-to-device copy bandwidth measured here). Points whose KV cache does not fit in
-  the device's memory are reported as such.
+  the device's memory are reported as such. Each point also records the card's state
+  right after it (SM and memory clocks, temperature, power, why the clocks are below
+  their maximum: NVML), so that runs on one card can be told apart.
 - **prefill**: ``prefill_rows`` prompts of ``prefill_tokens`` tokens in one forward, against
   the bf16 matrix-product rate measured here (an 8192³ product).
 
@@ -27,7 +29,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from bench import analysis
-from bench.device import measure_bandwidth, tool_parser
+from bench.device import device_state, measure_bandwidth, pci_bus_id, tool_parser
 from gpu_worker.attention import AttentionMetadata, KVCache, make_attention
 from gpu_worker.config import KERNELS
 from gpu_worker.model import LlamaModel, load_config
@@ -175,6 +177,8 @@ def profile_decode(cfg, model, attention, batch: int, context: int) -> list[dict
 
 def sweep_decode(cfg, model, shape, attention, kv_tokens, bandwidth, timer) -> list[dict]:
     points = []
+    bus = pci_bus_id(torch.cuda.get_device_properties(cfg.device)) \
+        if cfg.device.type == "cuda" else False  # False: no NVML to ask
     for batch in cfg.batches:
         for context in cfg.contexts:
             floor = analysis.decode_floor(shape, cfg.dtype.itemsize, batch, context, bandwidth)
@@ -184,13 +188,26 @@ def sweep_decode(cfg, model, shape, attention, kv_tokens, bandwidth, timer) -> l
                 continue
             step = decode_step_fn(model, attention, batch, context, cfg.device)
             step_ms = timer.median_ms(step, TIMED_STEPS)
+            state = device_state(bus) if bus is not False else None  # as the card ran them
             del step
             points.append(point | {
                 "status": "ok", "step_ms": step_ms, "tokens_per_s": batch / step_ms * 1e3,
-                "floor_over_step": floor.seconds * 1e3 / step_ms})
-            log.info("decode batch %d context %d: %.2f ms (floor %.2f ms, %.0f%%)", batch,
-                     context, step_ms, floor.seconds * 1e3, 100 * points[-1]["floor_over_step"])
+                "floor_over_step": floor.seconds * 1e3 / step_ms, "device_state": state})
+            log.info("decode batch %d context %d: %.2f ms (floor %.2f ms, %.0f%%)%s", batch,
+                     context, step_ms, floor.seconds * 1e3, 100 * points[-1]["floor_over_step"],
+                     describe_state(state))
     return points
+
+
+def describe_state(state: dict | None) -> str:
+    """`` (SM 1980 MHz, memory 3201 MHz, 52 C, 610 W; power cap)`` or nothing."""
+    if not state:
+        return ""
+    units = (("sm_mhz", "SM %d MHz"), ("mem_mhz", "memory %d MHz"), ("temp_c", "%d C"),
+             ("power_w", "%.0f W"))
+    parts = ", ".join(form % state[key] for key, form in units if key in state)
+    reasons = "; " + ", ".join(state["clock_reasons"]) if state.get("clock_reasons") else ""
+    return f" ({parts}{reasons})"
 
 
 def prefill_flops(shape: analysis.ModelShape, rows: int, tokens: int) -> float:

@@ -50,3 +50,27 @@ def test_sampler_keeps_samples_when_nvml_breaks(monkeypatch):
 def test_bandwidth_on_the_cpu_is_positive():
     pytest.importorskip("torch")
     assert device.measure_bandwidth("cpu", nbytes=1 << 20, iters=2) > 0
+
+
+def test_clock_reasons_are_named_and_unknown_bits_kept():
+    assert device.clock_reasons(0) == []
+    assert device.clock_reasons(0x4 | 0x40) == ["power cap", "hardware thermal"]
+    assert device.clock_reasons(0x1 | 0x1000) == ["idle", "0x1000"]
+
+
+def test_device_state_is_none_without_nvml(monkeypatch):
+    def no_library(*_):
+        raise device.NvmlUnavailable("no libnvidia-ml.so.1")
+
+    monkeypatch.setattr(device, "_ctypes_device", no_library)
+    assert device.device_state() is None
+
+
+def test_sweep_describes_the_state_it_has():
+    from bench.sweep import describe_state
+
+    assert describe_state(None) == ""
+    assert describe_state({"sm_mhz": 1755, "temp_c": 61, "power_w": 612.4,
+                           "clock_reasons": ["power cap"]}) == \
+        " (SM 1755 MHz, 61 C, 612 W; power cap)"
+    assert describe_state({"mem_mhz": 3201, "clock_reasons": []}) == " (memory 3201 MHz)"
