@@ -57,6 +57,7 @@ class SweepConfig:
     kernels: str  # auto (Triton on CUDA), triton or torch: as the worker's --kernels
     profile: tuple[tuple[int, int], ...] = ()  # (batch, context) points to profile (CUDA)
     fuse_silu: bool | None = None  # Triton ops: gate/up + SiLU in one launch (None: default)
+    fold_norms: bool | None = None  # Triton ops: norms folded into the products (None: default)
 
 
 def build_model(cfg: SweepConfig) -> tuple[LlamaModel, analysis.ModelShape]:
@@ -67,6 +68,8 @@ def build_model(cfg: SweepConfig) -> tuple[LlamaModel, analysis.ModelShape]:
     ops = make_ops(cfg.device, cfg.kernels)
     if cfg.fuse_silu is not None and hasattr(ops, "fuse_silu"):
         ops.fuse_silu = cfg.fuse_silu
+    if cfg.fold_norms is not None and hasattr(ops, "fold_norms"):
+        ops.fold_norms = cfg.fold_norms
     return LlamaModel(config, weights, cfg.dtype, cfg.device, ops=ops), shape
 
 
@@ -291,7 +294,8 @@ def make_config(args: argparse.Namespace) -> SweepConfig:
         prefill_tokens=pick(args.prefill_tokens, 1024, 64),
         device=device, dtype=torch.bfloat16 if is_cuda else torch.float32, kernels=args.kernels,
         profile=tuple(tuple(ints(point.replace("x", ","))) for point in args.profile),
-        fuse_silu={"on": True, "off": False}.get(args.fuse_silu))
+        fuse_silu={"on": True, "off": False}.get(args.fuse_silu),
+        fold_norms={"on": True, "off": False}.get(args.fold_norms))
 
 
 def ints(text: str) -> list[int]:
@@ -313,6 +317,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fuse-silu", choices=("on", "off"),
                    help="Triton ops: gate/up product and SiLU-and-mul in one launch for "
                         "decode-sized batches (default: gpu_worker.ops.FUSE_SILU)")
+    p.add_argument("--fold-norms", choices=("on", "off"),
+                   help="Triton ops: each residual add + RMSNorm folded into the products "
+                        "around it for decode-sized batches (default: "
+                        "gpu_worker.ops.FOLD_NORMS)")
     torch.backends.cuda.matmul.allow_tf32 = False
     with torch.inference_mode():
         result = run(make_config(p.parse_args(argv)))

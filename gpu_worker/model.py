@@ -68,7 +68,8 @@ class RotaryTable:
 class LlamaModel:
     """Weights as plain tensors and a forward pass over a flat batch of tokens.
 
-    Each layer's residual add is fused with the next norm (``ops.add_rms_norm``), the
+    Each layer's residual add is fused with the next norm and the product before it
+    (``ops.linear_add_norm``: TritonOps may fold the norm into the products on both sides), the
     attention backend applies RoPE to the views of the fused QKV output as it writes the
     cache, and the MLP's activation reads the fused gate/up output once: with ``TritonOps``
     and Triton attention a layer is four matrix products, RoPE with the cache write, the
@@ -96,11 +97,14 @@ class LlamaModel:
         residual = F.embedding(input_ids, self.embed)  # [num_tokens, hidden], updated in place
         h = ops.rms_norm(residual, self.layers[0]["in_norm"], s.eps)
         for i, w in enumerate(self.layers):
-            out = self._attention(i, w, h, meta, attention)
-            h, residual = ops.add_rms_norm(out, residual, w["post_norm"], s.eps)
-            out = ops.linear(ops.gate_up_silu(h, w["gate_up"]), w["down"])
+            attn = self._attention(i, w, h, meta, attention)
+            h = ops.linear_add_norm(attn, w["o"], residual, w["post_norm"], s.eps)
+            act = ops.normed_gate_up_silu(h, w["gate_up"])
             if i + 1 < len(self.layers):
-                h, residual = ops.add_rms_norm(out, residual, self.layers[i + 1]["in_norm"], s.eps)
+                h = ops.linear_add_norm(act, w["down"], residual, self.layers[i + 1]["in_norm"],
+                                        s.eps)
+            else:
+                out = ops.linear(act, w["down"])
         if sample_index is None:
             last = residual + out
         else:  # only the sampled tokens go on
@@ -109,12 +113,12 @@ class LlamaModel:
 
     def _attention(self, i, w, h, meta: AttentionMetadata, attention: AttentionBackend):
         s = self.shape
-        qkv = self.ops.linear(h, w["qkv"], w.get("qkv_bias"))  # [num_tokens, q + 2 * kv]
+        qkv = self.ops.normed_linear(h, w["qkv"], w.get("qkv_bias"))  # [tokens, q + 2 kv]
         q, k, v = qkv.split([s.q_size, s.kv_size, s.kv_size], dim=-1)
         q = q.view(-1, s.num_heads, s.head_dim)
         k = k.view(-1, s.num_kv_heads, s.head_dim)
         out = attention.forward(i, q, k, v.view(-1, s.num_kv_heads, s.head_dim), meta, self.rope)
-        return self.ops.linear(out.reshape(-1, s.q_size), w["o"])
+        return out.reshape(-1, s.q_size)  # the O product goes with the residual add
 
 
 def _fuse_layer(weights: dict[str, torch.Tensor], i: int, s: LlamaShape) -> dict:

@@ -13,6 +13,11 @@ to a few half-precision ulps, and with itself bit for bit). The model calls
 - ``linear(x, w, bias=None) -> x @ w.T + bias``
 - ``gate_up_silu(x, gate_up_weight) -> silu_and_mul(linear(x, gate_up_weight))``: the
   MLP's first half (TritonOps may do it in one launch)
+- ``linear_add_norm(x, w, residual, norm_weight, eps) -> h``: residual += x @ w.T in
+  place, then h = rms_norm(residual), where ``h`` goes only to the two below (TritonOps
+  may leave the norm's scaling to them: a :class:`FoldedNorm`)
+- ``normed_linear(h, w, bias=None)`` and ``normed_gate_up_silu(h, gate_up_weight)``:
+  ``linear`` and ``gate_up_silu`` of such an ``h``
 
 and the two ends of a static decode step (the runner's, captured in its graph):
 
@@ -24,6 +29,8 @@ and the two ends of a static decode step (the runner's, captured in its graph):
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import torch.nn.functional as F
@@ -70,6 +77,16 @@ class TorchOps:
         return TorchOps.silu_and_mul(F.linear(x, gate_up_weight))
 
     @staticmethod
+    def linear_add_norm(x, w, residual, norm_weight, eps) -> torch.Tensor:
+        return TorchOps.add_rms_norm(F.linear(x, w), residual, norm_weight, eps)[0]
+
+    normed_linear = staticmethod(F.linear)
+
+    @staticmethod
+    def normed_gate_up_silu(h: torch.Tensor, gate_up_weight: torch.Tensor) -> torch.Tensor:
+        return TorchOps.gate_up_silu(h, gate_up_weight)
+
+    @staticmethod
     def decode_inputs(inputs, prev_sampled, rows, num_blocks, scratch_block, block_size,
                       out_header) -> tuple[torch.Tensor, ...]:
         header = inputs["header"]
@@ -102,6 +119,23 @@ class TorchOps:
 # context 1K, `python -m bench.sweep --fuse-silu on|off`): batch 1 4.56 against 4.59 ms a
 # step, batch 8 4.70 against 4.74, batch 32 5.55 against 5.59.
 FUSE_SILU = True
+# Decode-sized batches: each residual add + RMSNorm folded into the products around it (the
+# O and down products add the residual and leave sums of squares; the QKV and gate/up
+# products finish the norm as they load x): two launches a layer fewer. Off until `python -m
+# bench.sweep --fold-norms on|off` shows it pays on a GPU.
+FOLD_NORMS = False
+
+
+@dataclasses.dataclass(frozen=True)
+class FoldedNorm:
+    """``rms_norm(residual, weight, eps)`` not computed yet: ``sums`` [tiles, rows] holds the
+    float32 sums of squares of ``residual``'s rows by column tile
+    (:func:`gpu_worker.kernels.linear.linear_add`), for the product that consumes it."""
+
+    residual: torch.Tensor
+    weight: torch.Tensor
+    eps: float
+    sums: torch.Tensor
 
 
 class TritonOps:
@@ -110,12 +144,16 @@ class TritonOps:
     reduce launch, where :mod:`gpu_worker.kernels.linear` reduces inside its one launch.
     ``fuse_silu``: up to ``LINEAR_ROWS`` rows, the gate/up product of any width runs in
     that kernel with SiLU-and-mul in its epilogue.
+    ``fold_norms``: up to ``LINEAR_ROWS`` rows, ``linear_add_norm`` adds the residual in the
+    product's epilogue and returns a :class:`FoldedNorm`, which ``normed_linear`` and
+    ``normed_gate_up_silu`` finish inside their products (of any width).
     Its counters are this object's: use one per stream (the worker has one compute stream)."""
 
     name = "triton"
     LINEAR_ROWS, LINEAR_MAX_N = 32, 4096
 
-    def __init__(self, device: torch.device, fuse_silu: bool = FUSE_SILU) -> None:
+    def __init__(self, device: torch.device, fuse_silu: bool = FUSE_SILU,
+                 fold_norms: bool = FOLD_NORMS) -> None:
         from gpu_worker.kernels import decode, fused, linear
 
         self.rms_norm = fused.rms_norm
@@ -125,7 +163,7 @@ class TritonOps:
         self.argmax_into = decode.argmax_into
         self._linear = linear
         self._counters = linear.new_counters(torch.device(device))  # before any capture
-        self.fuse_silu = fuse_silu
+        self.fuse_silu, self.fold_norms = fuse_silu, fold_norms
 
     def linear(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None):
         lin = self._linear
@@ -140,6 +178,33 @@ class TritonOps:
                 lin.supports(x, gate_up_weight, gated=True):
             return lin.gate_up_silu(x, gate_up_weight, counters=self._counters)
         return self.silu_and_mul(self.linear(x, gate_up_weight))
+
+
+    def linear_add_norm(self, x, w, residual, norm_weight, eps) -> torch.Tensor | FoldedNorm:
+        lin = self._linear
+        if self.fold_norms and x.shape[0] <= self.LINEAR_ROWS and lin.supports(x, w) and \
+                residual.stride(1) == 1 and residual.dtype == x.dtype:
+            sums = lin.linear_add(x, w, residual, counters=self._counters)
+            return FoldedNorm(residual, norm_weight, eps, sums)
+        return self.add_rms_norm(self.linear(x, w), residual, norm_weight, eps)[0]
+
+    def normed_linear(self, h: torch.Tensor | FoldedNorm, w: torch.Tensor,
+                      bias: torch.Tensor | None = None) -> torch.Tensor:
+        if isinstance(h, FoldedNorm):
+            if self._linear.supports(h.residual, w, bias):
+                return self._linear.normed_linear(h.residual, h.sums, h.weight, h.eps, w, bias,
+                                                  counters=self._counters)
+            h = self.rms_norm(h.residual, h.weight, h.eps)
+        return self.linear(h, w, bias)
+
+    def normed_gate_up_silu(self, h: torch.Tensor | FoldedNorm,
+                            gate_up_weight: torch.Tensor) -> torch.Tensor:
+        if isinstance(h, FoldedNorm):
+            if self._linear.supports(h.residual, gate_up_weight, gated=True):
+                return self._linear.normed_gate_up_silu(h.residual, h.sums, h.weight, h.eps,
+                                                        gate_up_weight, counters=self._counters)
+            h = self.rms_norm(h.residual, h.weight, h.eps)
+        return self.gate_up_silu(h, gate_up_weight)
 
 
 def use_triton(device: torch.device, kind: str) -> bool:

@@ -24,7 +24,7 @@ from gpu_worker.kernels import INTERPRETED
 # ---------------------------------------------------------------- kernels
 
 @triton.jit
-def _rsqrt(x, LIBDEVICE: tl.constexpr):
+def rsqrt(x, LIBDEVICE: tl.constexpr):
     if LIBDEVICE:
         return libdevice.rsqrt(x)
     else:
@@ -43,7 +43,7 @@ def _exp(x, LIBDEVICE: tl.constexpr):
 def _normalize(x32, w, n_cols, eps, LIBDEVICE: tl.constexpr):
     """``w * (x * rsqrt(mean(x^2) + eps)).to(dtype)``; masked lanes of x32 hold 0."""
     mean = tl.math.div_rn(tl.sum(x32 * x32, axis=0), tl.cast(n_cols, tl.float32))
-    normed = (x32 * _rsqrt(mean + eps, LIBDEVICE)).to(w.dtype)
+    normed = (x32 * rsqrt(mean + eps, LIBDEVICE)).to(w.dtype)
     return (normed.to(tl.float32) * w.to(tl.float32)).to(w.dtype)  # one dtype rounding
 
 

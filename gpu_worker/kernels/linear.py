@@ -20,6 +20,13 @@ output would be rounded, then applies SiLU-and-mul as
 :func:`gpu_worker.kernels.fused.silu_and_mul` does: one launch, and no gate/up activations
 written and read back.
 
+:func:`linear_add`, :func:`normed_linear` and :func:`normed_gate_up_silu` fold a residual add
++ RMSNorm into the products on either side of it, two launches fewer a layer: the product
+before the norm adds its output into the residual in its epilogue and stores each column
+tile's float32 sums of squares of the new residual; the product after it scales x by the
+norm's weight as it loads it, and each row of its float32 sums by ``rsqrt(mean + eps)``
+from those tile sums, before the one rounding (``gpu_worker.ops.FOLD_NORMS``).
+
 The launcher never syncs with the host and allocates only its output and partial sums:
 it is safe inside CUDA graphs. The counters are the caller's (:func:`new_counters`, made
 before any capture): every launch leaves them at zero, and launches that share them must
@@ -36,7 +43,7 @@ import triton
 import triton.language as tl
 
 from gpu_worker.kernels import INTERPRETED, num_sms, shared_memory
-from gpu_worker.kernels.fused import LIBDEVICE, silu_mul
+from gpu_worker.kernels.fused import LIBDEVICE, rsqrt, silu_mul
 
 MAX_ROWS = 64  # larger batches leave the weights' stream to cuBLAS
 MAX_TILES = 1 << 16  # counters in a set: one per column tile of the widest product
@@ -122,7 +129,42 @@ def gate_up_silu(x: torch.Tensor, gate_up: torch.Tensor, *, counters: torch.Tens
     return _launch(x, gate_up, None, counters, config, gated=True)
 
 
-def _launch(x, w, bias, counters, config, gated: bool) -> torch.Tensor:
+def linear_add(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor, *,
+               counters: torch.Tensor, config: LinearConfig | None = None) -> torch.Tensor:
+    """``residual += x @ w.T`` in place (the product rounded to x's dtype, then the add
+    rounded, as ``F.linear`` then ``add_`` round), the first half of a residual add +
+    RMSNorm folded into the product: returns each column tile's float32 sums of squares of
+    the new residual, [tiles, M], for :func:`normed_linear` and :func:`normed_gate_up_silu`
+    to finish the norm with. residual [M, N], x's dtype, unit column stride."""
+    m, n = x.shape[0], w.shape[0]
+    if residual.shape != (m, n) or residual.dtype != x.dtype or residual.stride(1) != 1:
+        raise ValueError(f"residual {residual.dtype}{tuple(residual.shape)} does not fit "
+                         f"the product's output [{m}, {n}] in {x.dtype}")
+    return _launch(x, w, None, counters, config, gated=False, residual=residual)
+
+
+def normed_linear(x: torch.Tensor, sums: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                  w: torch.Tensor, bias: torch.Tensor | None = None, *,
+                  counters: torch.Tensor, config: LinearConfig | None = None) -> torch.Tensor:
+    """``rms_norm(x) @ w.T (+ bias)`` where ``sums`` are x's sums of squares by column tile
+    (from :func:`linear_add`): each x tile is scaled by the norm's weight as it is loaded
+    (rounded to x's dtype), and each row's ``rsqrt(mean + eps)`` is applied to the float32
+    sums before the one rounding (where the unfused pair rounds the normed x first: the
+    two agree to a few ulps). Same conditions as :func:`linear`."""
+    return _launch(x, w, bias, counters, config, gated=False, norm=(sums, norm_weight, eps))
+
+
+def normed_gate_up_silu(x: torch.Tensor, sums: torch.Tensor, norm_weight: torch.Tensor,
+                        eps: float, gate_up: torch.Tensor, *, counters: torch.Tensor,
+                        config: LinearConfig | None = None) -> torch.Tensor:
+    """:func:`gate_up_silu` of ``rms_norm(x)``, the norm finished as :func:`normed_linear`
+    finishes it."""
+    return _launch(x, gate_up, None, counters, config, gated=True,
+                   norm=(sums, norm_weight, eps))
+
+
+def _launch(x, w, bias, counters, config, gated: bool, residual=None,
+            norm=None) -> torch.Tensor:
     m, width = x.shape
     n, k = w.shape
     if width != k or x.stride(1) != 1:
@@ -135,35 +177,52 @@ def _launch(x, w, bias, counters, config, gated: bool) -> torch.Tensor:
         if n % 2 or block_n % 2:
             raise ValueError(f"gate/up weight with {n} rows, block_n {block_n}: want both even")
         n, block_n = n // 2, block_n // 2  # output columns; rows per half-tile
-    y = x.new_empty(m, n)
+    grid = (triton.cdiv(n, block_n), cfg.split_k)
+    if grid[0] > counters.numel():
+        raise ValueError(f"N={n} needs more than {counters.numel()} column-tile counters")
+    y = residual if residual is not None else x.new_empty(m, n)
+    sums = norm_weight = y  # unused unless the product takes part in a norm
+    num_tiles, eps = 1, 0.0
+    if residual is not None:  # the sums of squares this product leaves for the next
+        sums = torch.empty(grid[0], m, dtype=torch.float32, device=x.device)
+    if norm is not None:
+        sums, norm_weight, eps = norm
+        num_tiles = sums.shape[0]
+        if sums.shape != (num_tiles, m) or sums.dtype != torch.float32 or \
+                norm_weight.shape != (k,) or norm_weight.dtype != x.dtype:
+            raise ValueError(f"norm sums {sums.dtype}{tuple(sums.shape)} and weight "
+                             f"{norm_weight.dtype}{tuple(norm_weight.shape)} do not fit x "
+                             f"{x.dtype}{tuple(x.shape)}")
     partial = y  # unused with one slice
     if cfg.split_k > 1:
         partial = torch.empty((2 if gated else 1) * cfg.split_k, m, n, dtype=torch.float32,
                               device=x.device)
-    grid = (triton.cdiv(n, block_n), cfg.split_k)
-    if grid[0] > counters.numel():
-        raise ValueError(f"N={n} needs more than {counters.numel()} column-tile counters")
     _linear_kernel[grid](
-        x, w, y, bias if bias is not None else y, partial, counters,
-        m, n, x.stride(0), y.stride(0), K=k,
+        x, w, y, bias if bias is not None else y, partial, counters, sums,
+        norm_weight.contiguous(), m, n, x.stride(0), y.stride(0), num_tiles, eps, K=k,
         BLOCK_M=_block_m(m), BLOCK_N=block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,
-        HAS_BIAS=bias is not None, GATED=gated, LIBDEVICE=LIBDEVICE,
+        HAS_BIAS=bias is not None, GATED=gated, ADD_RES=residual is not None,
+        NORM_X=norm is not None, T_PAD=triton.next_power_of_2(num_tiles), LIBDEVICE=LIBDEVICE,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return y
+    return sums if residual is not None else y
 
 
 @triton.jit
 def _linear_kernel(
-    x_ptr, w_ptr, y_ptr, bias_ptr, partial_ptr, lock_ptr,
-    M, N, stride_xm, stride_ym, K: tl.constexpr,
+    x_ptr, w_ptr, y_ptr, bias_ptr, partial_ptr, lock_ptr, sums_ptr, norm_w_ptr,
+    M, N, stride_xm, stride_ym, num_tiles, eps, K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
+    ADD_RES: tl.constexpr, NORM_X: tl.constexpr, T_PAD: tl.constexpr,
     LIBDEVICE: tl.constexpr,
 ):
     """One (column tile, K slice): acc[n, m] = sum_k w[n, k] * x[m, k] over the slice.
     GATED: w is [2 N, K]; up_acc sums the tile's rows N further on, and the output is
-    silu(acc) * up_acc, each rounded first."""
+    silu(acc) * up_acc, each rounded first. ADD_RES: y is the residual, which the output is
+    added to, and each tile's sums of squares of the new residual go to sums[tile, m].
+    NORM_X: x is scaled by norm_w as it is loaded, the output by each row's rsqrt of the
+    mean of sums[:, m] (the norm's other half, from an ADD_RES product)."""
     tile, split = tl.program_id(0), tl.program_id(1)
     offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
@@ -174,6 +233,7 @@ def _linear_kernel(
     w_ptrs = w_ptr + rows * K + (split * k_per_split + offs_k)[None, :]
     up_ptrs = w_ptr + (rows + N) * K + (split * k_per_split + offs_k)[None, :]  # GATED
     x_ptrs = x_ptr + offs_m[None, :] * stride_xm + (split * k_per_split + offs_k)[:, None]
+    nw_ptrs = norm_w_ptr + split * k_per_split + offs_k  # NORM_X
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     up_acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for _ in range(0, k_per_split, BLOCK_K):
@@ -182,6 +242,10 @@ def _linear_kernel(
             up = tl.load(up_ptrs, mask=n_ok[:, None], other=0.0)
             up_ptrs += BLOCK_K
         xt = tl.load(x_ptrs, mask=m_ok[None, :], other=0.0)  # [BLOCK_K, BLOCK_M]
+        if NORM_X:  # the norm's weight, rounded as the unfused norm rounds its product
+            nw = tl.load(nw_ptrs).to(tl.float32)
+            xt = (xt.to(tl.float32) * nw[:, None]).to(xt.dtype)
+            nw_ptrs += BLOCK_K
         acc = tl.dot(w, xt, acc)
         if GATED:
             up_acc = tl.dot(up, xt, up_acc)
@@ -208,20 +272,40 @@ def _linear_kernel(
                 if GATED:
                     up_acc += tl.load(partial_ptr + up_part + s * M * N + part_offs,
                                       mask=out_ok, other=0.0, cache_modifier=".cg")
-            _store_output(y_ptr, bias_ptr, acc, up_acc, y_offs, offs_n, out_ok, n_ok,
-                          HAS_BIAS, GATED, LIBDEVICE)
+            _store_output(y_ptr, bias_ptr, sums_ptr, acc, up_acc, y_offs, offs_n, offs_m,
+                          out_ok, n_ok, m_ok, tile, M, num_tiles, eps, K, HAS_BIAS, GATED,
+                          ADD_RES, NORM_X, T_PAD, LIBDEVICE)
             tl.atomic_xchg(lock_ptr + tile, 0, sem="relaxed", scope="gpu")  # next launch
     else:
-        _store_output(y_ptr, bias_ptr, acc, up_acc, y_offs, offs_n, out_ok, n_ok, HAS_BIAS,
-                      GATED, LIBDEVICE)
+        _store_output(y_ptr, bias_ptr, sums_ptr, acc, up_acc, y_offs, offs_n, offs_m, out_ok,
+                      n_ok, m_ok, tile, M, num_tiles, eps, K, HAS_BIAS, GATED, ADD_RES,
+                      NORM_X, T_PAD, LIBDEVICE)
 
 
 @triton.jit
-def _store_output(y_ptr, bias_ptr, acc, up_acc, y_offs, offs_n, out_ok, n_ok,
-                  HAS_BIAS: tl.constexpr, GATED: tl.constexpr, LIBDEVICE: tl.constexpr):
+def _store_output(y_ptr, bias_ptr, sums_ptr, acc, up_acc, y_offs, offs_n, offs_m, out_ok,
+                  n_ok, m_ok, tile, M, num_tiles, eps, K: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, GATED: tl.constexpr, ADD_RES: tl.constexpr,
+                  NORM_X: tl.constexpr, T_PAD: tl.constexpr, LIBDEVICE: tl.constexpr):
+    if NORM_X:  # rsqrt(mean(x^2) + eps) of each row, from the column tiles' sums in order
+        offs_t = tl.arange(0, T_PAD)
+        sums = tl.load(sums_ptr + offs_t[:, None] * M + offs_m[None, :],
+                       mask=(offs_t < num_tiles)[:, None] & m_ok[None, :], other=0.0)
+        mean = tl.math.div_rn(tl.sum(sums, axis=0), tl.cast(K, tl.float32))
+        rstd = rsqrt(mean + eps, LIBDEVICE)
+        acc = acc * rstd[None, :]
+        if GATED:
+            up_acc = up_acc * rstd[None, :]
     if HAS_BIAS:  # added in float32 before the one rounding, as cuBLAS's epilogue does
         acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
     y = acc.to(y_ptr.dtype.element_ty)
     if GATED:
         y = silu_mul(y, up_acc.to(y_ptr.dtype.element_ty), LIBDEVICE)
-    tl.store(y_ptr + y_offs, y, mask=out_ok)
+    if ADD_RES:  # y_ptr is the residual: torch's add in dtype, then this tile's sums
+        total = (tl.load(y_ptr + y_offs, mask=out_ok, other=0.0).to(tl.float32) +
+                 y.to(tl.float32)).to(y.dtype)
+        tl.store(y_ptr + y_offs, total, mask=out_ok)
+        t32 = tl.where(out_ok, total.to(tl.float32), 0.0)
+        tl.store(sums_ptr + tile * M + offs_m, tl.sum(t32 * t32, axis=0), mask=m_ok)
+    else:
+        tl.store(y_ptr + y_offs, y, mask=out_ok)

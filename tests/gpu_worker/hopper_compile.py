@@ -62,17 +62,21 @@ def variants():
     silu = ptrs("bf16", "gate_up_ptr", "out_ptr") | ints("in_stride", "out_stride", "n_cols")
     yield ("silu_and_mul", fused._silu_and_mul_kernel, silu, dict(BLOCK=1024, LIBDEVICE=True),
            dict(num_warps=4))
-    lin = ptrs("bf16", "x_ptr", "w_ptr", "y_ptr", "bias_ptr") | ptrs("fp32", "partial_ptr") | \
-        ptrs("i32", "lock_ptr") | ints("M", "N", "stride_xm", "stride_ym")
+    lin = ptrs("bf16", "x_ptr", "w_ptr", "y_ptr", "bias_ptr", "norm_w_ptr") | ptrs(
+        "fp32", "partial_ptr", "sums_ptr") | ptrs("i32", "lock_ptr") | ints(
+        "M", "N", "stride_xm", "stride_ym", "num_tiles") | {"eps": "fp32"}
     for split_k in (1, 2):
-        yield (f"linear split_k={split_k}", linear._linear_kernel, lin,
-               dict(K=4096, BLOCK_M=32, BLOCK_N=32, BLOCK_K=128, SPLIT_K=split_k,
-                    HAS_BIAS=split_k == 1, GATED=False, LIBDEVICE=True),
-               dict(num_warps=4, num_stages=4))
-        yield (f"gate/up + SiLU split_k={split_k}", linear._linear_kernel, lin,
-               dict(K=4096, BLOCK_M=32, BLOCK_N=32, BLOCK_K=128, SPLIT_K=split_k,
-                    HAS_BIAS=False, GATED=True, LIBDEVICE=True),
-               dict(num_warps=4, num_stages=4))
+        # (label, gated, residual add + sums: the product before a norm, normed x: after)
+        for label, gated, add_res, norm_x in (("linear", False, False, False),
+                                              ("gate/up + SiLU", True, False, False),
+                                              ("linear + residual", False, True, False),
+                                              ("normed linear", False, False, True),
+                                              ("normed gate/up + SiLU", True, False, True)):
+            yield (f"{label} split_k={split_k}", linear._linear_kernel, lin,
+                   dict(K=4096, BLOCK_M=32, BLOCK_N=32, BLOCK_K=128, SPLIT_K=split_k,
+                        HAS_BIAS=split_k == 1 and not gated, GATED=gated, ADD_RES=add_res,
+                        NORM_X=norm_x, T_PAD=128, LIBDEVICE=True),
+                   dict(num_warps=4, num_stages=4))
     attn = ptrs("bf16", "q_ptr", "k_ptr", "v_ptr", "out_ptr", "k_new_ptr", "v_new_ptr",
                 "cos_ptr", "sin_ptr") | ptrs("fp32", "partial_acc_ptr", "partial_ml_ptr") | \
         ptrs("i32", "counters_ptr") | ptrs(

@@ -217,3 +217,106 @@ def test_llama_shapes_in_bfloat16_under_a_graph(shape, rows):
         assert torch.equal(out, eager)  # same bits every replay
         assert not counters.any()
     torch.testing.assert_close(out.float(), F.linear(x, w).float(), rtol=2e-2, atol=2e-2)
+
+
+# --- a residual add + RMSNorm folded into the products on either side of it
+
+
+def normed_reference(residual, norm_weight, eps=1e-5):
+    from gpu_worker.ops import TorchOps
+
+    return TorchOps.rms_norm(residual, norm_weight, eps)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"n{c.block_n}k{c.block_k}s{c.split_k}")
+@pytest.mark.parametrize("rows", [1, 5])
+def test_linear_add_updates_the_residual_and_leaves_its_sums_of_squares(cfg, rows):
+    x, w = half(rows, 256, scale=1 / 4), half(80, 256, scale=1 / 4)  # a partial last tile
+    residual = half(rows, 80)
+    expected = residual + lin.linear(x, w, counters=lin.new_counters(x.device), config=cfg)
+    counters = lin.new_counters(x.device)
+    sums = lin.linear_add(x, w, residual, counters=counters, config=cfg)
+    assert torch.equal(residual, expected)  # the same product, the same rounded add
+    assert sums.shape == (-(-80 // cfg.block_n), rows) and sums.dtype == torch.float32
+    torch.testing.assert_close(sums.sum(0), residual.float().pow(2).sum(-1), rtol=1e-5, atol=0)
+    first = residual.float().pow(2)[:, :cfg.block_n].sum(-1)  # the first tile's own columns
+    torch.testing.assert_close(sums[0], first, rtol=1e-5, atol=0)
+    assert not counters.any()
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"n{c.block_n}k{c.block_k}s{c.split_k}")
+@pytest.mark.parametrize("gated", [False, True], ids=["linear", "gate-up-silu"])
+def test_normed_products_finish_the_norm(cfg, gated):
+    """linear_add then a normed product: the unfused residual add, norm and product, to a
+    few half-precision ulps (the norm's scale is applied after the product, not before)."""
+    counters = lin.new_counters(torch.device(DEVICE))
+    x, w_o = half(5, 128, scale=1 / 4), half(256, 128, scale=1 / 4)
+    residual, norm_weight = half(5, 256), half(256, scale=1 / 2) + 1
+    w, bias = half(2 * 72 if gated else 72, 256, scale=1 / 8), None if gated else half(72)
+    unfused_residual = residual + lin.linear(x, w_o, counters=counters)
+    h = normed_reference(unfused_residual, norm_weight)
+    sums = lin.linear_add(x, w_o, residual, counters=counters)
+    if gated:
+        got = lin.normed_gate_up_silu(residual, sums, norm_weight, 1e-5, w, counters=counters,
+                                      config=cfg)
+        want = gated_reference(h, w)
+    else:
+        got = lin.normed_linear(residual, sums, norm_weight, 1e-5, w, bias, counters=counters,
+                                config=cfg)
+        want = reference(h, w, bias)
+    check(got, want)
+    again = (lin.normed_gate_up_silu(residual, sums, norm_weight, 1e-5, w, counters=counters,
+                                     config=cfg) if gated else
+             lin.normed_linear(residual, sums, norm_weight, 1e-5, w, bias, counters=counters,
+                               config=cfg))
+    assert torch.equal(got, again)  # deterministic: async must equal sync
+    assert not counters.any()
+
+
+def test_folded_norm_rejects_what_does_not_fit():
+    counters = lin.new_counters(torch.device(DEVICE))
+    x, w = half(3, 128), half(64, 128)
+    with pytest.raises(ValueError, match="residual"):
+        lin.linear_add(x, w, half(3, 32), counters=counters)
+    with pytest.raises(ValueError, match="norm sums"):
+        lin.normed_linear(half(3, 64), torch.zeros(2, 4), half(64), 1e-5, half(32, 64),
+                          counters=counters)
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [1, 32])
+def test_gpu_folded_norm_llama_shape_under_a_graph(rows):
+    """The O product with the residual add, then QKV and gate/up finishing the norm, in
+    bfloat16 under a CUDA graph: as eager, and near the unfused path."""
+    dev, counters = torch.device("cuda"), lin.new_counters(torch.device("cuda"))
+
+    def bf16(*shape, scale):
+        return torch.randn(*shape, dtype=torch.bfloat16, device=dev) * scale
+
+    attn, w_o, residual = bf16(rows, 4096, scale=1), bf16(4096, 4096, scale=1 / 64), \
+        bf16(rows, 4096, scale=1)
+    norm_weight, w_qkv, gate_up = bf16(4096, scale=0.1) + 1, bf16(6144, 4096, scale=1 / 64), \
+        bf16(28672, 4096, scale=1 / 64)
+
+    def step(res):
+        sums = lin.linear_add(attn, w_o, res, counters=counters)
+        return (lin.normed_linear(res, sums, norm_weight, 1e-5, w_qkv, counters=counters),
+                lin.normed_gate_up_silu(res, sums, norm_weight, 1e-5, gate_up,
+                                        counters=counters))
+
+    eager = step(residual.clone())
+    graphed_residual = residual.clone()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step(graphed_residual)
+    graphed_residual.copy_(residual)  # the capture ran nothing; replay from the same state
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out[0], eager[0]) and torch.equal(out[1], eager[1])
+    assert not counters.any()
+    h = fused.rms_norm(residual + lin.linear(attn, w_o, counters=counters), norm_weight, 1e-5)
+    for got, want in ((eager[0], reference(h, w_qkv)), (eager[1], gated_reference(h, gate_up))):
+        scale = want.abs().max().item()  # a few ulps of the largest: the norm scales later
+        torch.testing.assert_close(got.float(), want, rtol=0, atol=0.02 * scale)

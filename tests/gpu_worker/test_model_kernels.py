@@ -20,7 +20,7 @@ CASES = [("cpu", torch.float32), ("cpu", torch.float16),
 BLOCK = 16
 
 
-def build(device, dtype, kernels, fuse_silu=False):
+def build(device, dtype, kernels, fuse_silu=False, fold_norms=False):
     source = models.resolve_model("random:tiny-llama", models.default_cache_dir())
     config = load_config(source.folder)
     weights = models.random_state_dict(config, dtype, device, seed=3)
@@ -29,7 +29,7 @@ def build(device, dtype, kernels, fuse_silu=False):
             w.mul_(8)
     ops = make_ops(device, kernels)
     if hasattr(ops, "fuse_silu"):  # the Triton ops' default is on
-        ops.fuse_silu = fuse_silu
+        ops.fuse_silu, ops.fold_norms = fuse_silu, fold_norms
     model = LlamaModel(config, weights, dtype, device, ops=ops)
     s = model.shape
     cache = KVCache(s.num_layers, 16, BLOCK, s.num_kv_heads, s.head_dim, dtype, device)
@@ -50,8 +50,8 @@ def metadata(starts, counts, tables, device):
         query_start[1:] - 1
 
 
-def run_steps(device, dtype, kernels, fuse_silu=False):
-    model, attention = build(device, dtype, kernels, fuse_silu)
+def run_steps(device, dtype, kernels, fuse_silu=False, fold_norms=False):
+    model, attention = build(device, dtype, kernels, fuse_silu, fold_norms)
     tables = [[3, 0, 9], [5, 1, 2]]
     gen = torch.Generator().manual_seed(0)
     steps = [([0, 0], [20, 7]), ([20, 7], [13, 30]), ([33, 37], [1, 1]), ([34, 38], [1, 1])]
@@ -66,16 +66,22 @@ def run_steps(device, dtype, kernels, fuse_silu=False):
     return logits
 
 
-@pytest.mark.parametrize("fuse_silu", [False, True], ids=["silu", "fused-silu"])
+@pytest.mark.parametrize(("fuse_silu", "fold_norms"), [(False, False), (True, False),
+                                                      (True, True)],
+                         ids=["silu", "fused-silu", "folded-norms"])
 @pytest.mark.parametrize(("device", "dtype"), CASES)
-def test_triton_model_matches_the_torch_model(device, dtype, fuse_silu, monkeypatch):
+def test_triton_model_matches_the_torch_model(device, dtype, fuse_silu, fold_norms,
+                                              monkeypatch):
     from gpu_worker.kernels import linear as lin
 
-    fused_calls = []
-    kernel = lin.gate_up_silu
-    monkeypatch.setattr(lin, "gate_up_silu",
-                        lambda *a, **kw: fused_calls.append(1) or kernel(*a, **kw))
-    for triton_logits, torch_logits in zip(run_steps(device, dtype, "triton", fuse_silu),
+    fused_calls, folded_calls = [], []
+    for name, calls in (("gate_up_silu", fused_calls), ("normed_gate_up_silu", fused_calls),
+                        ("linear_add", folded_calls), ("normed_linear", folded_calls)):
+        kernel = getattr(lin, name)
+        monkeypatch.setattr(lin, name, lambda *a, _k=kernel, _c=calls, **kw: _c.append(1) or
+                            _k(*a, **kw))
+    for triton_logits, torch_logits in zip(run_steps(device, dtype, "triton", fuse_silu,
+                                                     fold_norms),
                                            run_steps(device, dtype, "torch"), strict=True):
         if dtype == torch.float32:
             torch.testing.assert_close(triton_logits, torch_logits, rtol=1e-4, atol=1e-4)
@@ -83,5 +89,7 @@ def test_triton_model_matches_the_torch_model(device, dtype, fuse_silu, monkeypa
         else:  # products summed in another order: a few half-precision ulps of the logits
             scale = torch_logits.abs().max().item()
             torch.testing.assert_close(triton_logits, torch_logits, rtol=0, atol=0.02 * scale)
-    # half precision, decode-sized batches: the fused gate/up + SiLU ran when asked
+    # half precision, decode-sized batches: the fused gate/up + SiLU and the folded norms ran
+    # when asked
     assert bool(fused_calls) == (fuse_silu and dtype != torch.float32)
+    assert bool(folded_calls) == (fold_norms and dtype != torch.float32)
