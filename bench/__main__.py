@@ -60,6 +60,7 @@ class BenchConfig:
     hf_timeout_s: float
     hf_cb: str = "tuned"  # Transformers' ContinuousBatchingConfig: tuned or its defaults
     gateway_args: tuple[str, ...] = ()  # extra arguments of the tandem-gateway mode's gateway
+    trace: bool = True  # Tandem modes: the kernel profiler in the worker while measuring
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.modes if m not in MODES]
@@ -91,12 +92,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--keep-traces", action="store_true", help="keep the workers' trace files")
     p.add_argument("--no-hf-trace", dest="hf_trace", action="store_false",
                    help="run Transformers without the kernel profiler (its overhead slows "
-                   "Transformers' host loop; busy% then comes from NVML only)")
+                   "Transformers' host loop; busy%% then comes from NVML only)")
     p.add_argument("--hf-timeout", type=float, default=1800.0, metavar="S",
                    help="give up on a Transformers mode after this long (default 1800)")
     p.add_argument("--hf-cb", choices=("tuned", "defaults"), default="tuned",
                    help="Transformers' continuous batching: tuned (cache sized for the "
                    "workload, CUDA graphs; default) or its own defaults (see bench.hf_baseline)")
+    p.add_argument("--no-trace", dest="trace", action="store_false",
+                   help="run Tandem's modes without the kernel profiler in the worker (busy%% "
+                   "then comes from NVML only; for profiling the host side, or long runs)")
     p.add_argument("--no-sweep", dest="sweep", action="store_false",
                    help="skip the decode/prefill sweep against the floor (bench.sweep)")
     return p.parse_args(argv)
@@ -111,7 +115,7 @@ def make_config(args: argparse.Namespace, is_gpu: bool) -> BenchConfig:
     return BenchConfig(pick["model"], workload, tuple(m for m in args.modes.split(",") if m),
                        args.out, args.timeline_ms, tuple(args.engine_arg), args.hf_attn,
                        args.keep_traces, args.sweep, args.hf_trace, args.hf_timeout,
-                       args.hf_cb, tuple(args.gateway_arg))
+                       args.hf_cb, tuple(args.gateway_arg), args.trace)
 
 
 def probe_device(device: str) -> dict[str, Any]:
@@ -180,7 +184,8 @@ def run_one(cfg: BenchConfig, mode: str, device: dict[str, Any], model: ModelInf
     return run_mode(mode, engine_spec(cfg, mode, is_gpu), make_prompts(wl, model),
                     warmup_prompts(wl, model, WARMUP_REQUESTS), wl.new_tokens, sampler,
                     cfg.timeline_ms * 1e3, log_dir, cfg.keep_traces,
-                    via_gateway=mode == GATEWAY_MODE, gateway_args=cfg.gateway_args)
+                    via_gateway=mode == GATEWAY_MODE, gateway_args=cfg.gateway_args,
+                    trace=cfg.trace)
 
 
 def add_floor(rows: list[dict], floor: analysis.Floor) -> None:

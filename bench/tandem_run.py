@@ -151,7 +151,7 @@ class Measured:
 
 async def measure(engine_address: str, gateway_address: str | None,
                   prompts: list[list[int]], warm: list[list[int]], new_tokens: int,
-                  trace_path: Path, sampler: NvmlSampler) -> Measured:
+                  trace_path: Path, sampler: NvmlSampler, trace: bool = True) -> Measured:
     """Warm up, then trace and time all prompts sent at once: through the gateway when
     there is one, else to the engine directly."""
     async with AsyncExitStack() as stack:
@@ -162,7 +162,8 @@ async def measure(engine_address: str, gateway_address: str | None,
             send = gateway_send(await stack.enter_async_context(
                 grpc.aio.insecure_channel(gateway_address)))
         await generate_all(send, warm, WARMUP_NEW_TOKENS, "warmup")
-        notes = [note] if (note := await _start_trace(stub)) else []
+        notes = ["kernel trace off (--no-trace)"] if not trace else \
+            [note] if (note := await _start_trace(stub)) else []
         before = await stub.GetStats(engine_pb2.GetStatsRequest(), timeout=30)
         with sampler:
             started = time.perf_counter()
@@ -179,7 +180,7 @@ async def measure(engine_address: str, gateway_address: str | None,
 def run_mode(mode: str, spec: EngineSpec, prompts: list[list[int]], warm: list[list[int]],
              new_tokens: int, sampler: NvmlSampler, slice_us: float, run_dir: Path,
              keep_trace: bool, via_gateway: bool = False,
-             gateway_args: tuple[str, ...] = ()) -> dict:
+             gateway_args: tuple[str, ...] = (), trace: bool = True) -> dict:
     """One Tandem mode, start to stop: its table row (without the floor)."""
     trace_path = (run_dir / f"trace-{mode}.json").resolve()
     OUTPUTS.clear()
@@ -191,7 +192,7 @@ def run_mode(mode: str, spec: EngineSpec, prompts: list[list[int]], warm: list[l
                 GatewayProcess(engine.address, run_dir / f"{mode}-gateway.log", gateway_args))
         log.info("%s: %s SERVING, measuring", mode, "gateway" if gateway else "engine")
         got = asyncio.run(measure(engine.address, gateway.address if gateway else None,
-                                  prompts, warm, new_tokens, trace_path, sampler))
+                                  prompts, warm, new_tokens, trace_path, sampler, trace))
     timeline = analysis.analyse_timeline(got.trace, slice_us) if got.trace else None
     if timeline is not None and timeline["busy"] is None:
         got.notes.append(f"trace on {timeline['device'] or 'the device'} holds no kernels")

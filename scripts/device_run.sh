@@ -4,6 +4,7 @@
 #
 #   scripts/device_run.sh [gpu|tests|sweep|kernels|bench|all] [extra bench args...]
 #   scripts/device_run.sh [bench-start|bench-wait] [extra bench args...]
+#   scripts/device_run.sh host-profile [bench args...]
 #   (gpu: only the tests marked gpu; tests: those and the e2e suite on CUDA; sweep: the
 #   gpu tests and the decode/prefill sweep alone; kernels: the gpu tests and the component
 #   benchmarks, bench.gemm and bench.attention, with their searches; bench: `python -m
@@ -11,6 +12,11 @@
 #   it outlives a command that has a time limit, and waits for it up to $WAIT_S seconds
 #   (default 540); bench-wait waits again. Whichever sees it finish copies bench.json,
 #   bench.png and bench.txt to $OUT.)
+#   host-profile: `python -m bench --no-sweep --no-trace [bench args...]` with py-spy
+#   (a wheel in .whl/) sampling the engine and the worker for $SPY_S seconds (default 10),
+#   $SPY_AFTER_S (default 8) after the bench says it is measuring: give it a run that
+#   lasts longer than that, e.g. --model random:smollm2-135m --modes tandem-async
+#   --new-tokens 16384. Writes spy-*.txt (raw samples) and spy.txt (python -m bench.spy).
 #
 # Missing Python packages travel as wheels in .whl/ and the tokenizer cache in
 # .device/cache/ (see README, "Running on a GPU machine").
@@ -73,6 +79,32 @@ if [ "$what" = bench-start ] || [ "$what" = bench-wait ]; then
         cp "$BG/bench.json" "$BG/bench.png" "$OUT/" 2>/dev/null
         grep -v '^20' "$BG/bench.txt" | tail -n 40
     fi
+fi
+if [ "$what" = host-profile ]; then
+    python3 -m bench --out "$OUT" --no-sweep --no-trace --no-hf-trace "$@" > "$OUT/bench.txt" 2>&1 &
+    bench_pid=$!
+    waited=0
+    until grep -q "measuring" "$OUT/bench.txt" 2>/dev/null || [ "$waited" -ge 300 ]; do
+        sleep 1
+        waited=$((waited + 1))
+    done
+    sleep "${SPY_AFTER_S:-8}"
+    for name in tokenizer_svc gpu_worker; do
+        pid=$(pgrep -f -- "-m $name" | head -n 1)
+        if [ -n "$pid" ]; then
+            /tmp/site/bin/py-spy record --pid "$pid" --duration "${SPY_S:-10}" --rate 250 \
+                --nonblocking --threads --format raw --output "$OUT/spy-$name.txt" \
+                > "$OUT/spy-$name.log" 2>&1 &
+        else
+            echo "no $name process to sample"
+        fi
+    done
+    wait "$bench_pid"
+    status=$(( status | $? ))
+    wait
+    python3 -m bench.spy --top 25 "$OUT"/spy-*.txt > "$OUT/spy.txt"
+    grep -v '^20' "$OUT/bench.txt" | tail -n 20
+    grep -E "^(==|--)" "$OUT/spy.txt"
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
     python3 -m bench --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.txt"
