@@ -81,7 +81,9 @@ if [ "$what" = bench-start ] || [ "$what" = bench-wait ]; then
     fi
 fi
 if [ "$what" = host-profile ]; then
-    python3 -m bench --out "$OUT" --no-sweep --no-trace --no-hf-trace "$@" > "$OUT/bench.txt" 2>&1 &
+    # few files come back from a GPU machine: the bench's own folder stays there
+    python3 -m bench --out /tmp/tandem-profile --no-sweep --no-trace --no-hf-trace "$@" \
+        > "$OUT/bench.txt" 2>&1 &
     bench_pid=$!
     waited=0
     until grep -q "measuring" "$OUT/bench.txt" 2>/dev/null || [ "$waited" -ge 300 ]; do
@@ -94,7 +96,7 @@ if [ "$what" = host-profile ]; then
         if [ -n "$pid" ]; then
             /tmp/site/bin/py-spy record --pid "$pid" --duration "${SPY_S:-10}" --rate 250 \
                 --nonblocking --threads --format raw --output "$OUT/spy-$name.txt" \
-                > "$OUT/spy-$name.log" 2>&1 &
+                > "/tmp/spy-$name.log" 2>&1 &
         else
             echo "no $name process to sample"
         fi
@@ -102,6 +104,8 @@ if [ "$what" = host-profile ]; then
     wait "$bench_pid"
     status=$(( status | $? ))
     wait
+    cp /tmp/tandem-profile/bench.json "$OUT/" 2>/dev/null
+    cat /tmp/spy-*.log >> "$OUT/bench.txt"
     python3 -m bench.spy --top 25 "$OUT"/spy-*.txt > "$OUT/spy.txt"
     grep -v '^20' "$OUT/bench.txt" | tail -n 20
     grep -E "^(==|--)" "$OUT/spy.txt"
