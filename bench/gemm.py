@@ -8,6 +8,10 @@ weight once achieves, for ``F.linear`` (cuBLAS) and for
 :func:`gpu_worker.kernels.linear.linear` with its default config. ``gate_up_silu`` is the
 gate/up product followed by SiLU-and-mul: cuBLAS and the SiLU kernel, against
 :func:`gpu_worker.kernels.linear.gate_up_silu` (both in one launch).
+``lm_head`` is the LM head (once a step). ``o_add_norm`` and ``normed_qkv`` time the folded
+norm (``gpu_worker.ops.FOLD_NORMS``): the O product adding into the residual (and leaving
+its sums of squares) and the QKV product finishing the norm, against cuBLAS with the
+add_rms_norm or rms_norm kernel beside it.
 ``--search`` also times a grid of configs and reports the fastest per product, which is
 how the default configs are chosen. Prints JSON on the last line of stdout. CUDA only.
 """
@@ -27,10 +31,11 @@ from gpu_worker.kernels import fused, num_sms, shared_memory
 from gpu_worker.kernels import linear as lin
 
 log = logging.getLogger("bench.gemm")
-# (name, N, K) of one Llama-3-8B layer
+# (name, N, K) of one Llama-3-8B layer, and its LM head (1 GB: once a step, ~5% of it)
 LLAMA3_8B = (("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096),
-             ("down", 4096, 14336), ("gate_up_silu", 28672, 4096))
-DEFAULT_PRODUCTS = "qkv,o,gate_up,down"
+             ("down", 4096, 14336), ("gate_up_silu", 28672, 4096), ("lm_head", 128256, 4096),
+             ("o_add_norm", 4096, 4096), ("normed_qkv", 6144, 4096))
+DEFAULT_PRODUCTS = "qkv,o,gate_up,down,lm_head"
 COPIES_BYTES = 2 << 30  # weight copies per graph: well past the 50-60 MB of L2
 REPLAYS = 10
 
@@ -70,6 +75,42 @@ def candidates(n: int, k: int, num_sms: int, gated: bool = False) -> list[lin.Li
     return out
 
 
+def products(name: str, x: torch.Tensor, weights: list[torch.Tensor], counters: torch.Tensor):
+    """``cublas(i)`` and ``tandem(config)(i)``: product ``name`` of x [rows, K] by
+    ``weights[i]`` [N, K], as the model would run it unfused and with Tandem's kernel.
+    The folded norm (``gpu_worker.ops.FOLD_NORMS``): ``o_add_norm`` is the O product with
+    the residual add and the next norm, ``normed_qkv`` the QKV product of that norm's
+    output; their cuBLAS side is the unfolded pair (cuBLAS and the add_rms_norm or rms_norm
+    kernel)."""
+    gated = name == "gate_up_silu"
+    rows, (n, k) = x.shape[0], weights[0].shape
+    residual = torch.randn(rows, n if name == "o_add_norm" else k, device=x.device,
+                           dtype=x.dtype)
+    norm_weight = torch.ones(residual.shape[1], device=x.device, dtype=x.dtype)
+    # normed_qkv's input as an O product of 32-column tiles would leave its sums
+    sums = residual.float().pow(2).view(rows, -1, 32).sum(-1).T.contiguous()
+
+    def cublas(i):
+        if name == "o_add_norm":
+            return fused.add_rms_norm(F.linear(x, weights[i]), residual, norm_weight, 1e-5)
+        if name == "normed_qkv":
+            return F.linear(fused.rms_norm(residual, norm_weight, 1e-5), weights[i])
+        y = F.linear(x, weights[i])
+        return fused.silu_and_mul(y) if gated else y
+
+    def tandem(cfg):
+        if name == "o_add_norm":
+            return lambda i: lin.linear_add(x, weights[i], residual, counters=counters,
+                                            config=cfg)
+        if name == "normed_qkv":
+            return lambda i: lin.normed_linear(residual, sums, norm_weight, 1e-5, weights[i],
+                                               counters=counters, config=cfg)
+        kernel = lin.gate_up_silu if gated else lin.linear
+        return lambda i: kernel(x, weights[i], counters=counters, config=cfg)
+
+    return cublas, tandem
+
+
 def measure(name, n, k, rows, bandwidth, search) -> dict:
     dev, dtype = torch.device("cuda"), torch.bfloat16
     copies = max(4, COPIES_BYTES // (n * k * 2))
@@ -78,20 +119,11 @@ def measure(name, n, k, rows, bandwidth, search) -> dict:
     counters = lin.new_counters(dev)
     floor_us = n * k * 2 / bandwidth * 1e6
 
-    gated = name == "gate_up_silu"
-
-    def cublas(i):
-        y = F.linear(x, weights[i])
-        return fused.silu_and_mul(y) if gated else y
-
-    def tandem(cfg):
-        kernel = lin.gate_up_silu if gated else lin.linear
-        return lambda i: kernel(x, weights[i], counters=counters, config=cfg)
-
+    cublas, tandem = products(name, x, weights, counters)
     row = {"product": name, "n": n, "k": k, "rows": rows, "floor_us": floor_us,
            "cublas_us": graph_us(cublas, copies)}
-    sms, shared = num_sms(dev), shared_memory(dev)
-    default = lin.default_config(rows, n, k, sms, shared)
+    sms, shared, gated = num_sms(dev), shared_memory(dev), name == "gate_up_silu"
+    default = lin.default_config(rows, n, k, sms, shared, gated)  # as the launcher picks
     row["tandem_us"] = graph_us(tandem(default), copies)
     row["tandem_config"] = vars(default)
 
