@@ -5,6 +5,7 @@
 #   scripts/device_run.sh [gpu|tests|sweep|kernels|bench|all] [extra bench args...]
 #   scripts/device_run.sh [bench-start|bench-wait] [extra bench args...]
 #   scripts/device_run.sh host-profile [bench args...]
+#   scripts/device_run.sh ab 'SWEEP ARGS A' 'SWEEP ARGS B' [common sweep args...]
 #   (gpu: only the tests marked gpu; tests: those and the e2e suite on CUDA; sweep: the
 #   gpu tests and the decode/prefill sweep alone; kernels: the gpu tests and the component
 #   benchmarks, bench.gemm and bench.attention, with their searches; bench: `python -m
@@ -17,6 +18,10 @@
 #   $SPY_AFTER_S (default 8) after the bench says it is measuring: give it a run that
 #   lasts longer than that, e.g. --model random:smollm2-135m --modes tandem-async
 #   --new-tokens 16384. Writes spy-*.txt (raw samples) and spy.txt (python -m bench.spy).
+#   ab: the gpu tests, then the decode sweep four times, A B A B (drift in the card's state
+#   falls on both), e.g. ab '--fold-norms off' '--fold-norms on' --batches 1,32,128
+#   --contexts 1024,4096 --prefill-rows 1 --prefill-tokens 64; python -m bench.compare
+#   prints them side by side (ab.txt).
 #
 # Missing Python packages travel as wheels in .whl/ and the tokenizer cache in
 # .device/cache/ (see README, "Running on a GPU machine").
@@ -37,7 +42,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --f
     | tee "$OUT/gpu.txt"
 status=0
 if [ "$what" = gpu ] || [ "$what" = tests ] || [ "$what" = sweep ] || [ "$what" = kernels ] ||
-        [ "$what" = all ]; then
+        [ "$what" = ab ] || [ "$what" = all ]; then
     python3 -m pytest -q -rfs -p no:cacheprovider -m gpu tests 2>&1 | tee "$OUT/gpu_tests.txt"
     status=$(( status | PIPESTATUS[0] ))
 fi
@@ -45,6 +50,21 @@ if [ "$what" = sweep ]; then
     python3 -m bench.sweep "$@" > "$OUT/sweep.json" 2> "$OUT/sweep.log"
     status=$(( status | $? ))
     tail -n 40 "$OUT/sweep.log"
+fi
+if [ "$what" = ab ]; then
+    variant_a=$1 variant_b=$2
+    shift 2
+    for run in a1 b1 a2 b2; do
+        case $run in a*) extra=$variant_a ;; *) extra=$variant_b ;; esac
+        # shellcheck disable=SC2086  # each variant's arguments split on purpose
+        python3 -m bench.sweep $extra "$@" > "$OUT/sweep-$run.json" 2> "/tmp/sweep-$run.log"
+        status=$(( status | $? ))
+        grep "decode batch" "/tmp/sweep-$run.log" | sed "s/^/$run /"
+    done
+    python3 -m bench.compare "A=$OUT/sweep-a1.json,$OUT/sweep-a2.json" \
+        "B=$OUT/sweep-b1.json,$OUT/sweep-b2.json" > "$OUT/ab.txt"
+    echo "A: $variant_a; B: $variant_b" >> "$OUT/ab.txt"
+    grep -v '^{' "$OUT/ab.txt"
 fi
 if [ "$what" = kernels ]; then
     python3 -m bench.gemm --search 32 > "$OUT/gemm.json" 2> "$OUT/gemm.log"

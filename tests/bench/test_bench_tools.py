@@ -3,6 +3,7 @@ works (an unescaped % in a help string once broke ``python -m bench --help``).""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -34,7 +35,7 @@ def test_samples_are_counted_per_thread_own_and_inclusive():
 
 
 @pytest.mark.parametrize("tool", ["bench", "bench.sweep", "bench.gemm", "bench.attention",
-                                  "bench.host", "bench.device", "bench.spy",
+                                  "bench.host", "bench.device", "bench.spy", "bench.compare",
                                   "bench.hf_baseline"])
 def test_every_bench_tool_prints_its_help(tool):
     done = subprocess.run([sys.executable, "-m", tool, "--help"], capture_output=True,
@@ -42,3 +43,25 @@ def test_every_bench_tool_prints_its_help(tool):
                           cwd=Path(__file__).resolve().parents[2])
     assert done.returncode == 0, done.stderr[-2000:]
     assert "usage:" in done.stdout
+
+
+def test_compare_lines_up_the_variants_sweeps(tmp_path):
+    from bench import compare
+
+    def sweep(name, *steps):
+        points = [{"batch": b, "context": 1024, "floor_ms": 4.0, "status": "ok", "step_ms": s}
+                  for b, s in zip((1, 32), steps, strict=True)]
+        points.append({"batch": 256, "context": 1024, "floor_ms": 9.0, "status": "does not fit"})
+        path = tmp_path / name
+        path.write_text("log line\n" + json.dumps({"decode": points}) + "\n")
+        return str(path)
+
+    rows = compare.compare([compare.load(f"off={sweep('a1', 5.0, 6.0)},{sweep('a2', 5.2, 6.0)}"),
+                            compare.load(f"on={sweep('b1', 4.9, 5.4)}")])
+    assert [(r["batch"], r["context"]) for r in rows] == [(1, 1024), (32, 1024)]
+    assert rows[0]["step_ms"] == {"off": pytest.approx(5.1), "on": 4.9}
+    assert rows[1]["vs_first"]["on"] == pytest.approx(0.9)
+    text = compare.table(["off", "on"], rows)
+    assert "0.900x" in text and "74%" in text  # 4.0 of 5.4 ms: the floor's share
+    with pytest.raises(SystemExit):
+        compare.load("no-files")
