@@ -179,7 +179,6 @@ class TritonOps:
             return lin.gate_up_silu(x, gate_up_weight, counters=self._counters)
         return self.silu_and_mul(self.linear(x, gate_up_weight))
 
-
     def linear_add_norm(self, x, w, residual, norm_weight, eps) -> torch.Tensor | FoldedNorm:
         lin = self._linear
         if self.fold_norms and x.shape[0] <= self.LINEAR_ROWS and lin.supports(x, w) and \
