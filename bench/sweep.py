@@ -58,6 +58,7 @@ class SweepConfig:
     profile: tuple[tuple[int, int], ...] = ()  # (batch, context) points to profile (CUDA)
     fuse_silu: bool | None = None  # Triton ops: gate/up + SiLU in one launch (None: default)
     fold_norms: bool | None = None  # Triton ops: norms folded into the products (None: default)
+    attention_stages: int | None = None  # Triton decode attention's pipeline (None: default)
 
 
 def build_model(cfg: SweepConfig) -> tuple[LlamaModel, analysis.ModelShape]:
@@ -259,6 +260,8 @@ def run(cfg: SweepConfig) -> dict:
                     shape.head_dim, cfg.dtype, cfg.device)
     cache.data.normal_()
     attention = make_attention(cache, shape.head_dim**-0.5, cfg.device, cfg.kernels)
+    if cfg.attention_stages and hasattr(attention, "num_stages"):
+        attention.num_stages = cfg.attention_stages  # each launch reads it
     log.info("KV cache %d tokens (%.1f GiB); attention %s", num_blocks * BLOCK_SIZE,
              cache.data.numel() * cfg.dtype.itemsize / 2**30, type(attention).__name__)
     profiles = {}
@@ -295,7 +298,8 @@ def make_config(args: argparse.Namespace) -> SweepConfig:
         device=device, dtype=torch.bfloat16 if is_cuda else torch.float32, kernels=args.kernels,
         profile=tuple(tuple(ints(point.replace("x", ","))) for point in args.profile),
         fuse_silu={"on": True, "off": False}.get(args.fuse_silu),
-        fold_norms={"on": True, "off": False}.get(args.fold_norms))
+        fold_norms={"on": True, "off": False}.get(args.fold_norms),
+        attention_stages=args.attention_stages)
 
 
 def ints(text: str) -> list[int]:
@@ -317,6 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fuse-silu", choices=("on", "off"),
                    help="Triton ops: gate/up product and SiLU-and-mul in one launch for "
                         "decode-sized batches (default: gpu_worker.ops.FUSE_SILU)")
+    p.add_argument("--attention-stages", type=int, metavar="N",
+                   help="Triton decode attention: K/V tiles in flight per program (default: "
+                        "4 where shared memory allows; see bench.attention --search)")
     p.add_argument("--fold-norms", choices=("on", "off"),
                    help="Triton ops: each residual add + RMSNorm folded into the products "
                         "around it for decode-sized batches (default: "
