@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import functools
 import json
 import logging
 import platform
@@ -93,6 +94,7 @@ class _Utilization(ctypes.Structure):
     _fields_ = [("gpu", ctypes.c_uint), ("memory", ctypes.c_uint)]
 
 
+@functools.cache  # one NVML init per device: the sweep asks for its state at every point
 def _ctypes_device(pci_bus_id: str | None) -> tuple[ctypes.CDLL, ctypes.c_void_p]:
     try:
         lib = ctypes.CDLL("libnvidia-ml.so.1")

@@ -181,8 +181,8 @@ def profile_decode(cfg, model, attention, batch: int, context: int) -> list[dict
 
 def sweep_decode(cfg, model, shape, attention, kv_tokens, bandwidth, timer) -> list[dict]:
     points = []
-    bus = pci_bus_id(torch.cuda.get_device_properties(cfg.device)) \
-        if cfg.device.type == "cuda" else False  # False: no NVML to ask
+    is_cuda = cfg.device.type == "cuda"
+    bus = pci_bus_id(torch.cuda.get_device_properties(cfg.device)) if is_cuda else None
     for batch in cfg.batches:
         for context in cfg.contexts:
             floor = analysis.decode_floor(shape, cfg.dtype.itemsize, batch, context, bandwidth)
@@ -192,7 +192,7 @@ def sweep_decode(cfg, model, shape, attention, kv_tokens, bandwidth, timer) -> l
                 continue
             step = decode_step_fn(model, attention, batch, context, cfg.device)
             step_ms = timer.median_ms(step, TIMED_STEPS)
-            state = device_state(bus) if bus is not False else None  # as the card ran them
+            state = device_state(bus) if is_cuda else None  # as the card ran them
             del step
             points.append(point | {
                 "status": "ok", "step_ms": step_ms, "tokens_per_s": batch / step_ms * 1e3,
@@ -297,9 +297,13 @@ def make_config(args: argparse.Namespace) -> SweepConfig:
         prefill_tokens=pick(args.prefill_tokens, 1024, 64),
         device=device, dtype=torch.bfloat16 if is_cuda else torch.float32, kernels=args.kernels,
         profile=tuple(tuple(ints(point.replace("x", ","))) for point in args.profile),
-        fuse_silu={"on": True, "off": False}.get(args.fuse_silu),
-        fold_norms={"on": True, "off": False}.get(args.fold_norms),
+        fuse_silu=on_off(args.fuse_silu), fold_norms=on_off(args.fold_norms),
         attention_stages=args.attention_stages)
+
+
+def on_off(text: str | None) -> bool | None:
+    """A flag's ``on``/``off`` (None: not given, the default holds)."""
+    return {"on": True, "off": False}.get(text)
 
 
 def ints(text: str) -> list[int]:

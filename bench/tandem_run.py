@@ -46,9 +46,11 @@ def _outputs(tag: str) -> list[list[int]]:
             if k.startswith(f"{tag}-")]
 
 
-def outputs_digest(tag: str) -> str:
-    """sha256 over the generated ids of the requests tagged ``tag``, in request order."""
-    return hashlib.sha256(json.dumps(_outputs(tag)).encode()).hexdigest()
+def outputs_digest(tag: str, outputs: list[list[int]] | None = None) -> str:
+    """sha256 over the generated ids of the requests tagged ``tag`` (or over ``outputs``,
+    already collected), in request order."""
+    ids = _outputs(tag) if outputs is None else outputs
+    return hashlib.sha256(json.dumps(ids).encode()).hexdigest()
 
 
 Send = Callable[[str, list[int], int], AsyncIterator[pb.GenerateStreamResponse]]
@@ -157,8 +159,9 @@ async def measure(engine_address: str, gateway_address: str | None,
     async with AsyncExitStack() as stack:
         channel = await stack.enter_async_context(grpc.aio.insecure_channel(engine_address))
         stub = engine_pb2_grpc.EngineStub(channel)
-        send = engine_mux_send(channel, stack)
-        if gateway_address is not None:
+        if gateway_address is None:
+            send = engine_mux_send(channel, stack)
+        else:
             send = gateway_send(await stack.enter_async_context(
                 grpc.aio.insecure_channel(gateway_address)))
         await generate_all(send, warm, WARMUP_NEW_TOKENS, "warmup")
@@ -198,8 +201,9 @@ def run_mode(mode: str, spec: EngineSpec, prompts: list[list[int]], warm: list[l
         got.notes.append(f"trace on {timeline['device'] or 'the device'} holds no kernels")
     if trace_path.exists() and not keep_trace:
         trace_path.unlink()
+    outputs = _outputs("bench")
     return analysis.mode_row(mode, got.wall_s, got.arrivals, timeline, result_dict(sampler),
                              got.notes, expected_tokens=len(prompts) * new_tokens,
                              extra={"engine_stats": got.engine_stats,
-                                    "outputs_sha256": outputs_digest("bench"),
-                                    "output_blocks": analysis.output_blocks(_outputs("bench"))})
+                                    "outputs_sha256": outputs_digest("bench", outputs),
+                                    "output_blocks": analysis.output_blocks(outputs)})

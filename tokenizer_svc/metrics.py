@@ -14,9 +14,11 @@ import math
 import threading
 from collections.abc import Iterable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
+
+from tandem.metrics import serve_metrics
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1)
@@ -75,8 +77,7 @@ class EngineMetrics:
 
     def serve(self, port: int, host: str = "0.0.0.0") -> int:
         """Serve /metrics over HTTP; returns the port (useful when asked for port 0)."""
-        server, _ = start_http_server(port, addr=host, registry=self.registry)
-        return server.server_port
+        return serve_metrics(self.registry, port, host)
 
     def observe_step(self, busy_s: float, idle_s: float) -> None:
         self.device_busy.inc(busy_s)
