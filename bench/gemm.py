@@ -11,7 +11,8 @@ gate/up product followed by SiLU-and-mul: cuBLAS and the SiLU kernel, against
 ``lm_head`` is the LM head (once a step). ``o_add_norm`` and ``normed_qkv`` time the folded
 norm (``gpu_worker.ops.FOLD_NORMS``): the O product adding into the residual (and leaving
 its sums of squares) and the QKV product finishing the norm, against cuBLAS with the
-add_rms_norm or rms_norm kernel beside it.
+add_rms_norm or rms_norm kernel beside it; ``normed_qkv_prescaled`` is the latter with the
+norm's weight already in the QKV weight, so x goes into the product unscaled.
 ``--search`` also times a grid of configs and reports the fastest per product, which is
 how the default configs are chosen. Prints JSON on the last line of stdout. CUDA only.
 """
@@ -34,7 +35,8 @@ log = logging.getLogger("bench.gemm")
 # (name, N, K) of one Llama-3-8B layer, and its LM head (1 GB: once a step, ~5% of it)
 LLAMA3_8B = (("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096),
              ("down", 4096, 14336), ("gate_up_silu", 28672, 4096), ("lm_head", 128256, 4096),
-             ("o_add_norm", 4096, 4096), ("normed_qkv", 6144, 4096))
+             ("o_add_norm", 4096, 4096), ("normed_qkv", 6144, 4096),
+             ("normed_qkv_prescaled", 6144, 4096))
 DEFAULT_PRODUCTS = "qkv,o,gate_up,down,lm_head"
 COPIES_BYTES = 2 << 30  # weight copies per graph: well past the 50-60 MB of L2
 REPLAYS = 10
@@ -93,7 +95,7 @@ def products(name: str, x: torch.Tensor, weights: list[torch.Tensor], counters: 
     def cublas(i):
         if name == "o_add_norm":
             return fused.add_rms_norm(F.linear(x, weights[i]), residual, norm_weight, 1e-5)
-        if name == "normed_qkv":
+        if name.startswith("normed_qkv"):
             return F.linear(fused.rms_norm(residual, norm_weight, 1e-5), weights[i])
         y = F.linear(x, weights[i])
         return fused.silu_and_mul(y) if gated else y
@@ -102,8 +104,9 @@ def products(name: str, x: torch.Tensor, weights: list[torch.Tensor], counters: 
         if name == "o_add_norm":
             return lambda i: lin.linear_add(x, weights[i], residual, counters=counters,
                                             config=cfg)
-        if name == "normed_qkv":
-            return lambda i: lin.normed_linear(residual, sums, norm_weight, 1e-5, weights[i],
+        if name.startswith("normed_qkv"):
+            scale = None if name == "normed_qkv_prescaled" else norm_weight
+            return lambda i: lin.normed_linear(residual, sums, scale, 1e-5, weights[i],
                                                counters=counters, config=cfg)
         kernel = lin.gate_up_silu if gated else lin.linear
         return lambda i: kernel(x, weights[i], counters=counters, config=cfg)

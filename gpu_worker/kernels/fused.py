@@ -40,30 +40,36 @@ def _exp(x, LIBDEVICE: tl.constexpr):
 
 
 @triton.jit
-def _normalize(x32, w, n_cols, eps, LIBDEVICE: tl.constexpr):
-    """``w * (x * rsqrt(mean(x^2) + eps)).to(dtype)``; masked lanes of x32 hold 0."""
+def _normalize(x32, w_ptr, cols, mask, n_cols, eps, dtype: tl.constexpr,
+               HAS_WEIGHT: tl.constexpr, LIBDEVICE: tl.constexpr):
+    """``w * (x * rsqrt(mean(x^2) + eps)).to(dtype)`` (without HAS_WEIGHT: the normed x alone,
+    its weight being in the next product's); masked lanes of x32 hold 0."""
     mean = tl.math.div_rn(tl.sum(x32 * x32, axis=0), tl.cast(n_cols, tl.float32))
-    normed = (x32 * rsqrt(mean + eps, LIBDEVICE)).to(w.dtype)
-    return (normed.to(tl.float32) * w.to(tl.float32)).to(w.dtype)  # one dtype rounding
+    normed = (x32 * rsqrt(mean + eps, LIBDEVICE)).to(dtype)
+    if HAS_WEIGHT:
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+        normed = (normed.to(tl.float32) * w.to(tl.float32)).to(dtype)  # one dtype rounding
+    return normed
 
 
 @triton.jit
 def _rms_norm_kernel(
     x_ptr, w_ptr, y_ptr, x_stride, y_stride, n_cols, eps,
-    BLOCK: tl.constexpr, LIBDEVICE: tl.constexpr,
+    BLOCK: tl.constexpr, HAS_WEIGHT: tl.constexpr, LIBDEVICE: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
     x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
-    tl.store(y_ptr + row * y_stride + cols, _normalize(x, w, n_cols, eps, LIBDEVICE), mask=mask)
+    y = _normalize(x, w_ptr, cols, mask, n_cols, eps, y_ptr.dtype.element_ty, HAS_WEIGHT,
+                   LIBDEVICE)
+    tl.store(y_ptr + row * y_stride + cols, y, mask=mask)
 
 
 @triton.jit
 def _add_rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, y_ptr, x_stride, res_stride, y_stride, n_cols, eps,
-    BLOCK: tl.constexpr, LIBDEVICE: tl.constexpr,
+    BLOCK: tl.constexpr, HAS_WEIGHT: tl.constexpr, LIBDEVICE: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
@@ -73,8 +79,8 @@ def _add_rms_norm_kernel(
     res = tl.load(res_ptrs, mask=mask, other=0.0)
     total = (x.to(tl.float32) + res.to(tl.float32)).to(x.dtype)  # torch's add in dtype
     tl.store(res_ptrs, total, mask=mask)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
-    y = _normalize(total.to(tl.float32), w, n_cols, eps, LIBDEVICE)
+    y = _normalize(total.to(tl.float32), w_ptr, cols, mask, n_cols, eps,
+                   y_ptr.dtype.element_ty, HAS_WEIGHT, LIBDEVICE)
     tl.store(y_ptr + row * y_stride + cols, y, mask=mask)
 
 
@@ -178,24 +184,24 @@ def _check_rows(name: str, t: torch.Tensor, n_cols: int) -> None:
                          f"got shape {tuple(t.shape)} strides {t.stride()}")
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """``TorchOps.rms_norm`` in one kernel: x [num_tokens, hidden], weight [hidden] (x's dtype)."""
-    hidden = weight.shape[0]
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """``TorchOps.rms_norm`` in one kernel: x [num_tokens, hidden], weight [hidden] (x's
+    dtype; None: no weight, it is in the next product's)."""
+    hidden = _check_weight(x, weight)
     _check_rows("x", x, hidden)
-    if weight.dtype != x.dtype:
-        raise ValueError(f"weight dtype {weight.dtype} != x dtype {x.dtype}")
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
     if x.shape[0]:
         block, num_warps = _norm_config(hidden)
         _rms_norm_kernel[(x.shape[0],)](
-            x, weight.contiguous(), y, x.stride(0), y.stride(0), hidden, eps,
-            BLOCK=block, LIBDEVICE=LIBDEVICE, num_warps=num_warps, enable_fp_fusion=False,
+            x, y if weight is None else weight.contiguous(), y, x.stride(0), y.stride(0),
+            hidden, eps, BLOCK=block, HAS_WEIGHT=weight is not None, LIBDEVICE=LIBDEVICE,
+            num_warps=num_warps, enable_fp_fusion=False,
         )
     return y
 
 
 def add_rms_norm(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``residual += x`` (rounded to dtype, in place), then ``rms_norm(residual)``.
 
@@ -203,21 +209,31 @@ def add_rms_norm(
     the residual being the argument itself, updated: callers that still need the old
     residual must pass a copy.
     """
-    hidden = weight.shape[0]
+    hidden = _check_weight(x, weight)
     _check_rows("x", x, hidden)
     _check_rows("residual", residual, hidden)
-    if not x.dtype == residual.dtype == weight.dtype or x.shape != residual.shape:
-        raise ValueError(f"x {x.dtype}{tuple(x.shape)}, residual {residual.dtype}"
-                         f"{tuple(residual.shape)} and weight {weight.dtype} must agree")
+    if x.dtype != residual.dtype or x.shape != residual.shape:
+        raise ValueError(f"x {x.dtype}{tuple(x.shape)} and residual {residual.dtype}"
+                         f"{tuple(residual.shape)} must agree")
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
     if x.shape[0]:
         block, num_warps = _norm_config(hidden)
         _add_rms_norm_kernel[(x.shape[0],)](
-            x, residual, weight.contiguous(), y,
-            x.stride(0), residual.stride(0), y.stride(0), hidden, eps,
-            BLOCK=block, LIBDEVICE=LIBDEVICE, num_warps=num_warps, enable_fp_fusion=False,
+            x, residual, y if weight is None else weight.contiguous(), y,
+            x.stride(0), residual.stride(0), y.stride(0), hidden, eps, BLOCK=block,
+            HAS_WEIGHT=weight is not None, LIBDEVICE=LIBDEVICE, num_warps=num_warps,
+            enable_fp_fusion=False,
         )
     return y, residual
+
+
+def _check_weight(x: torch.Tensor, weight: torch.Tensor | None) -> int:
+    """A norm's hidden size: the weight's length (x's dtype), or x's last dim without one."""
+    if weight is None:
+        return x.shape[-1]
+    if weight.dtype != x.dtype:
+        raise ValueError(f"weight dtype {weight.dtype} != x dtype {x.dtype}")
+    return weight.shape[0]
 
 
 def rope_write_kv(

@@ -143,18 +143,20 @@ def linear_add(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor, *,
     return _launch(x, w, None, counters, config, gated=False, residual=residual)
 
 
-def normed_linear(x: torch.Tensor, sums: torch.Tensor, norm_weight: torch.Tensor, eps: float,
-                  w: torch.Tensor, bias: torch.Tensor | None = None, *,
+def normed_linear(x: torch.Tensor, sums: torch.Tensor, norm_weight: torch.Tensor | None,
+                  eps: float, w: torch.Tensor, bias: torch.Tensor | None = None, *,
                   counters: torch.Tensor, config: LinearConfig | None = None) -> torch.Tensor:
     """``rms_norm(x) @ w.T (+ bias)`` where ``sums`` are x's sums of squares by column tile
     (from :func:`linear_add`): each x tile is scaled by the norm's weight as it is loaded
     (rounded to x's dtype), and each row's ``rsqrt(mean + eps)`` is applied to the float32
     sums before the one rounding (where the unfused pair rounds the normed x first: the
-    two agree to a few ulps). Same conditions as :func:`linear`."""
+    two agree to a few ulps). ``norm_weight`` None: it is already in w's columns (``w *
+    norm_weight``, made once), and x goes into the product as it is. Same conditions as
+    :func:`linear`."""
     return _launch(x, w, bias, counters, config, gated=False, norm=(sums, norm_weight, eps))
 
 
-def normed_gate_up_silu(x: torch.Tensor, sums: torch.Tensor, norm_weight: torch.Tensor,
+def normed_gate_up_silu(x: torch.Tensor, sums: torch.Tensor, norm_weight: torch.Tensor | None,
                         eps: float, gate_up: torch.Tensor, *, counters: torch.Tensor,
                         config: LinearConfig | None = None) -> torch.Tensor:
     """:func:`gate_up_silu` of ``rms_norm(x)``, the norm finished as :func:`normed_linear`
@@ -185,11 +187,13 @@ def _launch(x, w, bias, counters, config, gated: bool, residual=None,
     num_tiles, eps = 1, 0.0
     if residual is not None:  # the sums of squares this product leaves for the next
         sums = torch.empty(grid[0], m, dtype=torch.float32, device=x.device)
+    scale_x = norm is not None and norm[1] is not None
     if norm is not None:
         sums, norm_weight, eps = norm
         num_tiles = sums.shape[0]
-        if sums.shape != (num_tiles, m) or sums.dtype != torch.float32 or \
-                norm_weight.shape != (k,) or norm_weight.dtype != x.dtype:
+        norm_weight = norm_weight if scale_x else y
+        if sums.shape != (num_tiles, m) or sums.dtype != torch.float32 or scale_x and (
+                norm_weight.shape != (k,) or norm_weight.dtype != x.dtype):
             raise ValueError(f"norm sums {sums.dtype}{tuple(sums.shape)} and weight "
                              f"{norm_weight.dtype}{tuple(norm_weight.shape)} do not fit x "
                              f"{x.dtype}{tuple(x.shape)}")
@@ -202,7 +206,8 @@ def _launch(x, w, bias, counters, config, gated: bool, residual=None,
         norm_weight.contiguous(), m, n, x.stride(0), y.stride(0), num_tiles, eps, K=k,
         BLOCK_M=_block_m(m), BLOCK_N=block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,
         HAS_BIAS=bias is not None, GATED=gated, ADD_RES=residual is not None,
-        NORM_X=norm is not None, T_PAD=triton.next_power_of_2(num_tiles), LIBDEVICE=LIBDEVICE,
+        NORM_X=norm is not None, SCALE_X=scale_x, T_PAD=triton.next_power_of_2(num_tiles),
+        LIBDEVICE=LIBDEVICE,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return sums if residual is not None else y
@@ -214,15 +219,16 @@ def _linear_kernel(
     M, N, stride_xm, stride_ym, num_tiles, eps, K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
-    ADD_RES: tl.constexpr, NORM_X: tl.constexpr, T_PAD: tl.constexpr,
+    ADD_RES: tl.constexpr, NORM_X: tl.constexpr, SCALE_X: tl.constexpr, T_PAD: tl.constexpr,
     LIBDEVICE: tl.constexpr,
 ):
     """One (column tile, K slice): acc[n, m] = sum_k w[n, k] * x[m, k] over the slice.
     GATED: w is [2 N, K]; up_acc sums the tile's rows N further on, and the output is
     silu(acc) * up_acc, each rounded first. ADD_RES: y is the residual, which the output is
     added to, and each tile's sums of squares of the new residual go to sums[tile, m].
-    NORM_X: x is scaled by norm_w as it is loaded, the output by each row's rsqrt of the
-    mean of sums[:, m] (the norm's other half, from an ADD_RES product)."""
+    NORM_X: the output is scaled by each row's rsqrt of the mean of sums[:, m] (the norm's
+    other half, from an ADD_RES product), and with SCALE_X x by norm_w as it is loaded
+    (without: the norm's weight is already in w's columns)."""
     tile, split = tl.program_id(0), tl.program_id(1)
     offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
@@ -242,7 +248,7 @@ def _linear_kernel(
             up = tl.load(up_ptrs, mask=n_ok[:, None], other=0.0)
             up_ptrs += BLOCK_K
         xt = tl.load(x_ptrs, mask=m_ok[None, :], other=0.0)  # [BLOCK_K, BLOCK_M]
-        if NORM_X:  # the norm's weight, rounded as the unfused norm rounds its product
+        if SCALE_X:  # the norm's weight, rounded as the unfused norm rounds its product
             nw = tl.load(nw_ptrs).to(tl.float32)
             xt = (xt.to(tl.float32) * nw[:, None]).to(xt.dtype)
             nw_ptrs += BLOCK_K

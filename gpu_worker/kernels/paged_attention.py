@@ -22,6 +22,13 @@ LOG2E = 1.4426950408889634
 MAX_SPLITS = 64  # decode splits per (row, kv head)
 MAX_ROW_HEADS = 1 << 16  # decode rows x kv heads: one split counter each
 WAVES = 2  # decode launches at least this many programs per SM, where rows allow
+# Decode with at most this many (row, kv head) pairs per SM: 128-key tiles, two stages, and
+# as few splits as fill the machine in whole waves (H200, Llama-3-8B shape, `python -m
+# bench.attention --search`: batch 32 at 1K 37.3 us a layer against 38.8 with the default
+# 64-key tiles and two programs per SM; batch 8 at 4K and 16 at 2K 38.8 and 38.2 against
+# 44.5 and 42.3; from batch 64 on the 64-key tiles stay ahead)
+FEW_PAIRS_PER_SM = 2
+WAVE_FILL = 0.9  # the share of the last wave's programs that few-pair splits aim for
 DECODE_STAGES = 4  # K/V tiles in flight per decode program, where shared memory allows
 STAGE_SHARE = 0.7  # of a program's shared memory, what the decode pipeline may take
 PREFILL_BLOCK_M = 64  # query tokens x grouped heads per prefill program
@@ -46,7 +53,11 @@ class TritonPagedAttention:
     ``num_splits`` (decode splits) and ``block_n`` (keys per loop iteration, a power of
     two >= 16) override the defaults; tests use them to reach every code path. ``waves``
     (programs per SM that the split count aims for), ``num_warps`` and ``num_stages`` tune
-    the decode kernel (``python -m bench.attention`` compares them). ``fuse_rope`` makes a
+    the decode kernel (``python -m bench.attention`` compares them). With none of
+    ``block_n``, ``num_stages`` and ``waves`` given, a decode batch of few (row, kv head)
+    pairs (``FEW_PAIRS_PER_SM``) takes longer programs: tiles of twice the keys, two
+    stages, and the fewest splits that fill the machine in whole waves
+    (:func:`few_pairs_splits`). ``fuse_rope`` makes a
     decode step one launch instead of two: each decode program rotates its own query heads
     in registers (q is then left as it was), and the split that holds a row's newest key
     rotates that key and writes it and its value into the cache before it reads them.
@@ -55,7 +66,7 @@ class TritonPagedAttention:
     any_context = True  # decode reads each row's length on the device
 
     def __init__(self, cache: KVCache, scale: float, *, num_splits: int | None = None,
-                 block_n: int | None = None, waves: int = WAVES, num_warps: int = 4,
+                 block_n: int | None = None, waves: int | None = None, num_warps: int = 4,
                  num_stages: int | None = None, fuse_rope: bool = FUSE_ROPE) -> None:
         head_dim = cache.data.shape[-1]
         if not (_is_pow2(cache.block_size) and _is_pow2(head_dim) and head_dim >= 16):
@@ -66,11 +77,16 @@ class TritonPagedAttention:
         self.scale = scale
         self.num_splits = num_splits
         self.block_n = block_n or max(64 if head_dim >= 128 else 128, cache.block_size)
-        self.waves, self.num_warps, self.fuse_rope = waves, num_warps, fuse_rope
+        self.waves, self.num_warps, self.fuse_rope = waves or WAVES, num_warps, fuse_rope
         tile_bytes = 2 * self.block_n * head_dim * cache.data.element_size()  # one K + V
         budget = STAGE_SHARE * shared_memory(cache.data.device)
         self.num_stages = num_stages or (DECODE_STAGES if DECODE_STAGES * tile_bytes <= budget
                                          else 2)
+        # few (row, kv head) pairs: (block_n, num_stages) of longer decode programs, or None
+        self.few_pairs = None
+        if block_n is None and num_stages is None and waves is None and \
+                2 * (2 * tile_bytes) <= budget:
+            self.few_pairs = (2 * self.block_n, 2)
         # decode: how many splits of each (row, kv head) have finished (zero between launches)
         self.split_counters = torch.zeros(MAX_ROW_HEADS, dtype=torch.int32,
                                           device=cache.data.device)
@@ -84,14 +100,24 @@ class TritonPagedAttention:
             fused.rope_write_kv(q, k, v, meta.positions, rope.cos, rope.signed_sin, key_cache,
                                 value_cache, meta.slot_mapping)
         if decode:
-            rows, kv_heads = meta.block_tables.shape[0], key_cache.shape[2]
-            max_context = meta.block_tables.shape[1] * self.cache.block_size
-            num_splits = self.num_splits or decode_num_splits(
-                rows, kv_heads, max_context, num_sms(q.device), self.block_n, self.waves)
+            block_n, num_stages, num_splits = self.decode_launch(
+                meta.block_tables.shape[0], key_cache.shape[2],
+                meta.block_tables.shape[1] * self.cache.block_size, num_sms(q.device))
             return paged_decode(q, key_cache, value_cache, meta, self.scale, num_splits,
-                                self.block_n, self.split_counters, self.num_warps,
-                                self.num_stages, new_kv)
+                                block_n, self.split_counters, self.num_warps, num_stages,
+                                new_kv)
         return paged_prefill(q, key_cache, value_cache, meta, self.scale, self.block_n)
+
+    def decode_launch(self, rows: int, kv_heads: int, max_context: int,
+                      sms: int) -> tuple[int, int, int]:
+        """(block_n, num_stages, num_splits) of a decode launch: static shapes only."""
+        if self.few_pairs and rows * kv_heads <= FEW_PAIRS_PER_SM * sms:
+            block_n, num_stages = self.few_pairs
+            splits = self.num_splits or few_pairs_splits(rows * kv_heads, sms,
+                                                         triton.cdiv(max_context, block_n))
+            return block_n, num_stages, splits
+        return self.block_n, self.num_stages, self.num_splits or decode_num_splits(
+            rows, kv_heads, max_context, sms, self.block_n, self.waves)
 
 
 class NewKV(NamedTuple):
@@ -110,6 +136,18 @@ def decode_num_splits(num_rows: int, num_kv_heads: int, max_context: int, num_sm
     key tile of the largest context. Static inputs only, so every replay agrees."""
     wanted = triton.cdiv(waves * num_sms, num_rows * num_kv_heads)
     return max(1, min(wanted, triton.cdiv(max_context, block_n), MAX_SPLITS))
+
+
+def few_pairs_splits(pairs: int, num_sms: int, max_tiles: int) -> int:
+    """Splits per (row, kv head) when there are few pairs: the fewest that give every SM a
+    program and fill the last wave to ``WAVE_FILL`` (one program per SM at a time: the
+    few-pair programs take most of an SM's shared memory), at most one per key tile."""
+    most = max(1, min(max_tiles, MAX_SPLITS))
+    for splits in range(1, most + 1):
+        programs = pairs * splits
+        if programs >= num_sms and programs >= WAVE_FILL * num_sms * -(-programs // num_sms):
+            return splits
+    return most
 
 
 def paged_decode(

@@ -12,6 +12,7 @@ non-zero if any fails to compile.
 from __future__ import annotations
 
 import inspect
+import itertools
 import os
 import sys
 
@@ -48,10 +49,13 @@ def variants():
 
     norm = ptrs("bf16", "x_ptr", "res_ptr", "w_ptr", "y_ptr") | ints(
         "x_stride", "res_stride", "y_stride", "n_cols") | {"eps": "fp32"}
-    yield ("rms_norm", fused._rms_norm_kernel, norm, dict(BLOCK=4096, LIBDEVICE=True),
-           dict(num_warps=8, enable_fp_fusion=False))
-    yield ("add_rms_norm", fused._add_rms_norm_kernel, norm, dict(BLOCK=4096, LIBDEVICE=True),
-           dict(num_warps=8, enable_fp_fusion=False))
+    for weighted in (True, False):  # without: the weight is in the next product's
+        yield (f"rms_norm weight={weighted}", fused._rms_norm_kernel, norm,
+               dict(BLOCK=4096, HAS_WEIGHT=weighted, LIBDEVICE=True),
+               dict(num_warps=8, enable_fp_fusion=False))
+        yield (f"add_rms_norm weight={weighted}", fused._add_rms_norm_kernel, norm,
+               dict(BLOCK=4096, HAS_WEIGHT=weighted, LIBDEVICE=True),
+               dict(num_warps=8, enable_fp_fusion=False))
     rope = ptrs("bf16", "q_ptr", "k_ptr", "v_ptr", "key_cache", "value_cache", "cos_ptr",
                 "sin_ptr") | ptrs("i64", "slot_ptr", "pos_ptr") | ints(
         "q_token_stride", "q_head_stride", "k_token_stride", "v_token_stride",
@@ -66,16 +70,20 @@ def variants():
         "fp32", "partial_ptr", "sums_ptr") | ptrs("i32", "lock_ptr") | ints(
         "M", "N", "stride_xm", "stride_ym", "num_tiles") | {"eps": "fp32"}
     for split_k in (1, 2):
-        # (label, gated, residual add + sums: the product before a norm, normed x: after)
-        for label, gated, add_res, norm_x in (("linear", False, False, False),
-                                              ("gate/up + SiLU", True, False, False),
-                                              ("linear + residual", False, True, False),
-                                              ("normed linear", False, False, True),
-                                              ("normed gate/up + SiLU", True, False, True)):
+        # (label, gated, residual add + sums: the product before a norm, normed x: after,
+        # x scaled by the norm's weight in the loop: else the weight is in w)
+        for label, gated, add_res, norm_x, scale_x in (
+                ("linear", False, False, False, False),
+                ("gate/up + SiLU", True, False, False, False),
+                ("linear + residual", False, True, False, False),
+                ("normed linear", False, False, True, True),
+                ("normed gate/up + SiLU", True, False, True, True),
+                ("normed linear, prescaled w", False, False, True, False),
+                ("normed gate/up + SiLU, prescaled w", True, False, True, False)):
             yield (f"{label} split_k={split_k}", linear._linear_kernel, lin,
                    dict(K=4096, BLOCK_M=32, BLOCK_N=32, BLOCK_K=128, SPLIT_K=split_k,
                         HAS_BIAS=split_k == 1 and not gated, GATED=gated, ADD_RES=add_res,
-                        NORM_X=norm_x, T_PAD=128, LIBDEVICE=True),
+                        NORM_X=norm_x, SCALE_X=scale_x, T_PAD=128, LIBDEVICE=True),
                    dict(num_warps=4, num_stages=4))
     attn = ptrs("bf16", "q_ptr", "k_ptr", "v_ptr", "out_ptr", "k_new_ptr", "v_new_ptr",
                 "cos_ptr", "sin_ptr") | ptrs("fp32", "partial_acc_ptr", "partial_ml_ptr") | \
@@ -85,13 +93,14 @@ def variants():
             "stride_qt", "stride_qh", "stride_ot", "stride_oh", "stride_kb", "stride_kt",
             "stride_kh", "stride_bt", "stride_knt", "stride_vnt", "stride_knh",
             "stride_table") | {"scale_log2": "fp32"}
-    for fuse in (False, True):
+    # (block_n, stages): the default tiles, and those of few (row, kv head) pairs
+    for fuse, (block_n, stages) in itertools.product((False, True), ((64, 4), (128, 2))):
         for splits in (1, 4):
-            yield (f"decode attention splits={splits} fuse_rope={fuse}", pa._decode_kernel,
-                   attn, dict(GROUP=4, BLOCK_M=16, HEAD_DIM=128, BLOCK_N=64, BLOCK_SIZE=16,
-                              NUM_SPLITS=splits, IS_FP32=False, WHILE_LOOP=False,
-                              FUSE_ROPE=fuse),
-                   dict(num_warps=4, num_stages=4, enable_fp_fusion=not fuse))  # as launched
+            yield (f"decode attention splits={splits} fuse_rope={fuse} block_n={block_n}",
+                   pa._decode_kernel, attn,
+                   dict(GROUP=4, BLOCK_M=16, HEAD_DIM=128, BLOCK_N=block_n, BLOCK_SIZE=16,
+                        NUM_SPLITS=splits, IS_FP32=False, WHILE_LOOP=False, FUSE_ROPE=fuse),
+                   dict(num_warps=4, num_stages=stages, enable_fp_fusion=not fuse))
     yield ("prefill attention", pa._prefill_kernel, attn,
            dict(GROUP=4, GROUP_PAD=4, BLOCK_Q=16, HEAD_DIM=128, BLOCK_N=64, BLOCK_SIZE=16,
                 IS_FP32=False, WHILE_LOOP=False), dict(num_warps=4, num_stages=2))

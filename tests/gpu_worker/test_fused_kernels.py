@@ -74,6 +74,18 @@ def test_add_rms_norm_adds_the_residual_in_place(dtype, hidden):
     close(y, ref.rms_norm(expected_residual, weight, EPS))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_norms_without_a_weight_give_the_normed_rows(dtype):
+    """A folded model's norms carry no weight (it is in the next product's columns): the
+    same as a weight of ones."""
+    x, residual = torch.randn(3, 96, dtype=dtype), torch.randn(3, 96, dtype=dtype) * 4
+    ones = torch.ones(96, dtype=dtype)
+    assert torch.equal(ref.rms_norm(x, None, EPS), ref.rms_norm(x, ones, EPS))
+    close(fused.rms_norm(x, None, EPS), ref.rms_norm(x, None, EPS))
+    y, _ = fused.add_rms_norm(x, residual.clone(), None, EPS)
+    close(y, ref.rms_norm(residual + x, None, EPS))
+
+
 def caches(num_slots, num_kv_heads, head_dim, dtype, device="cpu", block_size=4):
     shape = (num_slots // block_size, block_size, num_kv_heads, head_dim)
     return (torch.full(shape, float("nan"), dtype=dtype, device=device),

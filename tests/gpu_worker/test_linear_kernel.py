@@ -246,30 +246,33 @@ def test_linear_add_updates_the_residual_and_leaves_its_sums_of_squares(cfg, row
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"n{c.block_n}k{c.block_k}s{c.split_k}")
 @pytest.mark.parametrize("gated", [False, True], ids=["linear", "gate-up-silu"])
-def test_normed_products_finish_the_norm(cfg, gated):
+@pytest.mark.parametrize("prescaled", [False, True], ids=["scales-x", "prescaled-w"])
+def test_normed_products_finish_the_norm(cfg, gated, prescaled):
     """linear_add then a normed product: the unfused residual add, norm and product, to a
-    few half-precision ulps (the norm's scale is applied after the product, not before)."""
+    few half-precision ulps (the norm's scale is applied after the product, not before).
+    prescaled: the norm's weight is in the product's weight already, x goes in unscaled."""
     counters = lin.new_counters(torch.device(DEVICE))
     x, w_o = half(5, 128, scale=1 / 4), half(256, 128, scale=1 / 4)
     residual, norm_weight = half(5, 256), half(256, scale=1 / 2) + 1
     w, bias = half(2 * 72 if gated else 72, 256, scale=1 / 8), None if gated else half(72)
     unfused_residual = residual + lin.linear(x, w_o, counters=counters)
     h = normed_reference(unfused_residual, norm_weight)
+    want = gated_reference(h, w) if gated else reference(h, w, bias)
     sums = lin.linear_add(x, w_o, residual, counters=counters)
-    if gated:
-        got = lin.normed_gate_up_silu(residual, sums, norm_weight, 1e-5, w, counters=counters,
-                                      config=cfg)
-        want = gated_reference(h, w)
-    else:
-        got = lin.normed_linear(residual, sums, norm_weight, 1e-5, w, bias, counters=counters,
-                                config=cfg)
-        want = reference(h, w, bias)
+    scale, w_in = norm_weight, w
+    if prescaled:
+        scale, w_in = None, w * norm_weight
+
+    def product():
+        if gated:
+            return lin.normed_gate_up_silu(residual, sums, scale, 1e-5, w_in,
+                                           counters=counters, config=cfg)
+        return lin.normed_linear(residual, sums, scale, 1e-5, w_in, bias, counters=counters,
+                                 config=cfg)
+
+    got = product()
     check(got, want)
-    again = (lin.normed_gate_up_silu(residual, sums, norm_weight, 1e-5, w, counters=counters,
-                                     config=cfg) if gated else
-             lin.normed_linear(residual, sums, norm_weight, 1e-5, w, bias, counters=counters,
-                               config=cfg))
-    assert torch.equal(got, again)  # deterministic: async must equal sync
+    assert torch.equal(got, product())  # deterministic: async must equal sync
     assert not counters.any()
 
 

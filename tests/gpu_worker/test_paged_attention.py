@@ -12,7 +12,11 @@ import pytest
 import torch
 
 from gpu_worker.attention import AttentionMetadata, KVCache, TorchPagedAttention
-from gpu_worker.kernels.paged_attention import TritonPagedAttention, decode_num_splits
+from gpu_worker.kernels.paged_attention import (
+    TritonPagedAttention,
+    decode_num_splits,
+    few_pairs_splits,
+)
 from tests.gpu_worker.kernel_helpers import Rope
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -169,6 +173,21 @@ def test_split_count_fills_the_gpu_and_never_exceeds_the_tiles():
     assert decode_num_splits(32, 8, 8192, 132, 64) == 2
     assert decode_num_splits(32, 8, 8192, 132, 64, waves=4) == 3
     assert decode_num_splits(256, 8, 8192, 132, 64) == 1
+
+
+def test_few_pairs_take_longer_programs_in_whole_waves():
+    assert few_pairs_splits(256, 132, 64) == 1  # batch 32 x 8 kv heads: 256 programs
+    assert few_pairs_splits(64, 132, 64) == 4  # 3 would leave the second wave 45% full
+    assert few_pairs_splits(192, 132, 64) == 2
+    assert few_pairs_splits(8, 132, 64) == 30  # 240 programs: the second wave 82% full
+    assert few_pairs_splits(8, 132, 4) == 4  # at most one per key tile
+    cache = KVCache(1, 4, 16, 8, 128, torch.bfloat16, torch.device("cpu"))
+    attention = TritonPagedAttention(cache, 1.0)
+    if attention.few_pairs is None:  # shared memory too small for two 128-key stages
+        pytest.skip("no few-pair programs on this device")
+    assert attention.decode_launch(32, 8, 8192, 132) == (128, 2, 1)
+    assert attention.decode_launch(34, 8, 8192, 132) == (64, attention.num_stages, 1)
+    assert TritonPagedAttention(cache, 1.0, block_n=64).few_pairs is None  # tuned by hand
 
 
 def test_rejects_shapes_the_kernels_cannot_tile():
