@@ -93,3 +93,20 @@ def test_triton_model_matches_the_torch_model(device, dtype, fuse_silu, fold_nor
     # when asked
     assert bool(fused_calls) == (fuse_silu and dtype != torch.float32)
     assert bool(folded_calls) == (fold_norms and dtype != torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_folded_norms_move_the_norm_weights_into_the_next_products(dtype):
+    """Half precision with folded norms: ``qkv * in_norm`` and ``gate_up * post_norm``,
+    rounded once, and weightless norms; float32 (which folds nothing) keeps the weights."""
+    unfolded, _ = build("cpu", dtype, "triton")
+    folded, _ = build("cpu", dtype, "triton", fuse_silu=True, fold_norms=True)
+    for plain, layer in zip(unfolded.layers, folded.layers, strict=True):
+        if dtype == torch.float32:
+            assert torch.equal(layer["qkv"], plain["qkv"])
+            assert torch.equal(layer["in_norm"], plain["in_norm"])
+            continue
+        assert layer["in_norm"] is None and layer["post_norm"] is None
+        for product, norm in (("qkv", "in_norm"), ("gate_up", "post_norm")):
+            want = (plain[product].float() * plain[norm].float()).to(dtype)
+            assert torch.equal(layer[product], want)
