@@ -23,9 +23,12 @@ written and read back.
 :func:`linear_add`, :func:`normed_linear` and :func:`normed_gate_up_silu` fold a residual add
 + RMSNorm into the products on either side of it, two launches fewer a layer: the product
 before the norm adds its output into the residual in its epilogue and stores each column
-tile's float32 sums of squares of the new residual; the product after it scales x by the
-norm's weight as it loads it, and each row of its float32 sums by ``rsqrt(mean + eps)``
-from those tile sums, before the one rounding (``gpu_worker.ops.FOLD_NORMS``).
+tile's float32 sums of squares of the new residual; the product after it scales each row of
+its float32 sums by ``rsqrt(mean + eps)`` from those tile sums, before the one rounding
+(``gpu_worker.ops.FOLD_NORMS``). The norm's weight is best already in that product's
+weight (the model folds it in at load: x then goes into the product as it is); given
+separately, x is scaled by it tile by tile in the loop, which on an H200 cost the QKV
+product at 32 rows 25.0 us against 17.7.
 
 The launcher never syncs with the host and allocates only its output and partial sums:
 it is safe inside CUDA graphs. The counters are the caller's (:func:`new_counters`, made
