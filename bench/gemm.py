@@ -12,7 +12,9 @@ gate/up product followed by SiLU-and-mul: cuBLAS and the SiLU kernel, against
 norm (``gpu_worker.ops.FOLD_NORMS``): the O product adding into the residual (and leaving
 its sums of squares) and the QKV product finishing the norm, against cuBLAS with the
 add_rms_norm or rms_norm kernel beside it; ``normed_qkv_prescaled`` is the latter with the
-norm's weight already in the QKV weight, so x goes into the product unscaled.
+norm's weight already in the QKV weight, so x goes into the product unscaled, and
+``normed_gate_up_silu`` the gate/up product with SiLU finishing the MLP norm, as the model
+runs it (the norm's weight in the gate/up weight).
 ``--search`` also times a grid of configs and reports the fastest per product, which is
 how the default configs are chosen. Prints JSON on the last line of stdout. CUDA only.
 """
@@ -36,7 +38,8 @@ log = logging.getLogger("bench.gemm")
 LLAMA3_8B = (("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096),
              ("down", 4096, 14336), ("gate_up_silu", 28672, 4096), ("lm_head", 128256, 4096),
              ("o_add_norm", 4096, 4096), ("normed_qkv", 6144, 4096),
-             ("normed_qkv_prescaled", 6144, 4096))
+             ("normed_qkv_prescaled", 6144, 4096), ("normed_gate_up_silu", 28672, 4096))
+GATED = ("gate_up_silu", "normed_gate_up_silu")  # SiLU-and-mul in the product's epilogue
 DEFAULT_PRODUCTS = "qkv,o,gate_up,down,lm_head"
 COPIES_BYTES = 2 << 30  # weight copies per graph: well past the 50-60 MB of L2
 REPLAYS = 10
@@ -84,12 +87,12 @@ def products(name: str, x: torch.Tensor, weights: list[torch.Tensor], counters: 
     the residual add and the next norm, ``normed_qkv`` the QKV product of that norm's
     output; their cuBLAS side is the unfolded pair (cuBLAS and the add_rms_norm or rms_norm
     kernel)."""
-    gated = name == "gate_up_silu"
+    gated = name in GATED
     rows, (n, k) = x.shape[0], weights[0].shape
     residual = torch.randn(rows, n if name == "o_add_norm" else k, device=x.device,
                            dtype=x.dtype)
     norm_weight = torch.ones(residual.shape[1], device=x.device, dtype=x.dtype)
-    # normed_qkv's input as an O product of 32-column tiles would leave its sums
+    # a normed product's input as an O product of 32-column tiles would leave its sums
     sums = residual.float().pow(2).view(rows, -1, 32).sum(-1).T.contiguous()
 
     def cublas(i):
@@ -97,6 +100,9 @@ def products(name: str, x: torch.Tensor, weights: list[torch.Tensor], counters: 
             return fused.add_rms_norm(F.linear(x, weights[i]), residual, norm_weight, 1e-5)
         if name.startswith("normed_qkv"):
             return F.linear(fused.rms_norm(residual, norm_weight, 1e-5), weights[i])
+        if name == "normed_gate_up_silu":
+            return fused.silu_and_mul(F.linear(fused.rms_norm(residual, None, 1e-5),
+                                               weights[i]))
         y = F.linear(x, weights[i])
         return fused.silu_and_mul(y) if gated else y
 
@@ -108,6 +114,9 @@ def products(name: str, x: torch.Tensor, weights: list[torch.Tensor], counters: 
             scale = None if name == "normed_qkv_prescaled" else norm_weight
             return lambda i: lin.normed_linear(residual, sums, scale, 1e-5, weights[i],
                                                counters=counters, config=cfg)
+        if name == "normed_gate_up_silu":
+            return lambda i: lin.normed_gate_up_silu(residual, sums, None, 1e-5, weights[i],
+                                                     counters=counters, config=cfg)
         kernel = lin.gate_up_silu if gated else lin.linear
         return lambda i: kernel(x, weights[i], counters=counters, config=cfg)
 
@@ -125,7 +134,7 @@ def measure(name, n, k, rows, bandwidth, search) -> dict:
     cublas, tandem = products(name, x, weights, counters)
     row = {"product": name, "n": n, "k": k, "rows": rows, "floor_us": floor_us,
            "cublas_us": graph_us(cublas, copies)}
-    sms, shared, gated = num_sms(dev), shared_memory(dev), name == "gate_up_silu"
+    sms, shared, gated = num_sms(dev), shared_memory(dev), name in GATED
     default = lin.default_config(rows, n, k, sms, shared, gated)  # as the launcher picks
     row["tandem_us"] = graph_us(tandem(default), copies)
     row["tandem_config"] = vars(default)

@@ -10,10 +10,11 @@ from bench import gemm
 from gpu_worker.kernels import linear as lin
 
 
-@pytest.mark.parametrize("name", ["o", "gate_up_silu", "o_add_norm", "normed_qkv"])
+@pytest.mark.parametrize("name", ["o", "gate_up_silu", "o_add_norm", "normed_qkv",
+                                  "normed_qkv_prescaled", "normed_gate_up_silu"])
 def test_both_sides_of_a_product_agree(name):
     torch.manual_seed(0)
-    n = 2 * 64 if name == "gate_up_silu" else 64
+    n = 2 * 64 if name in gemm.GATED else 64
     x = torch.randn(3, 128, dtype=torch.float16) / 4
     weights = [torch.randn(n, 128, dtype=torch.float16) / 8 for _ in range(2)]
     cublas, tandem = gemm.products(name, x, weights, lin.new_counters(x.device))
