@@ -84,7 +84,8 @@ def products(name: str, x: torch.Tensor, weights: list[torch.Tensor], counters: 
     """``cublas(i)`` and ``tandem(config)(i)``: product ``name`` of x [rows, K] by
     ``weights[i]`` [N, K], as the model would run it unfused and with Tandem's kernel.
     The folded norm (``gpu_worker.ops.FOLD_NORMS``): ``o_add_norm`` is the O product with
-    the residual add and the next norm, ``normed_qkv`` the QKV product of that norm's
+    the residual add and the next norm, ``normed_qkv`` (``_prescaled``: the norm's weight in
+    the product's) and ``normed_gate_up_silu`` (prescaled) the products of that norm's
     output; their cuBLAS side is the unfolded pair (cuBLAS and the add_rms_norm or rms_norm
     kernel)."""
     gated = name in GATED

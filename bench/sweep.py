@@ -261,7 +261,8 @@ def run(cfg: SweepConfig) -> dict:
     cache.data.normal_()
     attention = make_attention(cache, shape.head_dim**-0.5, cfg.device, cfg.kernels)
     if cfg.attention_stages and hasattr(attention, "num_stages"):
-        attention.num_stages = cfg.attention_stages  # each launch reads it
+        # each launch reads them; a depth given holds for every batch (no few-pair tiles)
+        attention.num_stages, attention.few_pairs = cfg.attention_stages, None
     log.info("KV cache %d tokens (%.1f GiB); attention %s", num_blocks * BLOCK_SIZE,
              cache.data.numel() * cfg.dtype.itemsize / 2**30, type(attention).__name__)
     profiles = {}
@@ -326,8 +327,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="Triton ops: gate/up product and SiLU-and-mul in one launch for "
                         "decode-sized batches (default: gpu_worker.ops.FUSE_SILU)")
     p.add_argument("--attention-stages", type=int, metavar="N",
-                   help="Triton decode attention: K/V tiles in flight per program (default: "
-                        "4 where shared memory allows; see bench.attention --search)")
+                   help="Triton decode attention: K/V tiles in flight per program, at every "
+                        "batch size (default: 4 where shared memory allows, 2 with the "
+                        "longer tiles of small batches; see bench.attention --search)")
     p.add_argument("--fold-norms", choices=("on", "off"),
                    help="Triton ops: each residual add + RMSNorm folded into the products "
                         "around it for decode-sized batches (default: "

@@ -85,8 +85,8 @@ class LlamaModel:
         self.lm_head = self.embed if s.tied else weights["lm_head.weight"]
         self.final_norm = weights["model.norm.weight"]
         self.layers = [_fuse_layer(weights, i, s) for i in range(s.num_layers)]
-        if getattr(self.ops, "fold_norms", False) and dtype in (torch.bfloat16, torch.float16):
-            for layer in self.layers:  # float32 takes no folded products: weights as given
+        if self.ops.folds_norms(dtype):  # else (float32, torch ops) the weights as given
+            for layer in self.layers:
                 _prescale_norms(layer)
         self.rope = RotaryTable(config, s.max_positions, dtype, device)
 

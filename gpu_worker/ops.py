@@ -18,6 +18,8 @@ to a few half-precision ulps, and with itself bit for bit). The model calls
   may leave the norm's scaling to them: a :class:`FoldedNorm`)
 - ``normed_linear(h, w, bias=None)`` and ``normed_gate_up_silu(h, gate_up_weight)``:
   ``linear`` and ``gate_up_silu`` of such an ``h``
+- ``folds_norms(dtype) -> bool``: whether a model of ``dtype`` should move each norm's
+  weight into the next product's weight at load (and pass None as the norm's weight)
 
 and the two ends of a static decode step (the runner's, captured in its graph):
 
@@ -83,6 +85,11 @@ class TorchOps:
         return TorchOps.add_rms_norm(F.linear(x, w), residual, norm_weight, eps)[0]
 
     normed_linear = staticmethod(F.linear)
+
+    @staticmethod
+    def folds_norms(dtype: torch.dtype) -> bool:
+        """Whether ``linear_add_norm`` may fold norms for a model of ``dtype``: never here."""
+        return False
 
     @staticmethod
     def normed_gate_up_silu(h: torch.Tensor, gate_up_weight: torch.Tensor) -> torch.Tensor:
@@ -172,6 +179,12 @@ class TritonOps:
         self._linear = linear
         self._counters = linear.new_counters(torch.device(device))  # before any capture
         self.fuse_silu, self.fold_norms = fuse_silu, fold_norms
+
+    def folds_norms(self, dtype: torch.dtype) -> bool:
+        """Whether ``linear_add_norm`` may fold norms for a model of ``dtype`` (the split-K
+        kernel takes half precision only): such a model keeps each norm's weight in the
+        next product's (see :class:`gpu_worker.model.LlamaModel`)."""
+        return self.fold_norms and dtype in self._linear.DTYPES
 
     def linear(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None):
         lin = self._linear

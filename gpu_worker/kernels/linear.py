@@ -49,6 +49,7 @@ from gpu_worker.kernels import INTERPRETED, num_sms, shared_memory
 from gpu_worker.kernels.fused import LIBDEVICE, rsqrt, silu_mul
 
 MAX_ROWS = 64  # larger batches leave the weights' stream to cuBLAS
+DTYPES = (torch.bfloat16, torch.float16)  # what the kernel takes
 MAX_TILES = 1 << 16  # counters in a set: one per column tile of the widest product
 SPARE_SHARED = 16 << 10  # shared memory left to the compiler beyond the pipeline stages
 
@@ -73,7 +74,7 @@ def supports(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
     default config (else the caller uses ``F.linear``): half precision, at most MAX_ROWS
     rows, K contiguous and a multiple of its block, a contiguous weight and bias; gated: an
     even number of weight rows, an even ``block_n``, and no bias."""
-    if not ((x.is_cuda or INTERPRETED) and x.dtype in (torch.bfloat16, torch.float16) and
+    if not ((x.is_cuda or INTERPRETED) and x.dtype in DTYPES and
             w.dtype == x.dtype and x.dim() == 2 and 0 < x.shape[0] <= MAX_ROWS and
             x.stride(1) == 1 and w.is_contiguous() and
             (bias is None or (bias.is_contiguous() and bias.shape == w.shape[:1]))):
