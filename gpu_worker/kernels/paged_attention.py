@@ -29,6 +29,11 @@ WAVES = 2  # decode launches at least this many programs per SM, where rows allo
 # 44.5 and 42.3; from batch 64 on the 64-key tiles stay ahead)
 FEW_PAIRS_PER_SM = 2
 WAVE_FILL = 0.9  # the share of the last wave's programs that few-pair splits aim for
+# Few pairs over long contexts: splits of at least two key tiles where they still fill a wave
+# (fewer partial sums to merge; H200, `python -m bench.attention`: batch 1 at 4,096 15.3 us a
+# layer against 18.9-19.6 with one tile a split; at 1,024 two-tile splits fill only 32 SMs
+# and took 10.1 against 7.1, so there the rule keeps one)
+MIN_SPLIT_TILES = 2
 DECODE_STAGES = 4  # K/V tiles in flight per decode program, where shared memory allows
 STAGE_SHARE = 0.7  # of a program's shared memory, what the decode pipeline may take
 PREFILL_BLOCK_M = 64  # query tokens x grouped heads per prefill program
@@ -36,6 +41,10 @@ PREFILL_BLOCK_M = 64  # query tokens x grouped heads per prefill program
 # fewer (H200, Llama-3-8B shape, batch 32 at 1K: 39.2 us a layer against 42.7 for the two
 # launches; `python -m bench.attention` compares them).
 FUSE_ROPE = True
+# The merging split's loops over the others' partial sums, unrolled this many times so that
+# their loads overlap (H200, Llama-3-8B shape, `python -m bench.attention`: batch 1 at 4,096
+# 19.3 us a layer against 23.7 rolled, at 8,192 23.9 against 29.2; 4 and 64 did worse)
+MERGE_UNROLL = 8
 
 
 class TritonPagedAttention:
@@ -141,8 +150,11 @@ def decode_num_splits(num_rows: int, num_kv_heads: int, max_context: int, num_sm
 def few_pairs_splits(pairs: int, num_sms: int, max_tiles: int) -> int:
     """Splits per (row, kv head) when there are few pairs: the fewest that give every SM a
     program and fill the last wave to ``WAVE_FILL`` (one program per SM at a time: the
-    few-pair programs take most of an SM's shared memory), at most one per key tile."""
-    most = max(1, min(max_tiles, MAX_SPLITS))
+    few-pair programs take most of an SM's shared memory), at most one per key tile, or
+    one per ``MIN_SPLIT_TILES`` key tiles where that many splits still fill a wave."""
+    per_split = MIN_SPLIT_TILES if pairs * (max_tiles // MIN_SPLIT_TILES) >= \
+        WAVE_FILL * num_sms else 1
+    most = max(1, min(max_tiles // per_split, MAX_SPLITS))
     for splits in range(1, most + 1):
         programs = pairs * splits
         if programs >= num_sms and programs >= WAVE_FILL * num_sms * -(-programs // num_sms):
@@ -191,7 +203,8 @@ def paged_decode(
         cos.stride(0),
         GROUP=group, BLOCK_M=max(16, triton.next_power_of_2(group)), HEAD_DIM=dim,
         BLOCK_N=block_n, BLOCK_SIZE=key_cache.shape[1], NUM_SPLITS=num_splits,
-        IS_FP32=is_fp32, WHILE_LOOP=INTERPRETED, FUSE_ROPE=fuse, num_warps=num_warps,
+        IS_FP32=is_fp32, WHILE_LOOP=INTERPRETED, FUSE_ROPE=fuse, MERGE_UNROLL=MERGE_UNROLL,
+        num_warps=num_warps,
         num_stages=num_stages,
         # RoPE rounds each product as torch does; with FP fusion on, the compiler drops the
         # rounding of one of them into an FMA (seen on sm_90, half and bfloat16 alike)
@@ -293,7 +306,7 @@ def _decode_kernel(
     stride_table,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, IS_FP32: tl.constexpr,
-    WHILE_LOOP: tl.constexpr, FUSE_ROPE: tl.constexpr,
+    WHILE_LOOP: tl.constexpr, FUSE_ROPE: tl.constexpr, MERGE_UNROLL: tl.constexpr,
 ):
     """One (row, kv head, split): an equal share of the row's key tiles, all GROUP heads.
     The split that finishes last merges all of them. FUSE_ROPE: q arrives unrotated, and
@@ -341,7 +354,7 @@ def _decode_kernel(
         counter = counters_ptr + row * tl.num_programs(1) + kv_head
         if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == NUM_SPLITS - 1:
             _merge_splits(out, acc_ptrs, partial_ml_ptr + first, ml_stride, is_head,
-                          NUM_SPLITS, HEAD_DIM, BLOCK_M)
+                          NUM_SPLITS, HEAD_DIM, BLOCK_M, MERGE_UNROLL)
             tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # ready for the next launch
 
 
@@ -378,16 +391,18 @@ def _rope_new_token(
 
 @triton.jit
 def _merge_splits(out, acc_ptrs, ml_ptrs, ml_stride, is_head,
-                  NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+                  NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                  UNROLL: tl.constexpr):
     """Rescale each split's partial sums to the common max and add them, in split order
-    (so the result does not depend on which split merges). Empty splits weigh 0."""
+    (so the result does not depend on which split merges). Empty splits weigh 0. The loops
+    are unrolled UNROLL times, so that their loads are in flight together."""
     m_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    for s in range(NUM_SPLITS):
+    for s in tl.range(NUM_SPLITS, loop_unroll_factor=UNROLL):
         m_max = tl.maximum(m_max, tl.load(ml_ptrs + s, mask=is_head, other=float("-inf"),
                                           cache_modifier=".cg"))
     total = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     l_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for s in range(NUM_SPLITS):
+    for s in tl.range(NUM_SPLITS, loop_unroll_factor=UNROLL):
         m = tl.load(ml_ptrs + s, mask=is_head, other=float("-inf"), cache_modifier=".cg")
         weight = tl.where(m > float("-inf"), tl.exp2(m - m_max), 0.0)
         l_sum += weight * tl.load(ml_ptrs + ml_stride + s, mask=is_head, other=0.0,

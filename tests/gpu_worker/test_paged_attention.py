@@ -181,6 +181,8 @@ def test_few_pairs_take_longer_programs_in_whole_waves():
     assert few_pairs_splits(192, 132, 64) == 2
     assert few_pairs_splits(8, 132, 64) == 30  # 240 programs: the second wave 82% full
     assert few_pairs_splits(8, 132, 4) == 4  # at most one per key tile
+    assert few_pairs_splits(8, 132, 8) == 8  # batch 1 at 1,024: two-tile splits leave SMs idle
+    assert few_pairs_splits(8, 132, 32) == 16  # at 4,096 128 two-tile splits fill a wave
     cache = KVCache(1, 4, 16, 8, 128, torch.bfloat16, torch.device("cpu"))
     attention = TritonPagedAttention(cache, 1.0)
     if attention.few_pairs is None:  # shared memory too small for two 128-key stages
