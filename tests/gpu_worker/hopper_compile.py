@@ -99,7 +99,8 @@ def variants():
             yield (f"decode attention splits={splits} fuse_rope={fuse} block_n={block_n}",
                    pa._decode_kernel, attn,
                    dict(GROUP=4, BLOCK_M=16, HEAD_DIM=128, BLOCK_N=block_n, BLOCK_SIZE=16,
-                        NUM_SPLITS=splits, IS_FP32=False, WHILE_LOOP=False, FUSE_ROPE=fuse),
+                        NUM_SPLITS=splits, IS_FP32=False, WHILE_LOOP=False, FUSE_ROPE=fuse,
+                        MERGE_UNROLL=pa.MERGE_UNROLL),
                    dict(num_warps=4, num_stages=stages, enable_fp_fusion=not fuse))
     yield ("prefill attention", pa._prefill_kernel, attn,
            dict(GROUP=4, GROUP_PAD=4, BLOCK_Q=16, HEAD_DIM=128, BLOCK_N=64, BLOCK_SIZE=16,
