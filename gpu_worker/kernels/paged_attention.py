@@ -152,9 +152,9 @@ def few_pairs_splits(pairs: int, num_sms: int, max_tiles: int) -> int:
     program and fill the last wave to ``WAVE_FILL`` (one program per SM at a time: the
     few-pair programs take most of an SM's shared memory), at most one per key tile, or
     one per ``MIN_SPLIT_TILES`` key tiles where that many splits still fill a wave."""
-    per_split = MIN_SPLIT_TILES if pairs * (max_tiles // MIN_SPLIT_TILES) >= \
-        WAVE_FILL * num_sms else 1
-    most = max(1, min(max_tiles // per_split, MAX_SPLITS))
+    longer = max_tiles // MIN_SPLIT_TILES  # splits of MIN_SPLIT_TILES tiles
+    most = max(1, min(longer if pairs * longer >= WAVE_FILL * num_sms else max_tiles,
+                      MAX_SPLITS))
     for splits in range(1, most + 1):
         programs = pairs * splits
         if programs >= num_sms and programs >= WAVE_FILL * num_sms * -(-programs // num_sms):
@@ -204,8 +204,7 @@ def paged_decode(
         GROUP=group, BLOCK_M=max(16, triton.next_power_of_2(group)), HEAD_DIM=dim,
         BLOCK_N=block_n, BLOCK_SIZE=key_cache.shape[1], NUM_SPLITS=num_splits,
         IS_FP32=is_fp32, WHILE_LOOP=INTERPRETED, FUSE_ROPE=fuse, MERGE_UNROLL=MERGE_UNROLL,
-        num_warps=num_warps,
-        num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages,
         # RoPE rounds each product as torch does; with FP fusion on, the compiler drops the
         # rounding of one of them into an FMA (seen on sm_90, half and bfloat16 alike)
         enable_fp_fusion=not fuse,
