@@ -59,6 +59,7 @@ class SweepConfig:
     fuse_silu: bool | None = None  # Triton ops: gate/up + SiLU in one launch (None: default)
     fold_norms: bool | None = None  # Triton ops: norms folded into the products (None: default)
     attention_stages: int | None = None  # Triton decode attention's pipeline (None: default)
+    whole_k: bool | None = None  # split-K kernel: deep K steps, no split (None: default)
 
 
 def build_model(cfg: SweepConfig) -> tuple[LlamaModel, analysis.ModelShape]:
@@ -71,6 +72,10 @@ def build_model(cfg: SweepConfig) -> tuple[LlamaModel, analysis.ModelShape]:
         ops.fuse_silu = cfg.fuse_silu
     if cfg.fold_norms is not None and hasattr(ops, "fold_norms"):
         ops.fold_norms = cfg.fold_norms
+    if cfg.whole_k is not None:
+        from gpu_worker.kernels import linear
+
+        linear.WHOLE_K = cfg.whole_k  # read by every launch's default config
     return LlamaModel(config, weights, cfg.dtype, cfg.device, ops=ops), shape
 
 
@@ -299,7 +304,7 @@ def make_config(args: argparse.Namespace) -> SweepConfig:
         device=device, dtype=torch.bfloat16 if is_cuda else torch.float32, kernels=args.kernels,
         profile=tuple(tuple(ints(point.replace("x", ","))) for point in args.profile),
         fuse_silu=on_off(args.fuse_silu), fold_norms=on_off(args.fold_norms),
-        attention_stages=args.attention_stages)
+        attention_stages=args.attention_stages, whole_k=on_off(args.whole_k))
 
 
 def on_off(text: str | None) -> bool | None:
@@ -330,6 +335,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="Triton decode attention: K/V tiles in flight per program, at every "
                         "batch size (default: 4 where shared memory allows, 2 with the "
                         "longer tiles of small batches; see bench.attention --search)")
+    p.add_argument("--whole-k", choices=("on", "off"),
+                   help="Triton ops: plain decode products without split-K, in 256-deep K "
+                        "steps (default: gpu_worker.kernels.linear.WHOLE_K)")
     p.add_argument("--fold-norms", choices=("on", "off"),
                    help="Triton ops: each residual add + RMSNorm folded into the products "
                         "around it for decode-sized batches (default: "

@@ -52,6 +52,16 @@ MAX_ROWS = 64  # larger batches leave the weights' stream to cuBLAS
 DTYPES = (torch.bfloat16, torch.float16)  # what the kernel takes
 MAX_TILES = 1 << 16  # counters in a set: one per column tile of the widest product
 SPARE_SHARED = 16 << 10  # shared memory left to the compiler beyond the pipeline stages
+# Plain products of more than 16 rows whose K is a multiple of WHOLE_K_DEPTH: no split-K (no
+# partial sums to add at the tail of the launch), K steps that deep, and as many stages as
+# WHOLE_K_STAGE_BYTES hold. H200, Llama-3-8B shape, 2026-12-02: at 32 rows O adding into the
+# residual 11.7-12.0 us against 12.2 split in two, down 32.6 against 34.2, QKV finishing the
+# norm 17.0 against 17.4; whole steps (`bench.sweep --whole-k off|on`, A B A B) batch 32 at
+# 1,024 5.57 -> 5.43 ms, at 4,096 8.45 -> 8.30; batch 8 lost 1% (4.59 -> 4.65), batch 1
+# level, so up to 16 rows the split-K rule stays. The gated gate/up keeps its own config.
+WHOLE_K = True
+WHOLE_K_DEPTH = 256
+WHOLE_K_STAGE_BYTES = 160 << 10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,12 +105,18 @@ def default_config(num_rows: int, n: int, k: int, sms: int, shared: int,
     rows from each half, K split only until every multiprocessor has a program, 8 warps,
     3 stages, and 128-deep K steps for up to 16 rows, else 64 (the search's best at 1 and
     32 rows on an H200: 59.9 and 61.3 us for the Llama-3-8B gate/up, where the tiles of
-    the plain product took 76.7 and 90.9)."""
+    the plain product took 76.7 and 90.9). Plain products of more than 16 rows: see
+    ``WHOLE_K``."""
     if gated:  # (block_n, depths, programs x10 to reach, stages at most, warps)
         block_n, depths, target, most, warps = \
             128, (128, 64) if _block_m(num_rows) <= 16 else (64,), 10 * sms, 3, 8
     else:
         block_n, depths, target, most, warps = 32 if n <= 4096 else 64, (128, 64), 14 * sms, 4, 4
+        if WHOLE_K and num_rows > 16 and k % WHOLE_K_DEPTH == 0:
+            stage_bytes = (block_n + _block_m(num_rows)) * WHOLE_K_DEPTH * 2
+            stages = min(WHOLE_K_STAGE_BYTES, shared - SPARE_SHARED) // stage_bytes
+            return LinearConfig(block_n=block_n, block_k=WHOLE_K_DEPTH, split_k=1,
+                                num_warps=warps, num_stages=max(2, min(6, stages)))
     block_k = next((b for b in (*depths, 32, 16) if k % b == 0), 16)
     tiles, split_k = triton.cdiv(n, block_n), 1
     while tiles * split_k * 10 < target and k % (2 * split_k * block_k) == 0:

@@ -69,7 +69,8 @@ def variants():
     lin = ptrs("bf16", "x_ptr", "w_ptr", "y_ptr", "bias_ptr", "norm_w_ptr") | ptrs(
         "fp32", "partial_ptr", "sums_ptr") | ptrs("i32", "lock_ptr") | ints(
         "M", "N", "stride_xm", "stride_ym", "num_tiles") | {"eps": "fp32"}
-    for split_k in (1, 2):
+    # (split_k, block_k, stages): split-K, and plain products' deep K steps (linear.WHOLE_K)
+    for split_k, block_k, stages in ((1, 128, 4), (2, 128, 4), (1, 256, 5)):
         # (label, gated, residual add + sums: the product before a norm, normed x: after,
         # x scaled by the norm's weight in the loop: else the weight is in w)
         for label, gated, add_res, norm_x, scale_x in (
@@ -80,11 +81,11 @@ def variants():
                 ("normed gate/up + SiLU", True, False, True, True),
                 ("normed linear, prescaled w", False, False, True, False),
                 ("normed gate/up + SiLU, prescaled w", True, False, True, False)):
-            yield (f"{label} split_k={split_k}", linear._linear_kernel, lin,
-                   dict(K=4096, BLOCK_M=32, BLOCK_N=32, BLOCK_K=128, SPLIT_K=split_k,
+            yield (f"{label} split_k={split_k} block_k={block_k}", linear._linear_kernel, lin,
+                   dict(K=4096, BLOCK_M=32, BLOCK_N=32, BLOCK_K=block_k, SPLIT_K=split_k,
                         HAS_BIAS=split_k == 1 and not gated, GATED=gated, ADD_RES=add_res,
                         NORM_X=norm_x, SCALE_X=scale_x, T_PAD=128, LIBDEVICE=True),
-                   dict(num_warps=4, num_stages=4))
+                   dict(num_warps=4, num_stages=stages))
     attn = ptrs("bf16", "q_ptr", "k_ptr", "v_ptr", "out_ptr", "k_new_ptr", "v_new_ptr",
                 "cos_ptr", "sin_ptr") | ptrs("fp32", "partial_acc_ptr", "partial_ml_ptr") | \
         ptrs("i32", "counters_ptr") | ptrs(

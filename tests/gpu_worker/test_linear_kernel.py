@@ -39,7 +39,8 @@ def half(*shape, scale=1.0, device=DEVICE):
 
 
 CONFIGS = [lin.LinearConfig(32, 64, 1), lin.LinearConfig(64, 64, 2),
-           lin.LinearConfig(32, 32, 4, num_warps=2, num_stages=2)]
+           lin.LinearConfig(32, 32, 4, num_warps=2, num_stages=2),
+           lin.LinearConfig(32, 256, 1, num_stages=3)]  # WHOLE_K's deep steps
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"n{c.block_n}k{c.block_k}s{c.split_k}")
@@ -82,7 +83,8 @@ def test_rejects_shapes_it_cannot_take():
     assert not lin.supports(half(2, 100), half(32, 100))  # K not a multiple of 16
 
 
-def test_default_config_fills_the_machine_within_its_shared_memory():
+def test_default_config_fills_the_machine_within_its_shared_memory(monkeypatch):
+    monkeypatch.setattr(lin, "WHOLE_K", False)  # the split-K rule, as up to 16 rows
     hopper = 227 << 10
     cfg = lin.default_config(32, 4096, 14336, 132, hopper)  # Llama-3-8B's down projection
     assert 14336 % (cfg.split_k * cfg.block_k) == 0
@@ -92,6 +94,18 @@ def test_default_config_fills_the_machine_within_its_shared_memory():
     assert wide.split_k == 1
     small = lin.default_config(64, 28672, 4096, 84, 99 << 10)  # a 100 KB-per-block GPU
     assert (64 + 64) * 128 * 2 * small.num_stages <= (99 << 10) - lin.SPARE_SHARED
+
+
+def test_plain_products_of_many_rows_take_whole_k_in_deep_steps():
+    hopper = 227 << 10
+    down = lin.default_config(32, 4096, 14336, 132, hopper)  # Llama-3-8B
+    assert (down.split_k, down.block_k, down.num_stages) == (1, lin.WHOLE_K_DEPTH, 5)
+    assert lin.default_config(32, 6144, 4096, 132, hopper).num_stages == 3  # QKV: wider tiles
+    assert lin.default_config(16, 4096, 14336, 132, hopper).split_k > 1  # few rows: split-K
+    small = lin.default_config(32, 4096, 4096, 84, 99 << 10)  # a 100 KB-per-block GPU
+    assert (32 + 32) * 256 * 2 * small.num_stages <= (99 << 10) - lin.SPARE_SHARED
+    assert lin.default_config(32, 1536, 576, 132, hopper).block_k < 256  # K=576: split-K rule
+    assert lin.default_config(32, 28672, 4096, 132, hopper, gated=True).block_k == 64
 
 
 def test_gated_default_config_is_the_searched_one_and_fits_smaller_gpus():
