@@ -67,14 +67,18 @@ def graph_us(fn, copies: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def candidates(n: int, k: int, num_sms: int, gated: bool = False) -> list[lin.LinearConfig]:
+def candidates(n: int, k: int, num_sms: int, gated: bool = False, rows: int = 32,
+               shared: int = 227 << 10) -> list[lin.LinearConfig]:
     """Configs to search; gated tiles hold half their rows from each half of the weight,
-    so they may be twice as tall."""
+    so they may be twice as tall. From half a program per SM (one wave of whole-K tiles,
+    ``linear.WHOLE_K``) to eight, within ``shared`` bytes of shared memory."""
     out = []
+    block_m = max(16, 1 << (rows - 1).bit_length())
     for bn, bk, split, stages in itertools.product(
-            (32, 64, 128) + ((256,) if gated else ()), (64, 128), (1, 2, 4, 8), (3, 5)):
+            (32, 64, 128) + ((256,) if gated else ()), (64, 128, 256), (1, 2, 4, 8), (3, 4, 5)):
         programs = -(-n // bn) * split
-        if k % (split * bk) or not num_sms <= programs <= 8 * num_sms:
+        fits = (bn + block_m) * bk * 2 * stages <= shared - lin.SPARE_SHARED
+        if k % (split * bk) or not num_sms // 2 <= programs <= 8 * num_sms or not fits:
             continue
         out.append(lin.LinearConfig(bn, bk, split, 8 if bn >= 128 else 4, stages))
     return out
@@ -142,7 +146,7 @@ def measure(name, n, k, rows, bandwidth, search) -> dict:
 
     if search:
         best = None
-        for cfg in candidates(n, k, sms, gated):
+        for cfg in candidates(n, k, sms, gated, rows, shared):
             try:
                 us = graph_us(tandem(cfg), copies)
             except Exception as exc:  # noqa: BLE001 - a config that does not compile

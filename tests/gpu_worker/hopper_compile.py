@@ -95,13 +95,15 @@ def variants():
             "stride_kh", "stride_bt", "stride_knt", "stride_vnt", "stride_knh",
             "stride_table") | {"scale_log2": "fp32"}
     # (block_n, stages): the default tiles, and those of few (row, kv head) pairs
-    for fuse, (block_n, stages) in itertools.product((False, True), ((64, 4), (128, 2))):
+    # (fuse_rope, new key from registers): RoPE apart, fused, fused with the new key in registers
+    for (fuse, regs), (block_n, stages) in itertools.product(
+            ((False, False), (True, False), (True, True)), ((64, 4), (128, 2))):
         for splits in (1, 4):
-            yield (f"decode attention splits={splits} fuse_rope={fuse} block_n={block_n}",
-                   pa._decode_kernel, attn,
+            yield (f"decode attention splits={splits} fuse_rope={fuse} new_key_regs={regs} "
+                   f"block_n={block_n}", pa._decode_kernel, attn,
                    dict(GROUP=4, BLOCK_M=16, HEAD_DIM=128, BLOCK_N=block_n, BLOCK_SIZE=16,
                         NUM_SPLITS=splits, IS_FP32=False, WHILE_LOOP=False, FUSE_ROPE=fuse,
-                        MERGE_UNROLL=pa.MERGE_UNROLL),
+                        NEW_KEY_REGS=regs, MERGE_UNROLL=pa.MERGE_UNROLL),
                    dict(num_warps=4, num_stages=stages, enable_fp_fusion=not fuse))
     yield ("prefill attention", pa._prefill_kernel, attn,
            dict(GROUP=4, GROUP_PAD=4, BLOCK_Q=16, HEAD_DIM=128, BLOCK_N=64, BLOCK_SIZE=16,
