@@ -73,10 +73,8 @@ def build_model(cfg: SweepConfig) -> tuple[LlamaModel, analysis.ModelShape]:
         ops.fuse_silu = cfg.fuse_silu
     if cfg.fold_norms is not None and hasattr(ops, "fold_norms"):
         ops.fold_norms = cfg.fold_norms
-    if cfg.whole_k is not None:
-        from gpu_worker.kernels import linear
-
-        linear.WHOLE_K = cfg.whole_k  # read by every launch's default config
+    if cfg.whole_k is not None and hasattr(ops, "whole_k"):
+        ops.whole_k = cfg.whole_k
     return LlamaModel(config, weights, cfg.dtype, cfg.device, ops=ops), shape
 
 

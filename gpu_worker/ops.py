@@ -157,6 +157,7 @@ class TritonOps:
     reduce launch, where :mod:`gpu_worker.kernels.linear` reduces inside its one launch.
     ``fuse_silu``: up to ``LINEAR_ROWS`` rows, the gate/up product of any width runs in
     that kernel with SiLU-and-mul in its epilogue.
+    ``whole_k``: the plain products' configs (``gpu_worker.kernels.linear.WHOLE_K``).
     ``fold_norms``: up to ``LINEAR_ROWS`` rows, ``linear_add_norm`` adds the residual in the
     product's epilogue and returns a :class:`FoldedNorm`, which ``normed_linear`` and
     ``normed_gate_up_silu`` finish inside their products (of any width); a half-precision
@@ -168,8 +169,8 @@ class TritonOps:
     LINEAR_ROWS, LINEAR_MAX_N = 32, 4096
 
     def __init__(self, device: torch.device, fuse_silu: bool = FUSE_SILU,
-                 fold_norms: bool = FOLD_NORMS) -> None:
-        from gpu_worker.kernels import decode, fused, linear
+                 fold_norms: bool = FOLD_NORMS, whole_k: bool | None = None) -> None:
+        from gpu_worker.kernels import decode, fused, linear, num_sms, shared_memory
 
         self.rms_norm = fused.rms_norm
         self.add_rms_norm = fused.add_rms_norm
@@ -179,6 +180,8 @@ class TritonOps:
         self._linear = linear
         self._counters = linear.new_counters(torch.device(device))  # before any capture
         self.fuse_silu, self.fold_norms = fuse_silu, fold_norms
+        self.whole_k = linear.WHOLE_K if whole_k is None else whole_k
+        self._limits = num_sms(torch.device(device)), shared_memory(torch.device(device))
 
     def folds_norms(self, dtype: torch.dtype) -> bool:
         """Whether ``linear_add_norm`` may fold norms for a model of ``dtype`` (the split-K
@@ -189,9 +192,14 @@ class TritonOps:
     def linear(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None):
         lin = self._linear
         if x.shape[0] <= self.LINEAR_ROWS and w.shape[0] <= self.LINEAR_MAX_N and \
-                lin.supports(x, w, bias):
-            return lin.linear(x, w, bias, counters=self._counters)
+                lin.supports(x, w, bias, whole_k=self.whole_k):
+            return lin.linear(x, w, bias, counters=self._counters, config=self._config(x, w))
         return F.linear(x, w, bias)
+
+    def _config(self, x: torch.Tensor, w: torch.Tensor):
+        """The split-K kernel's config for a plain product of x by w (``whole_k`` applied)."""
+        return self._linear.default_config(x.shape[0], *w.shape, *self._limits,
+                                           whole_k=self.whole_k)
 
     def gate_up_silu(self, x: torch.Tensor, gate_up_weight: torch.Tensor) -> torch.Tensor:
         lin = self._linear
@@ -202,18 +210,21 @@ class TritonOps:
 
     def linear_add_norm(self, x, w, residual, norm_weight, eps) -> torch.Tensor | FoldedNorm:
         lin = self._linear
-        if self.fold_norms and x.shape[0] <= self.LINEAR_ROWS and lin.supports(x, w) and \
+        if self.fold_norms and x.shape[0] <= self.LINEAR_ROWS and \
+                lin.supports(x, w, whole_k=self.whole_k) and \
                 residual.stride(1) == 1 and residual.dtype == x.dtype:
-            sums = lin.linear_add(x, w, residual, counters=self._counters)
+            sums = lin.linear_add(x, w, residual, counters=self._counters,
+                                  config=self._config(x, w))
             return FoldedNorm(residual, norm_weight, eps, sums)
         return self.add_rms_norm(self.linear(x, w), residual, norm_weight, eps)[0]
 
     def normed_linear(self, h: torch.Tensor | FoldedNorm, w: torch.Tensor,
                       bias: torch.Tensor | None = None) -> torch.Tensor:
         if isinstance(h, FoldedNorm):
-            if self._linear.supports(h.residual, w, bias):
+            if self._linear.supports(h.residual, w, bias, whole_k=self.whole_k):
                 return self._linear.normed_linear(h.residual, h.sums, h.weight, h.eps, w, bias,
-                                                  counters=self._counters)
+                                                  counters=self._counters,
+                                                  config=self._config(h.residual, w))
             h = self.rms_norm(h.residual, h.weight, h.eps)
         return self.linear(h, w, bias)
 

@@ -83,16 +83,15 @@ def test_rejects_shapes_it_cannot_take():
     assert not lin.supports(half(2, 100), half(32, 100))  # K not a multiple of 16
 
 
-def test_default_config_fills_the_machine_within_its_shared_memory(monkeypatch):
-    monkeypatch.setattr(lin, "WHOLE_K", False)  # the split-K rule, as up to 16 rows
-    hopper = 227 << 10
-    cfg = lin.default_config(32, 4096, 14336, 132, hopper)  # Llama-3-8B's down projection
+def test_default_config_fills_the_machine_within_its_shared_memory():
+    hopper = 227 << 10  # the split-K rule (as up to 16 rows) for Llama-3-8B's down projection
+    cfg = lin.default_config(32, 4096, 14336, 132, hopper, whole_k=False)
     assert 14336 % (cfg.split_k * cfg.block_k) == 0
     assert (4096 // cfg.block_n) * cfg.split_k >= 132
     assert cfg.num_stages == 4
-    wide = lin.default_config(32, 28672, 4096, 132, hopper)  # gate/up: tiles enough already
+    wide = lin.default_config(32, 28672, 4096, 132, hopper, whole_k=False)  # tiles enough
     assert wide.split_k == 1
-    small = lin.default_config(64, 28672, 4096, 84, 99 << 10)  # a 100 KB-per-block GPU
+    small = lin.default_config(64, 28672, 4096, 84, 99 << 10, whole_k=False)  # 100 KB a block
     assert (64 + 64) * 128 * 2 * small.num_stages <= (99 << 10) - lin.SPARE_SHARED
 
 
@@ -134,6 +133,24 @@ def test_triton_ops_take_narrow_decode_products_and_leave_the_rest_to_torch(monk
         taken.clear()
         check(ops.linear(x, weight).to(torch.float16), reference(x, weight))
         assert len(taken) == expect
+
+
+@pytest.mark.parametrize("whole_k", [False, True])
+def test_triton_ops_whole_k_picks_the_plain_products_config(monkeypatch, whole_k):
+    """TritonOps(whole_k=...) decides the config of the plain products it launches: from
+    17 rows on, one K slice in 256-deep steps, or split-K; the same product either way."""
+    from gpu_worker.ops import TritonOps
+
+    ops, configs = TritonOps(torch.device(DEVICE), whole_k=whole_k), []
+    kernel = lin.linear
+    monkeypatch.setattr(lin, "linear", lambda *a, **kw: configs.append(kw["config"]) or
+                        kernel(*a, **kw))
+    x, w = half(24, 512, scale=1 / 8), half(64, 512, scale=1 / 8)
+    check(ops.linear(x, w), reference(x, w))
+    if whole_k:
+        assert (configs[0].split_k, configs[0].block_k) == (1, lin.WHOLE_K_DEPTH)
+    else:
+        assert configs[0].block_k < lin.WHOLE_K_DEPTH
 
 
 def gated_reference(x, gate_up):
