@@ -61,7 +61,7 @@ SPARE_SHARED = 16 << 10  # shared memory left to the compiler beyond the pipelin
 # level, so up to 16 rows the split-K rule stays. The gated gate/up keeps its own config.
 WHOLE_K = True
 WHOLE_K_DEPTH = 256
-WHOLE_K_STAGE_BYTES = 160 << 10
+WHOLE_K_STAGE_BYTES = 160 << 10  # counted as stages x stage bytes (Triton buffers one fewer)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +79,7 @@ def new_counters(device: torch.device) -> torch.Tensor:
 
 
 def supports(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
-             gated: bool = False, whole_k: bool = WHOLE_K) -> bool:
+             gated: bool = False, whole_k: bool | None = None) -> bool:
     """Whether :func:`linear` (``gated``: :func:`gate_up_silu`) takes this product with its
     default config (else the caller uses ``F.linear``): half precision, at most MAX_ROWS
     rows, K contiguous and a multiple of its block, a contiguous weight and bias; gated: an
@@ -98,7 +98,7 @@ def supports(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
 
 
 def default_config(num_rows: int, n: int, k: int, sms: int, shared: int,
-                   gated: bool = False, whole_k: bool = WHOLE_K) -> LinearConfig:
+                   gated: bool = False, whole_k: bool | None = None) -> LinearConfig:
     """Narrow column tiles for narrow products; K split in two, four, ... until there are
     ~1.4 programs per multiprocessor; up to four pipeline stages, as many as ``shared``
     bytes of shared memory hold (``python -m bench.gemm --search`` chose these on an H200
@@ -106,14 +106,15 @@ def default_config(num_rows: int, n: int, k: int, sms: int, shared: int,
     rows from each half, K split only until every multiprocessor has a program, 8 warps,
     3 stages, and 128-deep K steps for up to 16 rows, else 64 (the search's best at 1 and
     32 rows on an H200: 59.9 and 61.3 us for the Llama-3-8B gate/up, where the tiles of
-    the plain product took 76.7 and 90.9). ``whole_k``: plain products of more than 16
-    rows as ``WHOLE_K`` says."""
+    the plain product took 76.7 and 90.9). ``whole_k`` (None: ``WHOLE_K``): plain
+    products of more than 16 rows in deep K steps without split-K."""
     if gated:  # (block_n, depths, programs x10 to reach, stages at most, warps)
         block_n, depths, target, most, warps = \
             128, (128, 64) if _block_m(num_rows) <= 16 else (64,), 10 * sms, 3, 8
     else:
         block_n, depths, target, most, warps = 32 if n <= 4096 else 64, (128, 64), 14 * sms, 4, 4
-        if whole_k and num_rows > 16 and k % WHOLE_K_DEPTH == 0:
+        if (WHOLE_K if whole_k is None else whole_k) and num_rows > 16 and \
+                k % WHOLE_K_DEPTH == 0:
             stage_bytes = (block_n + _block_m(num_rows)) * WHOLE_K_DEPTH * 2
             stages = min(WHOLE_K_STAGE_BYTES, shared - SPARE_SHARED) // stage_bytes
             return LinearConfig(block_n=block_n, block_k=WHOLE_K_DEPTH, split_k=1,

@@ -348,6 +348,8 @@ def _decode_kernel(
         if NEW_KEY_REGS:  # the new key, the last one in view, is taken from registers
             key, value = _rope_new_kv(row, kv_head, cos, sin, k_new_ptr, v_new_ptr,
                                       stride_knt, stride_vnt, stride_knh, HEAD_DIM)
+            key = key.to(k_ptr.dtype.element_ty)  # as the cache holds them, and the tiles
+            value = value.to(v_ptr.dtype.element_ty)  # read them
             cached_len -= (kv_len == pos + 1).to(cached_len.dtype)
             tile_hi = tl.minimum(tile_hi, tl.cdiv(cached_len, BLOCK_N))
         elif owner:  # into the cache first, and read back from there with the others

@@ -132,14 +132,15 @@ def test_decode_dtypes_and_multi_block_tiles(dtype):
     check(Shape(head_dim=64, dtype=dtype), DECODE_CACHED, [1] * 4, num_splits=2, block_n=32)
 
 
-@pytest.mark.parametrize("num_splits", [1, 3, None])
+@pytest.mark.parametrize("num_splits", [1, 3, 4, None])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("in_registers", [False, True], ids=["new-key-cached", "new-key-regs"])
 def test_decode_with_rope_fused_matches_reference(num_splits, dtype, in_registers):
     """RoPE and the new token's cache write inside the decode launch: the same output and
     the same cache, for strided q/k/v views, a padded row and a row whose context is only
     the new token; the new key read back from the cache or attended to from registers
-    (48 + 1 keys in 16-key tiles: a last tile that holds only the new key)."""
+    (48 + 1 keys in 16-key tiles: a last tile that holds only the new key, which with 4
+    splits is a split of no cached keys beside splits that have some)."""
     check(Shape(dtype=dtype), DECODE_CACHED + [48], [1] * 5, pad_rows=1, strided=True,
           num_splits=num_splits, block_n=16, fuse_rope=True, new_key_in_registers=in_registers)
 
