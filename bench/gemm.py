@@ -67,13 +67,13 @@ def graph_us(fn, copies: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def candidates(n: int, k: int, num_sms: int, gated: bool = False, rows: int = 32,
-               shared: int = 227 << 10) -> list[lin.LinearConfig]:
+def candidates(n: int, k: int, num_sms: int, gated: bool, rows: int,
+               shared: int) -> list[lin.LinearConfig]:
     """Configs to search; gated tiles hold half their rows from each half of the weight,
     so they may be twice as tall. From half a program per SM (one wave of whole-K tiles,
     ``linear.WHOLE_K``) to eight, within ``shared`` bytes of shared memory."""
     out = []
-    block_m = max(16, 1 << (rows - 1).bit_length())
+    block_m = lin._block_m(rows)  # the x tile's rows, as the kernel pads them
     for bn, bk, split, stages in itertools.product(
             (32, 64, 128) + ((256,) if gated else ()), (64, 128, 256), (1, 2, 4, 8), (3, 4, 5)):
         programs = -(-n // bn) * split

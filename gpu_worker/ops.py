@@ -192,14 +192,16 @@ class TritonOps:
     def linear(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None):
         lin = self._linear
         if x.shape[0] <= self.LINEAR_ROWS and w.shape[0] <= self.LINEAR_MAX_N and \
-                lin.supports(x, w, bias, whole_k=self.whole_k):
-            return lin.linear(x, w, bias, counters=self._counters, config=self._config(x, w))
+                (cfg := self._config(x, w, bias)) is not None:
+            return lin.linear(x, w, bias, counters=self._counters, config=cfg)
         return F.linear(x, w, bias)
 
-    def _config(self, x: torch.Tensor, w: torch.Tensor):
-        """The split-K kernel's config for a plain product of x by w (``whole_k`` applied)."""
-        return self._linear.default_config(x.shape[0], *w.shape, *self._limits,
-                                           whole_k=self.whole_k)
+    def _config(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None):
+        """The split-K kernel's config for the plain product of x by w (``whole_k``
+        applied), or None where the kernel does not take it."""
+        cfg = self._linear.default_config(x.shape[0], *w.shape, *self._limits,
+                                          whole_k=self.whole_k)
+        return cfg if self._linear.supports(x, w, bias, config=cfg) else None
 
     def gate_up_silu(self, x: torch.Tensor, gate_up_weight: torch.Tensor) -> torch.Tensor:
         lin = self._linear
@@ -211,20 +213,18 @@ class TritonOps:
     def linear_add_norm(self, x, w, residual, norm_weight, eps) -> torch.Tensor | FoldedNorm:
         lin = self._linear
         if self.fold_norms and x.shape[0] <= self.LINEAR_ROWS and \
-                lin.supports(x, w, whole_k=self.whole_k) and \
-                residual.stride(1) == 1 and residual.dtype == x.dtype:
-            sums = lin.linear_add(x, w, residual, counters=self._counters,
-                                  config=self._config(x, w))
+                residual.stride(1) == 1 and residual.dtype == x.dtype and \
+                (cfg := self._config(x, w)) is not None:
+            sums = lin.linear_add(x, w, residual, counters=self._counters, config=cfg)
             return FoldedNorm(residual, norm_weight, eps, sums)
         return self.add_rms_norm(self.linear(x, w), residual, norm_weight, eps)[0]
 
     def normed_linear(self, h: torch.Tensor | FoldedNorm, w: torch.Tensor,
                       bias: torch.Tensor | None = None) -> torch.Tensor:
         if isinstance(h, FoldedNorm):
-            if self._linear.supports(h.residual, w, bias, whole_k=self.whole_k):
+            if (cfg := self._config(h.residual, w, bias)) is not None:
                 return self._linear.normed_linear(h.residual, h.sums, h.weight, h.eps, w, bias,
-                                                  counters=self._counters,
-                                                  config=self._config(h.residual, w))
+                                                  counters=self._counters, config=cfg)
             h = self.rms_norm(h.residual, h.weight, h.eps)
         return self.linear(h, w, bias)
 

@@ -79,19 +79,20 @@ def new_counters(device: torch.device) -> torch.Tensor:
 
 
 def supports(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
-             gated: bool = False, whole_k: bool | None = None) -> bool:
-    """Whether :func:`linear` (``gated``: :func:`gate_up_silu`) takes this product with its
-    default config (else the caller uses ``F.linear``): half precision, at most MAX_ROWS
-    rows, K contiguous and a multiple of its block, a contiguous weight and bias; gated: an
-    even number of weight rows, an even ``block_n``, and no bias."""
+             gated: bool = False, config: LinearConfig | None = None) -> bool:
+    """Whether :func:`linear` (``gated``: :func:`gate_up_silu`) takes this product with
+    ``config`` (None: its default config; else the caller uses ``F.linear``): half
+    precision, at most MAX_ROWS rows, K contiguous and a multiple of its block, a
+    contiguous weight and bias; gated: an even number of weight rows, an even ``block_n``,
+    and no bias."""
     if not ((x.is_cuda or INTERPRETED) and x.dtype in DTYPES and
             w.dtype == x.dtype and x.dim() == 2 and 0 < x.shape[0] <= MAX_ROWS and
             x.stride(1) == 1 and w.is_contiguous() and
             (bias is None or (bias.is_contiguous() and bias.shape == w.shape[:1]))):
         return False
     n, k = w.shape
-    cfg = default_config(x.shape[0], n, k, num_sms(x.device), shared_memory(x.device), gated,
-                         whole_k)
+    cfg = config or default_config(x.shape[0], n, k, num_sms(x.device),
+                                   shared_memory(x.device), gated)
     if gated and (bias is not None or n % 2 or cfg.block_n % 2):
         return False
     return x.shape[1] == k and k % (cfg.split_k * cfg.block_k) == 0

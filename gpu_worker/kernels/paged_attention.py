@@ -327,7 +327,8 @@ def _decode_kernel(
     from registers after its tiles (the tiles then stop before the new key: no barrier and
     no read back), else first, reading them back with the tile (a barrier between)."""
     row, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    kv_len = tl.minimum(tl.load(context_lens_ptr + row), tl.load(positions_ptr + row) + 1)
+    pos = tl.load(positions_ptr + row).to(tl.int64)  # the new token's
+    kv_len = tl.minimum(tl.load(context_lens_ptr + row), pos + 1)
     num_tiles = tl.cdiv(kv_len, BLOCK_N)
     per_split = tl.cdiv(num_tiles, NUM_SPLITS)
     tile_lo = split * per_split
@@ -340,7 +341,6 @@ def _decode_kernel(
     q = tl.load(q_ptrs + offs_d[None, :], mask=is_head[:, None], other=0.0)  # [M, D]
     cached_len = kv_len  # the keys read from the cache
     if FUSE_ROPE:
-        pos = tl.load(positions_ptr + row).to(tl.int64)
         cos = tl.load(cos_ptr + pos * stride_table + offs_d)  # [D]
         sin = tl.load(sin_ptr + pos * stride_table + offs_d)
         q = _rope(q, q_ptrs, is_head, cos, sin, HEAD_DIM)
