@@ -4,9 +4,7 @@ For each (batch, context) point, a CUDA graph runs the Triton attention backend'
 step (RoPE with the cache write of the new token, then the attention) over every layer of a
 Llama-3-8B-shaped paged cache (so the keys and values come from memory, not L2), and CUDA
 events time its replays; ``other_rope_us`` times the same step with RoPE fused into the
-attention launch or not, whichever the default is not, and ``other_new_key_us`` the fused
-launch with the new key attended to from registers or read back from the cache, whichever
-the default is not (``paged_attention.NEW_KEY_IN_REGISTERS``). The floor is the bytes of K and V
+attention launch or not, whichever the default is not. The floor is the bytes of K and V
 each row reads over the measured copy bandwidth. With ``--search`` it also times a grid of kernel
 settings (keys per tile, pipeline stages, warps, programs per SM) and reports the fastest
 per point, which is how the defaults in ``gpu_worker.kernels.paged_attention`` are chosen.
@@ -67,11 +65,8 @@ def measure(batch: int, context: int, bandwidth: float, search: bool) -> dict:
     row = {"batch": batch, "context": context, "floor_us": floor_us, "default_us": time({}),
            "default": {"block_n": default.block_n, "num_stages": default.num_stages,
                        "num_warps": default.num_warps, "waves": default.waves,
-                       "fuse_rope": default.fuse_rope,
-                       "new_key_in_registers": default.new_key_in_registers},
-           "other_rope_us": time({"fuse_rope": not default.fuse_rope}),
-           "other_new_key_us": time({"fuse_rope": True, "new_key_in_registers":
-                                     not default.new_key_in_registers})}
+                       "fuse_rope": default.fuse_rope},
+           "other_rope_us": time({"fuse_rope": not default.fuse_rope})}
     if search:
         results = []
         for opts in settings():
@@ -85,11 +80,9 @@ def measure(batch: int, context: int, bandwidth: float, search: bool) -> dict:
         row["best_us"], row["best"] = results[0]
         row["top"] = [{"us": us, **opts} for us, opts in results[:8]]
     log.info("batch %d context %d: floor %.1f us/layer, default %.1f (%.0f%%), RoPE %s: "
-             "%.1f, fused with the new key %s: %.1f%s", batch, context, floor_us,
-             row["default_us"], 100 * floor_us / row["default_us"],
+             "%.1f%s", batch, context, floor_us, row["default_us"],
+             100 * floor_us / row["default_us"],
              "unfused" if default.fuse_rope else "fused", row["other_rope_us"],
-             "from the cache" if default.new_key_in_registers else "in registers",
-             row["other_new_key_us"],
              f", best {row['best_us']:.1f} ({100 * floor_us / row['best_us']:.0f}%) "
              f"{row['best']}" if search else "")
     return row

@@ -45,12 +45,6 @@ FUSE_ROPE = True
 # their loads overlap (H200, Llama-3-8B shape, `python -m bench.attention`: batch 1 at 4,096
 # 19.3 us a layer against 23.7 rolled, at 8,192 23.9 against 29.2; 4 and 64 did worse)
 MERGE_UNROLL = 8
-# Fused RoPE: the split holding a row's newest key attends to it from registers after its
-# key tiles and writes it into the cache at the end, instead of writing it first and reading
-# it back with the tile behind a barrier: a shorter chain of dependent steps before each
-# program's first key tile. Off until measured (`python -m bench.attention`'s
-# `other_new_key_us` times the variant not in use).
-NEW_KEY_IN_REGISTERS = False
 
 
 class TritonPagedAttention:
@@ -75,17 +69,14 @@ class TritonPagedAttention:
     (:func:`few_pairs_splits`). ``fuse_rope`` makes a
     decode step one launch instead of two: each decode program rotates its own query heads
     in registers (q is then left as it was), and the split that holds a row's newest key
-    rotates that key and writes it and its value into the cache before it reads them
-    (``new_key_in_registers``: attends to them from registers after its other keys, and
-    writes them into the cache at the end).
+    rotates that key and writes it and its value into the cache before it reads them.
     """
 
     any_context = True  # decode reads each row's length on the device
 
     def __init__(self, cache: KVCache, scale: float, *, num_splits: int | None = None,
                  block_n: int | None = None, waves: int | None = None, num_warps: int = 4,
-                 num_stages: int | None = None, fuse_rope: bool = FUSE_ROPE,
-                 new_key_in_registers: bool = NEW_KEY_IN_REGISTERS) -> None:
+                 num_stages: int | None = None, fuse_rope: bool = FUSE_ROPE) -> None:
         head_dim = cache.data.shape[-1]
         if not (_is_pow2(cache.block_size) and _is_pow2(head_dim) and head_dim >= 16):
             raise ValueError("block_size and head_dim must be powers of two, head_dim >= 16")
@@ -96,7 +87,6 @@ class TritonPagedAttention:
         self.num_splits = num_splits
         self.block_n = block_n or max(64 if head_dim >= 128 else 128, cache.block_size)
         self.waves, self.num_warps, self.fuse_rope = waves or WAVES, num_warps, fuse_rope
-        self.new_key_in_registers = new_key_in_registers
         tile_bytes = 2 * self.block_n * head_dim * cache.data.element_size()  # one K + V
         budget = STAGE_SHARE * shared_memory(cache.data.device)
         self.num_stages = num_stages or (DECODE_STAGES if DECODE_STAGES * tile_bytes <= budget
@@ -124,7 +114,7 @@ class TritonPagedAttention:
                 meta.block_tables.shape[1] * self.cache.block_size, num_sms(q.device))
             return paged_decode(q, key_cache, value_cache, meta, self.scale, num_splits,
                                 block_n, self.split_counters, self.num_warps, num_stages,
-                                new_kv, self.new_key_in_registers)
+                                new_kv)
         return paged_prefill(q, key_cache, value_cache, meta, self.scale, self.block_n)
 
     def decode_launch(self, rows: int, kv_heads: int, max_context: int,
@@ -184,7 +174,6 @@ def paged_decode(
     num_warps: int = 4,
     num_stages: int = 2,
     new_kv: NewKV | None = None,  # given: q unrotated, new keys and values not yet cached
-    new_key_in_registers: bool = False,  # with new_kv: see _decode_kernel's NEW_KEY_REGS
 ) -> torch.Tensor:  # [rows, heads, head_dim]
     rows, heads, dim = q.shape
     kv_heads = key_cache.shape[2]
@@ -214,8 +203,7 @@ def paged_decode(
         cos.stride(0),
         GROUP=group, BLOCK_M=max(16, triton.next_power_of_2(group)), HEAD_DIM=dim,
         BLOCK_N=block_n, BLOCK_SIZE=key_cache.shape[1], NUM_SPLITS=num_splits,
-        IS_FP32=is_fp32, WHILE_LOOP=INTERPRETED, FUSE_ROPE=fuse,
-        NEW_KEY_REGS=fuse and new_key_in_registers, MERGE_UNROLL=MERGE_UNROLL,
+        IS_FP32=is_fp32, WHILE_LOOP=INTERPRETED, FUSE_ROPE=fuse, MERGE_UNROLL=MERGE_UNROLL,
         num_warps=num_warps, num_stages=num_stages,
         # RoPE rounds each product as torch does; with FP fusion on, the compiler drops the
         # rounding of one of them into an FMA (seen on sm_90, half and bfloat16 alike)
@@ -317,15 +305,13 @@ def _decode_kernel(
     stride_table,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, IS_FP32: tl.constexpr,
-    WHILE_LOOP: tl.constexpr, FUSE_ROPE: tl.constexpr, NEW_KEY_REGS: tl.constexpr,
-    MERGE_UNROLL: tl.constexpr,
+    WHILE_LOOP: tl.constexpr, FUSE_ROPE: tl.constexpr, MERGE_UNROLL: tl.constexpr,
 ):
     """One (row, kv head, split): an equal share of the row's key tiles, all GROUP heads.
     The split that finishes last merges all of them. FUSE_ROPE: q arrives unrotated, and
     the row's new key and value are not cached yet; the split holding the row's last key
-    tile rotates the key and writes both into the cache, and, NEW_KEY_REGS, attends to them
-    from registers after its tiles (the tiles then stop before the new key: no barrier and
-    no read back), else first, reading them back with the tile (a barrier between)."""
+    tile rotates the key and writes both into the cache first, then reads them back with
+    the tile (a barrier between)."""
     row, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     pos = tl.load(positions_ptr + row).to(tl.int64)  # the new token's
     kv_len = tl.minimum(tl.load(context_lens_ptr + row), pos + 1)
@@ -339,20 +325,12 @@ def _decode_kernel(
     heads = kv_head * GROUP + offs_m  # [M]
     q_ptrs = q_ptr + row * stride_qt + heads[:, None] * stride_qh
     q = tl.load(q_ptrs + offs_d[None, :], mask=is_head[:, None], other=0.0)  # [M, D]
-    cached_len = kv_len  # the keys read from the cache
     if FUSE_ROPE:
         cos = tl.load(cos_ptr + pos * stride_table + offs_d)  # [D]
         sin = tl.load(sin_ptr + pos * stride_table + offs_d)
         q = _rope(q, q_ptrs, is_head, cos, sin, HEAD_DIM)
         owner = split == (num_tiles - 1) // per_split  # holds the row's last key tile
-        if NEW_KEY_REGS:  # the new key, the last one in view, is taken from registers
-            key, value = _rope_new_kv(row, kv_head, cos, sin, k_new_ptr, v_new_ptr,
-                                      stride_knt, stride_vnt, stride_knh, HEAD_DIM)
-            key = key.to(k_ptr.dtype.element_ty)  # as the cache holds them, and the tiles
-            value = value.to(v_ptr.dtype.element_ty)  # read them
-            cached_len -= (kv_len == pos + 1).to(cached_len.dtype)
-            tile_hi = tl.minimum(tile_hi, tl.cdiv(cached_len, BLOCK_N))
-        elif owner:  # into the cache first, and read back from there with the others
+        if owner:  # into the cache first, and read back from there with the others
             key, value = _rope_new_kv(row, kv_head, cos, sin, k_new_ptr, v_new_ptr,
                                       stride_knt, stride_vnt, stride_knh, HEAD_DIM)
             _store_new_kv(key, value, row, kv_head, slot_ptr, k_ptr, v_ptr, stride_kb,
@@ -363,16 +341,10 @@ def _decode_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     m_i, l_i, acc = _attend(
-        q, m_i, l_i, acc, tile_lo, tile_hi, q_pos, cached_len,
+        q, m_i, l_i, acc, tile_lo, tile_hi, q_pos, kv_len,
         block_tables_ptr + row * stride_bt, k_ptr + kv_head * stride_kh,
         v_ptr + kv_head * stride_kh, stride_kb, stride_kt, scale_log2,
         HEAD_DIM, BLOCK_N, BLOCK_SIZE, IS_FP32, WHILE_LOOP)
-    if NEW_KEY_REGS:  # noqa: SIM102 - static (and only with FUSE_ROPE) around a dynamic if
-        if owner:  # the new key joins the softmax, then goes into the cache
-            if cached_len < kv_len:
-                m_i, l_i, acc = _attend_key(q, key, value, m_i, l_i, acc, scale_log2)
-            _store_new_kv(key, value, row, kv_head, slot_ptr, k_ptr, v_ptr, stride_kb,
-                          stride_kt, stride_kh, HEAD_DIM, BLOCK_SIZE)
 
     out = out_ptr + row * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
     if NUM_SPLITS == 1:
@@ -423,18 +395,6 @@ def _store_new_kv(key, value, row, kv_head, slot_ptr, k_ptr, v_ptr, stride_kb, s
         kv_head * stride_kh + tl.arange(0, HEAD_DIM)
     tl.store(k_ptr + dst, key.to(k_ptr.dtype.element_ty))
     tl.store(v_ptr + dst, value.to(v_ptr.dtype.element_ty))
-
-
-@triton.jit
-def _attend_key(q, key, value, m_i, l_i, acc, scale_log2):
-    """The online softmax of q [M, D] over one more key [D] and its value [D], held in
-    registers, rounded as a key tile's are (p to the value's dtype before the product)."""
-    s = tl.sum(q.to(tl.float32) * key.to(tl.float32)[None, :], 1) * scale_log2  # [M]
-    m_new = tl.maximum(m_i, s)
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new)
-    weighted = p.to(value.dtype).to(tl.float32)[:, None] * value.to(tl.float32)[None, :]
-    return m_new, l_i * alpha + p, acc * alpha[:, None] + weighted
 
 
 @triton.jit

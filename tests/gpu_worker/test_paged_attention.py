@@ -134,15 +134,13 @@ def test_decode_dtypes_and_multi_block_tiles(dtype):
 
 @pytest.mark.parametrize("num_splits", [1, 3, 4, None])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("in_registers", [False, True], ids=["new-key-cached", "new-key-regs"])
-def test_decode_with_rope_fused_matches_reference(num_splits, dtype, in_registers):
+def test_decode_with_rope_fused_matches_reference(num_splits, dtype):
     """RoPE and the new token's cache write inside the decode launch: the same output and
     the same cache, for strided q/k/v views, a padded row and a row whose context is only
-    the new token; the new key read back from the cache or attended to from registers
-    (48 + 1 keys in 16-key tiles: a last tile that holds only the new key, which with 4
-    splits is a split of no cached keys beside splits that have some)."""
+    the new token (48 + 1 keys in 16-key tiles: a last tile that holds only the new key,
+    which with 4 splits is a split of no cached keys beside splits that have some)."""
     check(Shape(dtype=dtype), DECODE_CACHED + [48], [1] * 5, pad_rows=1, strided=True,
-          num_splits=num_splits, block_n=16, fuse_rope=True, new_key_in_registers=in_registers)
+          num_splits=num_splits, block_n=16, fuse_rope=True)
 
 
 def test_decode_with_more_splits_than_tiles_and_one_kv_head():
@@ -207,21 +205,14 @@ GPU_SHAPE = Shape(heads=32, kv_heads=8, head_dim=128, num_blocks=20000, max_bloc
                   dtype=torch.bfloat16, device="cuda")
 
 
-# (fuse_rope, new_key_in_registers): RoPE in its own launch, fused with the new key read
-# back from the cache, fused with it attended to from registers
-ROPE_VARIANTS = [(False, False), (True, False), (True, True)]
-ROPE_IDS = ["rope-apart", "rope-fused", "rope-fused-new-key-regs"]
-
-
 @pytest.mark.gpu
 @cuda
-@pytest.mark.parametrize(("fuse_rope", "in_registers"), ROPE_VARIANTS, ids=ROPE_IDS)
+@pytest.mark.parametrize("fuse_rope", [False, True])
 @pytest.mark.parametrize("rows", [1, 7, 64])
-def test_gpu_decode_matches_reference(rows, fuse_rope, in_registers):
+def test_gpu_decode_matches_reference(rows, fuse_rope):
     torch.manual_seed(rows)
     cached = torch.randint(0, 4095, (rows,)).tolist()
-    check(GPU_SHAPE, cached, [1] * rows, strided=True, fuse_rope=fuse_rope,
-          new_key_in_registers=in_registers)
+    check(GPU_SHAPE, cached, [1] * rows, strided=True, fuse_rope=fuse_rope)
 
 
 @pytest.mark.gpu
@@ -238,20 +229,17 @@ def test_gpu_float32_is_exact_without_tf32():
     check(shape, DECODE_CACHED, [1] * 4, num_splits=2, strided=True)  # views of a fused qkv
     check(shape, [30, 0, 12], [1, 9, 20])
     check(shape, DECODE_CACHED, [1] * 4, pad_rows=1, num_splits=3, fuse_rope=True)
-    check(shape, DECODE_CACHED, [1] * 4, pad_rows=1, num_splits=3, fuse_rope=True,
-          new_key_in_registers=True)
 
 
 @pytest.mark.gpu
 @cuda
-@pytest.mark.parametrize(("fuse_rope", "in_registers"), ROPE_VARIANTS, ids=ROPE_IDS)
-def test_gpu_decode_graph_replays_for_every_context_length(fuse_rope, in_registers):
+@pytest.mark.parametrize("fuse_rope", [False, True])
+def test_gpu_decode_graph_replays_for_every_context_length(fuse_rope):
     shape, rows = GPU_SHAPE, 8
     torch.manual_seed(0)
     ref_cache, tri_cache = make_caches(shape)
     scale = shape.head_dim**-0.5
-    backend = TritonPagedAttention(tri_cache, scale, fuse_rope=fuse_rope,
-                                   new_key_in_registers=in_registers)
+    backend = TritonPagedAttention(tri_cache, scale, fuse_rope=fuse_rope)
     reference = TorchPagedAttention(ref_cache, scale)
     meta = make_meta(shape, [100] * rows, [1] * rows)  # the static buffers
     q, k, v = make_qkv(shape, rows)
