@@ -5,8 +5,10 @@ a CUDA graph runs the product over enough distinct copies of the weight that the
 fit in L2, back to back as in a model, and CUDA events time its replays. Each row gives
 microseconds per product and the fraction of the measured copy bandwidth that reading the
 weight once achieves, for ``F.linear`` (cuBLAS) and for
-:func:`gpu_worker.kernels.linear.linear` with its default config. ``gate_up_silu`` is the
-gate/up product followed by SiLU-and-mul: cuBLAS and the SiLU kernel, against
+:func:`gpu_worker.kernels.linear.linear` with its default config (``other_stream_k_us``:
+in stream-K runs if the default is tiled, or tiled if it is stream-K, where that differs).
+``gate_up_silu`` is the gate/up product followed by SiLU-and-mul: cuBLAS and the SiLU
+kernel, against
 :func:`gpu_worker.kernels.linear.gate_up_silu` (both in one launch).
 ``lm_head`` is the LM head (once a step). ``o_add_norm`` and ``normed_qkv`` time the folded
 norm (``gpu_worker.ops.FOLD_NORMS``): the O product adding into the residual (and leaving
@@ -71,7 +73,8 @@ def candidates(n: int, k: int, num_sms: int, gated: bool, rows: int,
                shared: int) -> list[lin.LinearConfig]:
     """Configs to search; gated tiles hold half their rows from each half of the weight,
     so they may be twice as tall. From half a program per SM (one wave of whole-K tiles,
-    ``linear.WHOLE_K``) to eight, within ``shared`` bytes of shared memory."""
+    ``linear.WHOLE_K``) to eight, within ``shared`` bytes of shared memory; configs of one
+    K slice also as stream-K runs, one and two a multiprocessor (``linear.STREAM_K``)."""
     out = []
     block_m = lin._block_m(rows)  # the x tile's rows, as the kernel pads them
     for bn, bk, split, stages in itertools.product(
@@ -81,6 +84,9 @@ def candidates(n: int, k: int, num_sms: int, gated: bool, rows: int,
         if k % (split * bk) or not num_sms // 2 <= programs <= 8 * num_sms or not fits:
             continue
         out.append(lin.LinearConfig(bn, bk, split, 8 if bn >= 128 else 4, stages))
+        if split == 1:
+            out += [lin.LinearConfig(bn, bk, 1, 8 if bn >= 128 else 4, stages, programs=p)
+                    for p in (num_sms, 2 * num_sms)]
     return out
 
 
@@ -143,6 +149,9 @@ def measure(name, n, k, rows, bandwidth, search) -> dict:
     default = lin.default_config(rows, n, k, sms, shared, gated)  # as the launcher picks
     row["tandem_us"] = graph_us(tandem(default), copies)
     row["tandem_config"] = vars(default)
+    other = lin.default_config(rows, n, k, sms, shared, gated, stream_k=not lin.STREAM_K)
+    if other != default:  # stream-K if the default is tiled, or the other way round
+        row["other_stream_k_us"] = graph_us(tandem(other), copies)
 
     if search:
         best = None
@@ -156,12 +165,15 @@ def measure(name, n, k, rows, bandwidth, search) -> dict:
                 best = (us, cfg)
         if best:
             row["best_us"], row["best_config"] = best[0], vars(best[1])
-    for key in ("cublas_us", "tandem_us", "best_us"):
+    for key in ("cublas_us", "tandem_us", "other_stream_k_us", "best_us"):
         if key in row:
             row[key.replace("_us", "_of_floor")] = floor_us / row[key]
-    log.info("%-9s rows %3d: floor %6.1f us, cuBLAS %6.1f (%.0f%%), tandem %6.1f (%.0f%%)%s",
+    log.info("%-9s rows %3d: floor %6.1f us, cuBLAS %6.1f (%.0f%%), tandem %6.1f (%.0f%%)%s%s",
              name, rows, floor_us, row["cublas_us"], 100 * row["cublas_of_floor"],
              row["tandem_us"], 100 * row["tandem_of_floor"],
+             f", {'tiled' if lin.STREAM_K else 'stream-K'} {row['other_stream_k_us']:.1f} "
+             f"({100 * row['other_stream_k_of_floor']:.0f}%)" if "other_stream_k_us" in row
+             else "",
              f", best {row['best_us']:.1f} ({100 * row['best_of_floor']:.0f}%) "
              f"{row['best_config']}" if "best_us" in row else "")
     return row

@@ -60,7 +60,7 @@ class SweepConfig:
     fold_norms: bool | None = None  # Triton ops: norms folded into the products (None: default)
     attention_stages: int | None = None  # Triton decode attention's pipeline (None: default)
     whole_k: bool | None = None  # split-K kernel: deep K steps, no split (None: default)
-    new_key_in_registers: bool | None = None  # Triton decode attention (None: default)
+    stream_k: bool | None = None  # split-K kernel: stream-K runs (None: default)
 
 
 def build_model(cfg: SweepConfig) -> tuple[LlamaModel, analysis.ModelShape]:
@@ -75,6 +75,8 @@ def build_model(cfg: SweepConfig) -> tuple[LlamaModel, analysis.ModelShape]:
         ops.fold_norms = cfg.fold_norms
     if cfg.whole_k is not None and hasattr(ops, "whole_k"):
         ops.whole_k = cfg.whole_k
+    if cfg.stream_k is not None and hasattr(ops, "stream_k"):
+        ops.stream_k = cfg.stream_k
     return LlamaModel(config, weights, cfg.dtype, cfg.device, ops=ops), shape
 
 
@@ -267,8 +269,6 @@ def run(cfg: SweepConfig) -> dict:
     if cfg.attention_stages and hasattr(attention, "num_stages"):
         # each launch reads them; a depth given holds for every batch (no few-pair tiles)
         attention.num_stages, attention.few_pairs = cfg.attention_stages, None
-    if cfg.new_key_in_registers is not None and hasattr(attention, "new_key_in_registers"):
-        attention.new_key_in_registers = cfg.new_key_in_registers
     log.info("KV cache %d tokens (%.1f GiB); attention %s", num_blocks * BLOCK_SIZE,
              cache.data.numel() * cfg.dtype.itemsize / 2**30, type(attention).__name__)
     profiles = {}
@@ -306,7 +306,7 @@ def make_config(args: argparse.Namespace) -> SweepConfig:
         profile=tuple(tuple(ints(point.replace("x", ","))) for point in args.profile),
         fuse_silu=on_off(args.fuse_silu), fold_norms=on_off(args.fold_norms),
         attention_stages=args.attention_stages, whole_k=on_off(args.whole_k),
-        new_key_in_registers=on_off(args.new_key_in_registers))
+        stream_k=on_off(args.stream_k))
 
 
 def on_off(text: str | None) -> bool | None:
@@ -337,13 +337,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="Triton decode attention: K/V tiles in flight per program, at every "
                         "batch size (default: 4 where shared memory allows, 2 with the "
                         "longer tiles of small batches; see bench.attention --search)")
-    p.add_argument("--new-key-in-registers", choices=("on", "off"),
-                   help="Triton decode attention with RoPE fused: the new key attended to "
-                        "from registers instead of read back from the cache (default: "
-                        "gpu_worker.kernels.paged_attention.NEW_KEY_IN_REGISTERS)")
     p.add_argument("--whole-k", choices=("on", "off"),
                    help="Triton ops: plain decode products without split-K, in 256-deep K "
                         "steps (default: gpu_worker.kernels.linear.WHOLE_K)")
+    p.add_argument("--stream-k", choices=("on", "off"),
+                   help="Triton ops: decode products of more than 16 rows in stream-K runs, "
+                        "equal shares of the whole product for every SM (default: "
+                        "gpu_worker.kernels.linear.STREAM_K)")
     p.add_argument("--fold-norms", choices=("on", "off"),
                    help="Triton ops: each residual add + RMSNorm folded into the products "
                         "around it for decode-sized batches (default: "

@@ -86,6 +86,20 @@ def variants():
                         HAS_BIAS=split_k == 1 and not gated, GATED=gated, ADD_RES=add_res,
                         NORM_X=norm_x, SCALE_X=scale_x, T_PAD=128, LIBDEVICE=True),
                    dict(num_warps=4, num_stages=stages))
+    # stream-K (linear.STREAM_K): the plain products in whole-K's steps, the gated one in
+    # its own tiles (64 rows from each half), each product kind as above
+    for label, gated, add_res, norm_x, scale_x in (
+            ("linear", False, False, False, False),
+            ("linear + residual", False, True, False, False),
+            ("normed linear, prescaled w", False, False, True, False),
+            ("gate/up + SiLU", True, False, False, False),
+            ("normed gate/up + SiLU, prescaled w", True, False, True, False)):
+        yield (f"{label} stream-K", linear._stream_k_kernel, lin | ints("programs"),
+               dict(K=4096, BLOCK_M=32, BLOCK_N=64 if gated else 32,
+                    BLOCK_K=64 if gated else 256, HAS_BIAS=False, GATED=gated,
+                    ADD_RES=add_res, NORM_X=norm_x, SCALE_X=scale_x, T_PAD=128,
+                    LIBDEVICE=True, WHILE_LOOP=False),
+               dict(num_warps=8 if gated else 4, num_stages=3 if gated else 5))
     attn = ptrs("bf16", "q_ptr", "k_ptr", "v_ptr", "out_ptr", "k_new_ptr", "v_new_ptr",
                 "cos_ptr", "sin_ptr") | ptrs("fp32", "partial_acc_ptr", "partial_ml_ptr") | \
         ptrs("i32", "counters_ptr") | ptrs(
@@ -95,15 +109,13 @@ def variants():
             "stride_kh", "stride_bt", "stride_knt", "stride_vnt", "stride_knh",
             "stride_table") | {"scale_log2": "fp32"}
     # (block_n, stages): the default tiles, and those of few (row, kv head) pairs
-    # (fuse_rope, new key from registers): RoPE apart, fused, fused with the new key in registers
-    for (fuse, regs), (block_n, stages) in itertools.product(
-            ((False, False), (True, False), (True, True)), ((64, 4), (128, 2))):
+    for fuse, (block_n, stages) in itertools.product((False, True), ((64, 4), (128, 2))):
         for splits in (1, 4):
-            yield (f"decode attention splits={splits} fuse_rope={fuse} new_key_regs={regs} "
-                   f"block_n={block_n}", pa._decode_kernel, attn,
+            yield (f"decode attention splits={splits} fuse_rope={fuse} block_n={block_n}",
+                   pa._decode_kernel, attn,
                    dict(GROUP=4, BLOCK_M=16, HEAD_DIM=128, BLOCK_N=block_n, BLOCK_SIZE=16,
                         NUM_SPLITS=splits, IS_FP32=False, WHILE_LOOP=False, FUSE_ROPE=fuse,
-                        NEW_KEY_REGS=regs, MERGE_UNROLL=pa.MERGE_UNROLL),
+                        MERGE_UNROLL=pa.MERGE_UNROLL),
                    dict(num_warps=4, num_stages=stages, enable_fp_fusion=not fuse))
     yield ("prefill attention", pa._prefill_kernel, attn,
            dict(GROUP=4, GROUP_PAD=4, BLOCK_Q=16, HEAD_DIM=128, BLOCK_N=64, BLOCK_SIZE=16,
