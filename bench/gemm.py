@@ -69,12 +69,13 @@ def graph_us(fn, copies: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def candidates(n: int, k: int, num_sms: int, gated: bool, rows: int,
-               shared: int) -> list[lin.LinearConfig]:
+def candidates(n: int, k: int, num_sms: int, gated: bool, rows: int, shared: int,
+               kind: str = "all") -> list[lin.LinearConfig]:
     """Configs to search; gated tiles hold half their rows from each half of the weight,
     so they may be twice as tall. From half a program per SM (one wave of whole-K tiles,
     ``linear.WHOLE_K``) to eight, within ``shared`` bytes of shared memory; configs of one
-    K slice also as stream-K runs, one and two a multiprocessor (``linear.STREAM_K``)."""
+    K slice also as stream-K runs, one and two a multiprocessor (``linear.STREAM_K``);
+    ``kind`` "tiled" or "stream-k": only those."""
     out = []
     block_m = lin._block_m(rows)  # the x tile's rows, as the kernel pads them
     for bn, bk, split, stages in itertools.product(
@@ -83,10 +84,13 @@ def candidates(n: int, k: int, num_sms: int, gated: bool, rows: int,
         fits = (bn + block_m) * bk * 2 * stages <= shared - lin.SPARE_SHARED
         if k % (split * bk) or not num_sms // 2 <= programs <= 8 * num_sms or not fits:
             continue
-        out.append(lin.LinearConfig(bn, bk, split, 8 if bn >= 128 else 4, stages))
-        if split == 1:
-            out += [lin.LinearConfig(bn, bk, 1, 8 if bn >= 128 else 4, stages, programs=p)
-                    for p in (num_sms, 2 * num_sms)]
+        warps, stage_bytes = 8 if bn >= 128 else 4, (bn + block_m) * bk * 2
+        if kind != "stream-k":
+            out.append(lin.LinearConfig(bn, bk, split, warps, stages))
+        if split == 1 and kind != "tiled":  # two a multiprocessor where two fit
+            out += [lin.LinearConfig(bn, bk, 1, warps, stages, programs=per_sm * num_sms)
+                    for per_sm in (1, 2)
+                    if per_sm * stage_bytes * stages <= shared - lin.SPARE_SHARED]
     return out
 
 
@@ -134,7 +138,7 @@ def products(name: str, x: torch.Tensor, weights: list[torch.Tensor], counters: 
     return cublas, tandem
 
 
-def measure(name, n, k, rows, bandwidth, search) -> dict:
+def measure(name, n, k, rows, bandwidth, search, kind="all") -> dict:
     dev, dtype = torch.device("cuda"), torch.bfloat16
     copies = max(4, COPIES_BYTES // (n * k * 2))
     weights = [torch.randn(n, k, device=dev, dtype=dtype) / 64 for _ in range(copies)]
@@ -155,7 +159,7 @@ def measure(name, n, k, rows, bandwidth, search) -> dict:
 
     if search:
         best = None
-        for cfg in candidates(n, k, sms, gated, rows, shared):
+        for cfg in candidates(n, k, sms, gated, rows, shared, kind):
             try:
                 us = graph_us(tandem(cfg), copies)
             except Exception as exc:  # noqa: BLE001 - a config that does not compile
@@ -183,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     p = tool_parser("bench.gemm", __doc__)
     p.add_argument("--rows", default="1,8,32,64", help="batch sizes, comma-separated")
     p.add_argument("--search", default="", help="batch sizes to search configs at (e.g. 32)")
+    p.add_argument("--candidates", default="all", choices=("all", "tiled", "stream-k"),
+                   help="which configs --search tries (default all)")
     p.add_argument("--products", default=DEFAULT_PRODUCTS,
                    help=f"comma-separated, of {', '.join(p[0] for p in LLAMA3_8B)} "
                         f"(default {DEFAULT_PRODUCTS})")
@@ -197,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in (int(r) for r in a.rows.split(",") if r):
         for name, n, k in LLAMA3_8B:
             if name in wanted:
-                rows.append(measure(name, n, k, r, bandwidth, r in search))
+                rows.append(measure(name, n, k, r, bandwidth, r in search, a.candidates))
                 torch.cuda.empty_cache()  # the weight copies of the last product
     print(json.dumps({"bandwidth_bytes_per_s": bandwidth, "products": rows}), flush=True)
     return 0

@@ -417,6 +417,9 @@ def _stream_k_kernel(
     by whichever of its programs arrives last, adding the pieces in program order (fixed:
     async equals sync). Each program leaves at most two pieces: in partial slot 2 p its
     first tile's (the end of a tile), in 2 p + 1 its last tile's (the start of one).
+    Each piece is a K loop of its own, so a run of two pieces ramps its pipeline twice
+    (one loop over the run's units, finishing pieces inside it, was not pipelined by
+    Triton 3.6).
     Epilogue and flags as :func:`_linear_kernel`."""
     pid = tl.program_id(0)
     STEPS: tl.constexpr = K // BLOCK_K
@@ -424,9 +427,6 @@ def _stream_k_kernel(
     start, end = _run_start(pid, units, programs), _run_start(pid + 1, units, programs)
     offs_m, offs_k = tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_K)
     m_ok = offs_m < M
-    part_offs = tl.arange(0, BLOCK_N)[:, None] * BLOCK_M + offs_m[None, :]  # a slot's
-    slot_size: tl.constexpr = BLOCK_N * BLOCK_M
-    up_part = 2 * programs * slot_size  # GATED: the up pieces follow the gate pieces
     unit = start
     while unit < end:
         tile = unit // STEPS
@@ -438,32 +438,52 @@ def _stream_k_kernel(
         k0 = first * BLOCK_K + offs_k
         acc, up_acc = _k_steps(
             w_ptr + rows * K + k0[None, :], w_ptr + (rows + N) * K + k0[None, :],
-            x_ptr + offs_m[None, :] * stride_xm + k0[:, None], norm_w_ptr + k0, n_ok, m_ok,
-            first, last, BLOCK_M, BLOCK_N, BLOCK_K, GATED, SCALE_X, WHILE_LOOP)
-        y_offs = offs_m[None, :] * stride_ym + offs_n[:, None]  # [BLOCK_N, BLOCK_M]
-        out_ok = n_ok[:, None] & m_ok[None, :]
-        if (first == 0) & (last == STEPS):
+            x_ptr + offs_m[None, :] * stride_xm + k0[:, None], norm_w_ptr + k0, n_ok,
+            m_ok, first, last, BLOCK_M, BLOCK_N, BLOCK_K, GATED, SCALE_X, WHILE_LOOP)
+        _finish_piece(y_ptr, bias_ptr, partial_ptr, lock_ptr, sums_ptr, acc, up_acc,
+                      offs_n, offs_m, n_ok, m_ok, tile, (first == 0) & (last == STEPS),
+                      unit != start, pid, M, stride_ym, num_tiles, eps, programs, units,
+                      K, BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, GATED, ADD_RES, NORM_X,
+                      T_PAD, LIBDEVICE)
+        unit += last - first
+
+
+@triton.jit
+def _finish_piece(y_ptr, bias_ptr, partial_ptr, lock_ptr, sums_ptr, acc, up_acc, offs_n,
+                  offs_m, n_ok, m_ok, tile, whole, later, pid, M, stride_ym, num_tiles, eps,
+                  programs, units, K: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  GATED: tl.constexpr, ADD_RES: tl.constexpr, NORM_X: tl.constexpr,
+                  T_PAD: tl.constexpr, LIBDEVICE: tl.constexpr):
+    """A run's piece of ``tile``: ``whole``, the output at once; else into the run's slot
+    (``later``: its second, the piece does not start the run), and the tile's last piece
+    to arrive adds them all and writes the output."""
+    STEPS: tl.constexpr = K // BLOCK_K
+    slot_size: tl.constexpr = BLOCK_N * BLOCK_M
+    y_offs = offs_m[None, :] * stride_ym + offs_n[:, None]  # [BLOCK_N, BLOCK_M]
+    out_ok = n_ok[:, None] & m_ok[None, :]
+    if whole:
+        _store_output(y_ptr, bias_ptr, sums_ptr, acc, up_acc, y_offs, offs_n, offs_m, out_ok,
+                      n_ok, m_ok, tile, M, num_tiles, eps, K, HAS_BIAS, GATED, ADD_RES,
+                      NORM_X, T_PAD, LIBDEVICE)
+    else:
+        part_offs = tl.arange(0, BLOCK_N)[:, None] * BLOCK_M + offs_m[None, :]  # a slot's
+        up_part = 2 * programs * slot_size  # GATED: the up pieces follow the gate pieces
+        slot = 2 * pid + later.to(tl.int32)
+        tl.store(partial_ptr + slot * slot_size + part_offs, acc)
+        if GATED:
+            tl.store(partial_ptr + up_part + slot * slot_size + part_offs, up_acc)
+        tl.debug_barrier()
+        owner = _run_of(tile * STEPS, units, programs)
+        pieces = _run_of(tile * STEPS + STEPS - 1, units, programs) - owner + 1
+        arrived = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if arrived == pieces - 1:
+            acc, up_acc = _add_pieces(partial_ptr, part_offs, up_part, owner, pieces,
+                                      tile * STEPS, units, programs, BLOCK_M, BLOCK_N, GATED)
             _store_output(y_ptr, bias_ptr, sums_ptr, acc, up_acc, y_offs, offs_n, offs_m,
                           out_ok, n_ok, m_ok, tile, M, num_tiles, eps, K, HAS_BIAS, GATED,
                           ADD_RES, NORM_X, T_PAD, LIBDEVICE)
-        else:
-            slot = 2 * pid + (unit != start).to(tl.int32)
-            tl.store(partial_ptr + slot * slot_size + part_offs, acc)
-            if GATED:
-                tl.store(partial_ptr + up_part + slot * slot_size + part_offs, up_acc)
-            tl.debug_barrier()
-            owner = _run_of(tile * STEPS, units, programs)
-            pieces = _run_of(tile * STEPS + STEPS - 1, units, programs) - owner + 1
-            arrived = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel", scope="gpu")
-            if arrived == pieces - 1:
-                acc, up_acc = _add_pieces(partial_ptr, part_offs, up_part, owner, pieces,
-                                          tile * STEPS, units, programs, BLOCK_M, BLOCK_N,
-                                          GATED)
-                _store_output(y_ptr, bias_ptr, sums_ptr, acc, up_acc, y_offs, offs_n, offs_m,
-                              out_ok, n_ok, m_ok, tile, M, num_tiles, eps, K, HAS_BIAS, GATED,
-                              ADD_RES, NORM_X, T_PAD, LIBDEVICE)
-                tl.atomic_xchg(lock_ptr + tile, 0, sem="relaxed", scope="gpu")  # next launch
-        unit += last - first
+            tl.atomic_xchg(lock_ptr + tile, 0, sem="relaxed", scope="gpu")  # next launch
 
 
 @triton.jit
