@@ -366,29 +366,22 @@ def _k_steps(w_ptrs, up_ptrs, x_ptrs, nw_ptrs, n_ok, m_ok, first, last, BLOCK_M:
     if WHILE_LOOP:
         step = first
         while step < last:
-            acc, up_acc = _k_step(w_ptrs, up_ptrs, x_ptrs, nw_ptrs, n_ok, m_ok, acc, up_acc,
-                                  GATED, SCALE_X)
-            w_ptrs, x_ptrs = w_ptrs + BLOCK_K, x_ptrs + BLOCK_K
-            if GATED:
-                up_ptrs += BLOCK_K
-            if SCALE_X:
-                nw_ptrs += BLOCK_K
+            acc, up_acc, w_ptrs, up_ptrs, x_ptrs, nw_ptrs = _k_step(
+                w_ptrs, up_ptrs, x_ptrs, nw_ptrs, n_ok, m_ok, acc, up_acc, BLOCK_K, GATED,
+                SCALE_X)
             step += 1
     else:
         for _ in range(first, last):
-            acc, up_acc = _k_step(w_ptrs, up_ptrs, x_ptrs, nw_ptrs, n_ok, m_ok, acc, up_acc,
-                                  GATED, SCALE_X)
-            w_ptrs, x_ptrs = w_ptrs + BLOCK_K, x_ptrs + BLOCK_K
-            if GATED:
-                up_ptrs += BLOCK_K
-            if SCALE_X:
-                nw_ptrs += BLOCK_K
+            acc, up_acc, w_ptrs, up_ptrs, x_ptrs, nw_ptrs = _k_step(
+                w_ptrs, up_ptrs, x_ptrs, nw_ptrs, n_ok, m_ok, acc, up_acc, BLOCK_K, GATED,
+                SCALE_X)
     return acc, up_acc
 
 
 @triton.jit
-def _k_step(w_ptrs, up_ptrs, x_ptrs, nw_ptrs, n_ok, m_ok, acc, up_acc, GATED: tl.constexpr,
-            SCALE_X: tl.constexpr):
+def _k_step(w_ptrs, up_ptrs, x_ptrs, nw_ptrs, n_ok, m_ok, acc, up_acc, BLOCK_K: tl.constexpr,
+            GATED: tl.constexpr, SCALE_X: tl.constexpr):
+    """One K step into the sums; returns them and the pointers a step on."""
     w = tl.load(w_ptrs, mask=n_ok[:, None], other=0.0)  # [BLOCK_N, BLOCK_K]
     xt = tl.load(x_ptrs, mask=m_ok[None, :], other=0.0)  # [BLOCK_K, BLOCK_M]
     if SCALE_X:  # the norm's weight, rounded as the unfused norm rounds its product
@@ -398,7 +391,10 @@ def _k_step(w_ptrs, up_ptrs, x_ptrs, nw_ptrs, n_ok, m_ok, acc, up_acc, GATED: tl
     if GATED:
         up = tl.load(up_ptrs, mask=n_ok[:, None], other=0.0)
         up_acc = tl.dot(up, xt, up_acc)
-    return acc, up_acc
+        up_ptrs += BLOCK_K
+    if SCALE_X:
+        nw_ptrs += BLOCK_K
+    return acc, up_acc, w_ptrs + BLOCK_K, up_ptrs, x_ptrs + BLOCK_K, nw_ptrs
 
 
 @triton.jit
