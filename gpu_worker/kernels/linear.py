@@ -62,11 +62,13 @@ SPARE_SHARED = 16 << 10  # shared memory left to the compiler beyond the pipelin
 WHOLE_K = True
 WHOLE_K_DEPTH = 256
 WHOLE_K_STAGE_BYTES = 160 << 10  # counted as stages x stage bytes (Triton buffers one fewer)
-# Stream-K (`default_config`'s stream_k; off until measured on a GPU): a tiled grid of 96
-# QKV tiles (Llama-3-8B at 32 rows) leaves 36 of an H200's 132 SMs idle, and 224 gate/up
-# tiles give 92 SMs two and 40 one; equal runs of (tile, K step) units keep every SM
-# streaming to the end.
-STREAM_K = False
+# Stream-K (`default_config`'s stream_k): a tiled grid of 96 QKV tiles (Llama-3-8B at 32
+# rows) leaves 36 of an H200's 132 SMs idle, and 224 gate/up tiles, two to an SM, give 92
+# SMs two and 40 one; equal runs of (tile, K step) units keep every SM streaming to the end.
+# A run cut across two tiles ramps its pipeline twice, so grids that fill their last wave
+# to STREAM_K_FILL (O and down: 128 tiles on 132 SMs) keep their tiles.
+STREAM_K = True
+STREAM_K_FILL = 0.9
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,11 +110,15 @@ def default_config(num_rows: int, n: int, k: int, sms: int, shared: int,
                    gated: bool = False, whole_k: bool | None = None,
                    stream_k: bool | None = None) -> LinearConfig:
     """:func:`tiled_config`, and with ``stream_k`` (None: ``STREAM_K``) from 17 rows on
-    the same tiles in stream-K runs where that config has one K slice: a program an SM
-    for the plain products, two for the gated one (whose tiles fit two to an SM)."""
+    the same tiles in stream-K runs where that config has one K slice and its tiles fill
+    less than ``STREAM_K_FILL`` of their last wave: a program an SM for the plain
+    products, two for the gated one (whose tiles fit two to an SM)."""
     cfg = tiled_config(num_rows, n, k, sms, shared, gated, whole_k)
-    if (STREAM_K if stream_k is None else stream_k) and num_rows > 16 and cfg.split_k == 1:
-        return dataclasses.replace(cfg, programs=(2 if gated else 1) * sms)
+    per_sm, tiles = 2 if gated else 1, triton.cdiv(n, cfg.block_n)
+    fill = tiles / (triton.cdiv(tiles, per_sm * sms) * per_sm * sms)
+    if (STREAM_K if stream_k is None else stream_k) and num_rows > 16 and \
+            cfg.split_k == 1 and fill < STREAM_K_FILL:
+        return dataclasses.replace(cfg, programs=per_sm * sms)
     return cfg
 
 

@@ -121,7 +121,7 @@ def test_plain_products_of_many_rows_take_whole_k_in_deep_steps():
 def test_gated_default_config_is_the_searched_one_and_fits_smaller_gpus():
     hopper = 227 << 10
     for rows, block_k in ((1, 128), (32, 64)):  # the H200 search's best at 1 and 32 rows
-        cfg = lin.default_config(rows, 28672, 4096, 132, hopper, gated=True)
+        cfg = lin.default_config(rows, 28672, 4096, 132, hopper, gated=True, stream_k=False)
         assert cfg == lin.LinearConfig(128, block_k, 1, num_warps=8, num_stages=3)
     small = lin.default_config(1, 28672, 4096, 84, 99 << 10, gated=True)
     assert (128 + 16) * small.block_k * 2 * small.num_stages <= (99 << 10) - lin.SPARE_SHARED
@@ -171,11 +171,12 @@ def test_triton_ops_stream_k_runs_the_products_of_many_rows(monkeypatch, stream_
     from gpu_worker.ops import TritonOps
 
     ops, configs = TritonOps(torch.device(DEVICE), stream_k=stream_k), []
+    ops._limits = (3, 227 << 10)  # 3 SMs: 2 plain tiles, 3 gated (two an SM) fill short
     for name in ("linear", "gate_up_silu"):
         kernel = getattr(lin, name)
         monkeypatch.setattr(lin, name, lambda *a, _k=kernel, **kw: configs.append(
             kw["config"]) or _k(*a, **kw))
-    w, gate_up = half(64, 512, scale=1 / 8), half(2 * 64, 512, scale=1 / 8)
+    w, gate_up = half(64, 512, scale=1 / 8), half(2 * 192, 512, scale=1 / 8)
     for rows in (24, 8):
         configs.clear()
         x = half(rows, 512, scale=1 / 8)
@@ -185,12 +186,17 @@ def test_triton_ops_stream_k_runs_the_products_of_many_rows(monkeypatch, stream_
 
 
 def test_stream_k_config_keeps_the_tiles_and_needs_one_slice():
+    """Stream-K where the tiles leave their last wave short (Llama-3-8B at 32 rows on 132
+    SMs: QKV's 96 tiles, gate/up's 224 two to an SM), the tiles kept where they fill it
+    (O and down: 128)."""
     hopper = 227 << 10
-    for n, k, gated in ((6144, 4096, False), (4096, 14336, False), (28672, 4096, True)):
+    for n, k, gated in ((6144, 4096, False), (28672, 4096, True)):
         tiled = lin.default_config(32, n, k, 132, hopper, gated, stream_k=False)
         stream = lin.default_config(32, n, k, 132, hopper, gated, stream_k=True)
         assert stream == dataclasses.replace(tiled, programs=(2 if gated else 1) * 132)
-    assert not lin.default_config(8, 4096, 14336, 132, hopper, stream_k=True).programs
+    for n, k in ((4096, 4096), (4096, 14336)):
+        assert not lin.default_config(32, n, k, 132, hopper, stream_k=True).programs
+    assert not lin.default_config(8, 6144, 4096, 132, hopper, stream_k=True).programs
     with pytest.raises(ValueError, match="stream-K"):
         lin.linear(half(2, 128), half(32, 128), counters=lin.new_counters(torch.device(DEVICE)),
                    config=lin.LinearConfig(32, 64, 2, programs=4))
