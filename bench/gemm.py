@@ -5,10 +5,8 @@ a CUDA graph runs the product over enough distinct copies of the weight that the
 fit in L2, back to back as in a model, and CUDA events time its replays. Each row gives
 microseconds per product and the fraction of the measured copy bandwidth that reading the
 weight once achieves, for ``F.linear`` (cuBLAS) and for
-:func:`gpu_worker.kernels.linear.linear` with its default config (``other_stream_k_us``:
-in stream-K runs if the default is tiled, or tiled if it is stream-K, where that differs).
-``gate_up_silu`` is the gate/up product followed by SiLU-and-mul: cuBLAS and the SiLU
-kernel, against
+:func:`gpu_worker.kernels.linear.linear` with its default config. ``gate_up_silu`` is the
+gate/up product followed by SiLU-and-mul: cuBLAS and the SiLU kernel, against
 :func:`gpu_worker.kernels.linear.gate_up_silu` (both in one launch).
 ``lm_head`` is the LM head (once a step). ``o_add_norm`` and ``normed_qkv`` time the folded
 norm (``gpu_worker.ops.FOLD_NORMS``): the O product adding into the residual (and leaving
@@ -69,13 +67,11 @@ def graph_us(fn, copies: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def candidates(n: int, k: int, num_sms: int, gated: bool, rows: int, shared: int,
-               kind: str = "all") -> list[lin.LinearConfig]:
+def candidates(n: int, k: int, num_sms: int, gated: bool, rows: int,
+               shared: int) -> list[lin.LinearConfig]:
     """Configs to search; gated tiles hold half their rows from each half of the weight,
     so they may be twice as tall. From half a program per SM (one wave of whole-K tiles,
-    ``linear.WHOLE_K``) to eight, within ``shared`` bytes of shared memory; configs of one
-    K slice also as stream-K runs, one and two a multiprocessor (``linear.STREAM_K``);
-    ``kind`` "tiled" or "stream-k": only those."""
+    ``linear.WHOLE_K``) to eight, within ``shared`` bytes of shared memory."""
     out = []
     block_m = lin._block_m(rows)  # the x tile's rows, as the kernel pads them
     for bn, bk, split, stages in itertools.product(
@@ -84,13 +80,7 @@ def candidates(n: int, k: int, num_sms: int, gated: bool, rows: int, shared: int
         fits = (bn + block_m) * bk * 2 * stages <= shared - lin.SPARE_SHARED
         if k % (split * bk) or not num_sms // 2 <= programs <= 8 * num_sms or not fits:
             continue
-        warps, stage_bytes = 8 if bn >= 128 else 4, (bn + block_m) * bk * 2
-        if kind != "stream-k":
-            out.append(lin.LinearConfig(bn, bk, split, warps, stages))
-        if split == 1 and kind != "tiled":  # two a multiprocessor where two fit
-            out += [lin.LinearConfig(bn, bk, 1, warps, stages, programs=per_sm * num_sms)
-                    for per_sm in (1, 2)
-                    if per_sm * stage_bytes * stages <= shared - lin.SPARE_SHARED]
+        out.append(lin.LinearConfig(bn, bk, split, 8 if bn >= 128 else 4, stages))
     return out
 
 
@@ -138,7 +128,7 @@ def products(name: str, x: torch.Tensor, weights: list[torch.Tensor], counters: 
     return cublas, tandem
 
 
-def measure(name, n, k, rows, bandwidth, search, kind="all") -> dict:
+def measure(name, n, k, rows, bandwidth, search) -> dict:
     dev, dtype = torch.device("cuda"), torch.bfloat16
     copies = max(4, COPIES_BYTES // (n * k * 2))
     weights = [torch.randn(n, k, device=dev, dtype=dtype) / 64 for _ in range(copies)]
@@ -153,13 +143,10 @@ def measure(name, n, k, rows, bandwidth, search, kind="all") -> dict:
     default = lin.default_config(rows, n, k, sms, shared, gated)  # as the launcher picks
     row["tandem_us"] = graph_us(tandem(default), copies)
     row["tandem_config"] = vars(default)
-    other = lin.default_config(rows, n, k, sms, shared, gated, stream_k=not lin.STREAM_K)
-    if other != default:  # stream-K if the default is tiled, or the other way round
-        row["other_stream_k_us"] = graph_us(tandem(other), copies)
 
     if search:
         best = None
-        for cfg in candidates(n, k, sms, gated, rows, shared, kind):
+        for cfg in candidates(n, k, sms, gated, rows, shared):
             try:
                 us = graph_us(tandem(cfg), copies)
             except Exception as exc:  # noqa: BLE001 - a config that does not compile
@@ -169,15 +156,12 @@ def measure(name, n, k, rows, bandwidth, search, kind="all") -> dict:
                 best = (us, cfg)
         if best:
             row["best_us"], row["best_config"] = best[0], vars(best[1])
-    for key in ("cublas_us", "tandem_us", "other_stream_k_us", "best_us"):
+    for key in ("cublas_us", "tandem_us", "best_us"):
         if key in row:
             row[key.replace("_us", "_of_floor")] = floor_us / row[key]
-    log.info("%-9s rows %3d: floor %6.1f us, cuBLAS %6.1f (%.0f%%), tandem %6.1f (%.0f%%)%s%s",
+    log.info("%-9s rows %3d: floor %6.1f us, cuBLAS %6.1f (%.0f%%), tandem %6.1f (%.0f%%)%s",
              name, rows, floor_us, row["cublas_us"], 100 * row["cublas_of_floor"],
              row["tandem_us"], 100 * row["tandem_of_floor"],
-             f", {'tiled' if lin.STREAM_K else 'stream-K'} {row['other_stream_k_us']:.1f} "
-             f"({100 * row['other_stream_k_of_floor']:.0f}%)" if "other_stream_k_us" in row
-             else "",
              f", best {row['best_us']:.1f} ({100 * row['best_of_floor']:.0f}%) "
              f"{row['best_config']}" if "best_us" in row else "")
     return row
@@ -187,8 +171,6 @@ def main(argv: list[str] | None = None) -> int:
     p = tool_parser("bench.gemm", __doc__)
     p.add_argument("--rows", default="1,8,32,64", help="batch sizes, comma-separated")
     p.add_argument("--search", default="", help="batch sizes to search configs at (e.g. 32)")
-    p.add_argument("--candidates", default="all", choices=("all", "tiled", "stream-k"),
-                   help="which configs --search tries (default all)")
     p.add_argument("--products", default=DEFAULT_PRODUCTS,
                    help=f"comma-separated, of {', '.join(p[0] for p in LLAMA3_8B)} "
                         f"(default {DEFAULT_PRODUCTS})")
@@ -203,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in (int(r) for r in a.rows.split(",") if r):
         for name, n, k in LLAMA3_8B:
             if name in wanted:
-                rows.append(measure(name, n, k, r, bandwidth, r in search, a.candidates))
+                rows.append(measure(name, n, k, r, bandwidth, r in search))
                 torch.cuda.empty_cache()  # the weight copies of the last product
     print(json.dumps({"bandwidth_bytes_per_s": bandwidth, "products": rows}), flush=True)
     return 0

@@ -60,7 +60,6 @@ class SweepConfig:
     fold_norms: bool | None = None  # Triton ops: norms folded into the products (None: default)
     attention_stages: int | None = None  # Triton decode attention's pipeline (None: default)
     whole_k: bool | None = None  # split-K kernel: deep K steps, no split (None: default)
-    stream_k: bool | None = None  # split-K kernel: stream-K runs (None: default)
 
 
 def build_model(cfg: SweepConfig) -> tuple[LlamaModel, analysis.ModelShape]:
@@ -75,8 +74,6 @@ def build_model(cfg: SweepConfig) -> tuple[LlamaModel, analysis.ModelShape]:
         ops.fold_norms = cfg.fold_norms
     if cfg.whole_k is not None and hasattr(ops, "whole_k"):
         ops.whole_k = cfg.whole_k
-    if cfg.stream_k is not None and hasattr(ops, "stream_k"):
-        ops.stream_k = cfg.stream_k
     return LlamaModel(config, weights, cfg.dtype, cfg.device, ops=ops), shape
 
 
@@ -305,8 +302,7 @@ def make_config(args: argparse.Namespace) -> SweepConfig:
         device=device, dtype=torch.bfloat16 if is_cuda else torch.float32, kernels=args.kernels,
         profile=tuple(tuple(ints(point.replace("x", ","))) for point in args.profile),
         fuse_silu=on_off(args.fuse_silu), fold_norms=on_off(args.fold_norms),
-        attention_stages=args.attention_stages, whole_k=on_off(args.whole_k),
-        stream_k=on_off(args.stream_k))
+        attention_stages=args.attention_stages, whole_k=on_off(args.whole_k))
 
 
 def on_off(text: str | None) -> bool | None:
@@ -340,10 +336,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--whole-k", choices=("on", "off"),
                    help="Triton ops: plain decode products without split-K, in 256-deep K "
                         "steps (default: gpu_worker.kernels.linear.WHOLE_K)")
-    p.add_argument("--stream-k", choices=("on", "off"),
-                   help="Triton ops: decode products of more than 16 rows in stream-K runs, "
-                        "equal shares of the whole product for every SM (default: "
-                        "gpu_worker.kernels.linear.STREAM_K)")
     p.add_argument("--fold-norms", choices=("on", "off"),
                    help="Triton ops: each residual add + RMSNorm folded into the products "
                         "around it for decode-sized batches (default: "

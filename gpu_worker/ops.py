@@ -157,8 +157,7 @@ class TritonOps:
     reduce launch, where :mod:`gpu_worker.kernels.linear` reduces inside its one launch.
     ``fuse_silu``: up to ``LINEAR_ROWS`` rows, the gate/up product of any width runs in
     that kernel with SiLU-and-mul in its epilogue.
-    ``whole_k``, ``stream_k``: the products' configs (None: ``gpu_worker.kernels.linear``'s
-    ``WHOLE_K``, ``STREAM_K``).
+    ``whole_k``: the plain products' configs (``gpu_worker.kernels.linear.WHOLE_K``).
     ``fold_norms``: up to ``LINEAR_ROWS`` rows, ``linear_add_norm`` adds the residual in the
     product's epilogue and returns a :class:`FoldedNorm`, which ``normed_linear`` and
     ``normed_gate_up_silu`` finish inside their products (of any width); a half-precision
@@ -170,8 +169,7 @@ class TritonOps:
     LINEAR_ROWS, LINEAR_MAX_N = 32, 4096
 
     def __init__(self, device: torch.device, fuse_silu: bool = FUSE_SILU,
-                 fold_norms: bool = FOLD_NORMS, whole_k: bool | None = None,
-                 stream_k: bool | None = None) -> None:
+                 fold_norms: bool = FOLD_NORMS, whole_k: bool | None = None) -> None:
         from gpu_worker.kernels import decode, fused, linear, num_sms, shared_memory
 
         self.rms_norm = fused.rms_norm
@@ -183,7 +181,6 @@ class TritonOps:
         self._counters = linear.new_counters(torch.device(device))  # before any capture
         self.fuse_silu, self.fold_norms = fuse_silu, fold_norms
         self.whole_k = linear.WHOLE_K if whole_k is None else whole_k
-        self.stream_k = linear.STREAM_K if stream_k is None else stream_k
         self._limits = num_sms(torch.device(device)), shared_memory(torch.device(device))
 
     def folds_norms(self, dtype: torch.dtype) -> bool:
@@ -199,20 +196,18 @@ class TritonOps:
             return lin.linear(x, w, bias, counters=self._counters, config=cfg)
         return F.linear(x, w, bias)
 
-    def _config(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
-                gated: bool = False):
-        """The split-K kernel's config for the product of x by w (``gated``: the gate/up
-        product with SiLU; ``whole_k`` and ``stream_k`` applied), or None where the kernel
-        does not take it."""
-        cfg = self._linear.default_config(x.shape[0], *w.shape, *self._limits, gated=gated,
-                                          whole_k=self.whole_k, stream_k=self.stream_k)
-        return cfg if self._linear.supports(x, w, bias, gated, config=cfg) else None
+    def _config(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None):
+        """The split-K kernel's config for the plain product of x by w (``whole_k``
+        applied), or None where the kernel does not take it."""
+        cfg = self._linear.default_config(x.shape[0], *w.shape, *self._limits,
+                                          whole_k=self.whole_k)
+        return cfg if self._linear.supports(x, w, bias, config=cfg) else None
 
     def gate_up_silu(self, x: torch.Tensor, gate_up_weight: torch.Tensor) -> torch.Tensor:
         lin = self._linear
         if self.fuse_silu and x.shape[0] <= self.LINEAR_ROWS and \
-                (cfg := self._config(x, gate_up_weight, gated=True)) is not None:
-            return lin.gate_up_silu(x, gate_up_weight, counters=self._counters, config=cfg)
+                lin.supports(x, gate_up_weight, gated=True):
+            return lin.gate_up_silu(x, gate_up_weight, counters=self._counters)
         return self.silu_and_mul(self.linear(x, gate_up_weight))
 
     def linear_add_norm(self, x, w, residual, norm_weight, eps) -> torch.Tensor | FoldedNorm:
@@ -236,10 +231,9 @@ class TritonOps:
     def normed_gate_up_silu(self, h: torch.Tensor | FoldedNorm,
                             gate_up_weight: torch.Tensor) -> torch.Tensor:
         if isinstance(h, FoldedNorm):
-            if (cfg := self._config(h.residual, gate_up_weight, gated=True)) is not None:
+            if self._linear.supports(h.residual, gate_up_weight, gated=True):
                 return self._linear.normed_gate_up_silu(h.residual, h.sums, h.weight, h.eps,
-                                                        gate_up_weight, counters=self._counters,
-                                                        config=cfg)
+                                                        gate_up_weight, counters=self._counters)
             h = self.rms_norm(h.residual, h.weight, h.eps)
         return self.gate_up_silu(h, gate_up_weight)
 

@@ -62,13 +62,6 @@ SPARE_SHARED = 16 << 10  # shared memory left to the compiler beyond the pipelin
 WHOLE_K = True
 WHOLE_K_DEPTH = 256
 WHOLE_K_STAGE_BYTES = 160 << 10  # counted as stages x stage bytes (Triton buffers one fewer)
-# Stream-K (`default_config`'s stream_k): a tiled grid of 96 QKV tiles (Llama-3-8B at 32
-# rows) leaves 36 of an H200's 132 SMs idle, and 224 gate/up tiles, two to an SM, give 92
-# SMs two and 40 one; equal runs of (tile, K step) units keep every SM streaming to the end.
-# A run cut across two tiles ramps its pipeline twice, so grids that fill their last wave
-# to STREAM_K_FILL (O and down: 128 tiles on 132 SMs) keep their tiles.
-STREAM_K = True
-STREAM_K_FILL = 0.9
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +71,6 @@ class LinearConfig:
     split_k: int  # programs along K per column tile
     num_warps: int = 4
     num_stages: int = 4
-    programs: int = 0  # > 0: stream-K (:func:`_stream_k_kernel`) over this many; split_k 1
 
 
 def new_counters(device: torch.device) -> torch.Tensor:
@@ -107,23 +99,7 @@ def supports(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
 
 
 def default_config(num_rows: int, n: int, k: int, sms: int, shared: int,
-                   gated: bool = False, whole_k: bool | None = None,
-                   stream_k: bool | None = None) -> LinearConfig:
-    """:func:`tiled_config`, and with ``stream_k`` (None: ``STREAM_K``) from 17 rows on
-    the same tiles in stream-K runs where that config has one K slice and its tiles fill
-    less than ``STREAM_K_FILL`` of their last wave: a program an SM for the plain
-    products, two for the gated one (whose tiles fit two to an SM)."""
-    cfg = tiled_config(num_rows, n, k, sms, shared, gated, whole_k)
-    per_sm, tiles = 2 if gated else 1, triton.cdiv(n, cfg.block_n)
-    fill = tiles / (triton.cdiv(tiles, per_sm * sms) * per_sm * sms)
-    if (STREAM_K if stream_k is None else stream_k) and num_rows > 16 and \
-            cfg.split_k == 1 and fill < STREAM_K_FILL:
-        return dataclasses.replace(cfg, programs=per_sm * sms)
-    return cfg
-
-
-def tiled_config(num_rows: int, n: int, k: int, sms: int, shared: int,
-                 gated: bool = False, whole_k: bool | None = None) -> LinearConfig:
+                   gated: bool = False, whole_k: bool | None = None) -> LinearConfig:
     """Narrow column tiles for narrow products; K split in two, four, ... until there are
     ~1.4 programs per multiprocessor; up to four pipeline stages, as many as ``shared``
     bytes of shared memory hold (``python -m bench.gemm --search`` chose these on an H200
@@ -219,22 +195,21 @@ def _launch(x, w, bias, counters, config, gated: bool, residual=None,
     if width != k or x.stride(1) != 1:
         raise ValueError(f"x {tuple(x.shape)} does not fit w {tuple(w.shape)}")
     cfg = config or default_config(m, n, k, num_sms(x.device), shared_memory(x.device), gated)
-    if k % (cfg.split_k * cfg.block_k) or cfg.programs and cfg.split_k != 1:
-        raise ValueError(f"K={k} is not a multiple of split_k x block_k in {cfg}, or "
-                         f"stream-K with split_k > 1")
+    if k % (cfg.split_k * cfg.block_k):
+        raise ValueError(f"K={k} is not a multiple of split_k x block_k in {cfg}")
     block_n = cfg.block_n
     if gated:
         if n % 2 or block_n % 2:
             raise ValueError(f"gate/up weight with {n} rows, block_n {block_n}: want both even")
         n, block_n = n // 2, block_n // 2  # output columns; rows per half-tile
-    tiles = triton.cdiv(n, block_n)
-    if tiles > counters.numel():
+    grid = (triton.cdiv(n, block_n), cfg.split_k)
+    if grid[0] > counters.numel():
         raise ValueError(f"N={n} needs more than {counters.numel()} column-tile counters")
     y = residual if residual is not None else x.new_empty(m, n)
     sums = norm_weight = y  # unused unless the product takes part in a norm
     num_tiles, eps = 1, 0.0
     if residual is not None:  # the sums of squares this product leaves for the next
-        sums = torch.empty(tiles, m, dtype=torch.float32, device=x.device)
+        sums = torch.empty(grid[0], m, dtype=torch.float32, device=x.device)
     scale_x = norm is not None and norm[1] is not None
     if norm is not None:
         sums, norm_weight, eps = norm
@@ -245,27 +220,19 @@ def _launch(x, w, bias, counters, config, gated: bool, residual=None,
             raise ValueError(f"norm sums {sums.dtype}{tuple(sums.shape)} and weight "
                              f"{norm_weight.dtype}{tuple(norm_weight.shape)} do not fit x "
                              f"{x.dtype}{tuple(x.shape)}")
-    args = (x, w, y, bias if bias is not None else y, None, counters, sums,
-            norm_weight.contiguous(), m, n, x.stride(0), y.stride(0), num_tiles, eps)
-    flags = dict(K=k, BLOCK_M=_block_m(m), BLOCK_N=block_n, BLOCK_K=cfg.block_k,
-                 HAS_BIAS=bias is not None, GATED=gated, ADD_RES=residual is not None,
-                 NORM_X=norm is not None, SCALE_X=scale_x,
-                 T_PAD=triton.next_power_of_2(num_tiles), LIBDEVICE=LIBDEVICE,
-                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    halves = 2 if gated else 1
-    if cfg.programs:  # stream-K: two partial slots a program, each a [block_n, block_m] tile
-        programs = min(cfg.programs, tiles * (k // cfg.block_k))
-        partial = torch.empty(halves * 2 * programs * block_n * _block_m(m),
-                              dtype=torch.float32, device=x.device)
-        _stream_k_kernel[(programs,)](*args[:4], partial, *args[5:], programs,
-                                      WHILE_LOOP=INTERPRETED, **flags)
-    else:
-        partial = y  # unused with one slice
-        if cfg.split_k > 1:
-            partial = torch.empty(halves * cfg.split_k, m, n, dtype=torch.float32,
-                                  device=x.device)
-        _linear_kernel[(tiles, cfg.split_k)](*args[:4], partial, *args[5:],
-                                             SPLIT_K=cfg.split_k, **flags)
+    partial = y  # unused with one slice
+    if cfg.split_k > 1:
+        partial = torch.empty((2 if gated else 1) * cfg.split_k, m, n, dtype=torch.float32,
+                              device=x.device)
+    _linear_kernel[grid](
+        x, w, y, bias if bias is not None else y, partial, counters, sums,
+        norm_weight.contiguous(), m, n, x.stride(0), y.stride(0), num_tiles, eps, K=k,
+        BLOCK_M=_block_m(m), BLOCK_N=block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,
+        HAS_BIAS=bias is not None, GATED=gated, ADD_RES=residual is not None,
+        NORM_X=norm is not None, SCALE_X=scale_x, T_PAD=triton.next_power_of_2(num_tiles),
+        LIBDEVICE=LIBDEVICE,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
     return sums if residual is not None else y
 
 
@@ -296,9 +263,23 @@ def _linear_kernel(
     up_ptrs = w_ptr + (rows + N) * K + (split * k_per_split + offs_k)[None, :]  # GATED
     x_ptrs = x_ptr + offs_m[None, :] * stride_xm + (split * k_per_split + offs_k)[:, None]
     nw_ptrs = norm_w_ptr + split * k_per_split + offs_k  # NORM_X
-    acc, up_acc = _k_steps(w_ptrs, up_ptrs, x_ptrs, nw_ptrs, n_ok, m_ok, 0,
-                           k_per_split // BLOCK_K, BLOCK_M, BLOCK_N, BLOCK_K, GATED, SCALE_X,
-                           False)
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    up_acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    for _ in range(0, k_per_split, BLOCK_K):
+        w = tl.load(w_ptrs, mask=n_ok[:, None], other=0.0)  # [BLOCK_N, BLOCK_K]
+        if GATED:
+            up = tl.load(up_ptrs, mask=n_ok[:, None], other=0.0)
+            up_ptrs += BLOCK_K
+        xt = tl.load(x_ptrs, mask=m_ok[None, :], other=0.0)  # [BLOCK_K, BLOCK_M]
+        if SCALE_X:  # the norm's weight, rounded as the unfused norm rounds its product
+            nw = tl.load(nw_ptrs).to(tl.float32)
+            xt = (xt.to(tl.float32) * nw[:, None]).to(xt.dtype)
+            nw_ptrs += BLOCK_K
+        acc = tl.dot(w, xt, acc)
+        if GATED:
+            up_acc = tl.dot(up, xt, up_acc)
+        w_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K
 
     y_offs = offs_m[None, :] * stride_ym + offs_n[:, None]  # [BLOCK_N, BLOCK_M]
     out_ok = n_ok[:, None] & m_ok[None, :]
@@ -357,164 +338,3 @@ def _store_output(y_ptr, bias_ptr, sums_ptr, acc, up_acc, y_offs, offs_n, offs_m
         tl.store(sums_ptr + tile * M + offs_m, tl.sum(t32 * t32, axis=0), mask=m_ok)
     else:
         tl.store(y_ptr + y_offs, y, mask=out_ok)
-
-
-@triton.jit
-def _k_steps(w_ptrs, up_ptrs, x_ptrs, nw_ptrs, n_ok, m_ok, first, last, BLOCK_M: tl.constexpr,
-             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GATED: tl.constexpr,
-             SCALE_X: tl.constexpr, WHILE_LOOP: tl.constexpr):
-    """acc[n, m] = sum of w[n, k] * x[m, k] over K steps [first, last) (the pointers at
-    step ``first``); GATED: up_acc over the up rows too. WHILE_LOOP: the interpreter's
-    form of a loop whose bounds are computed (it cannot make them ``range`` bounds);
-    compiled code keeps the for loop, which Triton software-pipelines."""
-    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    up_acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    if WHILE_LOOP:
-        step = first
-        while step < last:
-            acc, up_acc, w_ptrs, up_ptrs, x_ptrs, nw_ptrs = _k_step(
-                w_ptrs, up_ptrs, x_ptrs, nw_ptrs, n_ok, m_ok, acc, up_acc, BLOCK_K, GATED,
-                SCALE_X)
-            step += 1
-    else:
-        for _ in range(first, last):
-            acc, up_acc, w_ptrs, up_ptrs, x_ptrs, nw_ptrs = _k_step(
-                w_ptrs, up_ptrs, x_ptrs, nw_ptrs, n_ok, m_ok, acc, up_acc, BLOCK_K, GATED,
-                SCALE_X)
-    return acc, up_acc
-
-
-@triton.jit
-def _k_step(w_ptrs, up_ptrs, x_ptrs, nw_ptrs, n_ok, m_ok, acc, up_acc, BLOCK_K: tl.constexpr,
-            GATED: tl.constexpr, SCALE_X: tl.constexpr):
-    """One K step into the sums; returns them and the pointers a step on."""
-    w = tl.load(w_ptrs, mask=n_ok[:, None], other=0.0)  # [BLOCK_N, BLOCK_K]
-    xt = tl.load(x_ptrs, mask=m_ok[None, :], other=0.0)  # [BLOCK_K, BLOCK_M]
-    if SCALE_X:  # the norm's weight, rounded as the unfused norm rounds its product
-        nw = tl.load(nw_ptrs).to(tl.float32)
-        xt = (xt.to(tl.float32) * nw[:, None]).to(xt.dtype)
-    acc = tl.dot(w, xt, acc)
-    if GATED:
-        up = tl.load(up_ptrs, mask=n_ok[:, None], other=0.0)
-        up_acc = tl.dot(up, xt, up_acc)
-        up_ptrs += BLOCK_K
-    if SCALE_X:
-        nw_ptrs += BLOCK_K
-    return acc, up_acc, w_ptrs + BLOCK_K, up_ptrs, x_ptrs + BLOCK_K, nw_ptrs
-
-
-@triton.jit
-def _stream_k_kernel(
-    x_ptr, w_ptr, y_ptr, bias_ptr, partial_ptr, lock_ptr, sums_ptr, norm_w_ptr,
-    M, N, stride_xm, stride_ym, num_tiles, eps, programs, K: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    HAS_BIAS: tl.constexpr, GATED: tl.constexpr, ADD_RES: tl.constexpr,
-    NORM_X: tl.constexpr, SCALE_X: tl.constexpr, T_PAD: tl.constexpr,
-    LIBDEVICE: tl.constexpr, WHILE_LOOP: tl.constexpr,
-):
-    """Stream-K: the (column tile, K step) units of the whole product, tile by tile, cut
-    into ``programs`` equal runs, one a program, so that every program streams the same
-    number of weight bytes (a tiled grid leaves some multiprocessors a tile more, or none).
-    A tile that a run covers whole is finished at once; one cut between runs is finished
-    by whichever of its programs arrives last, adding the pieces in program order (fixed:
-    async equals sync). Each program leaves at most two pieces: in partial slot 2 p its
-    first tile's (the end of a tile), in 2 p + 1 its last tile's (the start of one).
-    Each piece is a K loop of its own, so a run of two pieces ramps its pipeline twice
-    (one loop over the run's units, finishing pieces inside it, was not pipelined by
-    Triton 3.6).
-    Epilogue and flags as :func:`_linear_kernel`."""
-    pid = tl.program_id(0)
-    STEPS: tl.constexpr = K // BLOCK_K
-    units = tl.cdiv(N, BLOCK_N) * STEPS
-    start, end = _run_start(pid, units, programs), _run_start(pid + 1, units, programs)
-    offs_m, offs_k = tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_K)
-    m_ok = offs_m < M
-    unit = start
-    while unit < end:
-        tile = unit // STEPS
-        first = unit - tile * STEPS
-        last = tl.minimum(STEPS, first + end - unit)
-        offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < N
-        rows = offs_n[:, None].to(tl.int64)
-        k0 = first * BLOCK_K + offs_k
-        acc, up_acc = _k_steps(
-            w_ptr + rows * K + k0[None, :], w_ptr + (rows + N) * K + k0[None, :],
-            x_ptr + offs_m[None, :] * stride_xm + k0[:, None], norm_w_ptr + k0, n_ok,
-            m_ok, first, last, BLOCK_M, BLOCK_N, BLOCK_K, GATED, SCALE_X, WHILE_LOOP)
-        _finish_piece(y_ptr, bias_ptr, partial_ptr, lock_ptr, sums_ptr, acc, up_acc,
-                      offs_n, offs_m, n_ok, m_ok, tile, (first == 0) & (last == STEPS),
-                      unit != start, pid, M, stride_ym, num_tiles, eps, programs, units,
-                      K, BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, GATED, ADD_RES, NORM_X,
-                      T_PAD, LIBDEVICE)
-        unit += last - first
-
-
-@triton.jit
-def _finish_piece(y_ptr, bias_ptr, partial_ptr, lock_ptr, sums_ptr, acc, up_acc, offs_n,
-                  offs_m, n_ok, m_ok, tile, whole, later, pid, M, stride_ym, num_tiles, eps,
-                  programs, units, K: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                  GATED: tl.constexpr, ADD_RES: tl.constexpr, NORM_X: tl.constexpr,
-                  T_PAD: tl.constexpr, LIBDEVICE: tl.constexpr):
-    """A run's piece of ``tile``: ``whole``, the output at once; else into the run's slot
-    (``later``: its second, the piece does not start the run), and the tile's last piece
-    to arrive adds them all and writes the output."""
-    STEPS: tl.constexpr = K // BLOCK_K
-    slot_size: tl.constexpr = BLOCK_N * BLOCK_M
-    y_offs = offs_m[None, :] * stride_ym + offs_n[:, None]  # [BLOCK_N, BLOCK_M]
-    out_ok = n_ok[:, None] & m_ok[None, :]
-    if whole:
-        _store_output(y_ptr, bias_ptr, sums_ptr, acc, up_acc, y_offs, offs_n, offs_m, out_ok,
-                      n_ok, m_ok, tile, M, num_tiles, eps, K, HAS_BIAS, GATED, ADD_RES,
-                      NORM_X, T_PAD, LIBDEVICE)
-    else:
-        part_offs = tl.arange(0, BLOCK_N)[:, None] * BLOCK_M + offs_m[None, :]  # a slot's
-        up_part = 2 * programs * slot_size  # GATED: the up pieces follow the gate pieces
-        slot = 2 * pid + later.to(tl.int32)
-        tl.store(partial_ptr + slot * slot_size + part_offs, acc)
-        if GATED:
-            tl.store(partial_ptr + up_part + slot * slot_size + part_offs, up_acc)
-        tl.debug_barrier()
-        owner = _run_of(tile * STEPS, units, programs)
-        pieces = _run_of(tile * STEPS + STEPS - 1, units, programs) - owner + 1
-        arrived = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel", scope="gpu")
-        if arrived == pieces - 1:
-            acc, up_acc = _add_pieces(partial_ptr, part_offs, up_part, owner, pieces,
-                                      tile * STEPS, units, programs, BLOCK_M, BLOCK_N, GATED)
-            _store_output(y_ptr, bias_ptr, sums_ptr, acc, up_acc, y_offs, offs_n, offs_m,
-                          out_ok, n_ok, m_ok, tile, M, num_tiles, eps, K, HAS_BIAS, GATED,
-                          ADD_RES, NORM_X, T_PAD, LIBDEVICE)
-            tl.atomic_xchg(lock_ptr + tile, 0, sem="relaxed", scope="gpu")  # next launch
-
-
-@triton.jit
-def _add_pieces(partial_ptr, part_offs, up_part, owner, pieces, tile_start, units, programs,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GATED: tl.constexpr):
-    """The sums of a tile's ``pieces`` pieces, those of runs ``owner``, ``owner + 1``, ...
-    in that order; a piece is in its run's first slot unless the run started in an
-    earlier tile (its first unit before ``tile_start``)."""
-    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    up_acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    slot_size: tl.constexpr = BLOCK_N * BLOCK_M
-    run = owner
-    while run < owner + pieces:  # a handful of pieces: no pipelining to lose
-        offs = (2 * run + (_run_start(run, units, programs) < tile_start).to(tl.int32)) * \
-            slot_size + part_offs
-        acc += tl.load(partial_ptr + offs, cache_modifier=".cg")
-        if GATED:
-            up_acc += tl.load(partial_ptr + up_part + offs, cache_modifier=".cg")
-        run += 1
-    return acc, up_acc
-
-
-@triton.jit
-def _run_start(run, units, programs):
-    """The first unit of ``run``'s share: runs split ``units`` as evenly as integers can."""
-    return run * units // programs
-
-
-@triton.jit
-def _run_of(unit, units, programs):
-    """The run whose share holds ``unit``: the largest r with _run_start(r) <= unit."""
-    return ((unit + 1) * programs - 1) // units

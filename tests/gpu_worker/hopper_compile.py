@@ -86,20 +86,6 @@ def variants():
                         HAS_BIAS=split_k == 1 and not gated, GATED=gated, ADD_RES=add_res,
                         NORM_X=norm_x, SCALE_X=scale_x, T_PAD=128, LIBDEVICE=True),
                    dict(num_warps=4, num_stages=stages))
-    # stream-K (linear.STREAM_K): the plain products in whole-K's steps, the gated one in
-    # its own tiles (64 rows from each half), each product kind as above
-    for label, gated, add_res, norm_x, scale_x in (
-            ("linear", False, False, False, False),
-            ("linear + residual", False, True, False, False),
-            ("normed linear, prescaled w", False, False, True, False),
-            ("gate/up + SiLU", True, False, False, False),
-            ("normed gate/up + SiLU, prescaled w", True, False, True, False)):
-        yield (f"{label} stream-K", linear._stream_k_kernel, lin | ints("programs"),
-               dict(K=4096, BLOCK_M=32, BLOCK_N=64 if gated else 32,
-                    BLOCK_K=64 if gated else 256, HAS_BIAS=False, GATED=gated,
-                    ADD_RES=add_res, NORM_X=norm_x, SCALE_X=scale_x, T_PAD=128,
-                    LIBDEVICE=True, WHILE_LOOP=False),
-               dict(num_warps=8 if gated else 4, num_stages=3 if gated else 5))
     attn = ptrs("bf16", "q_ptr", "k_ptr", "v_ptr", "out_ptr", "k_new_ptr", "v_new_ptr",
                 "cos_ptr", "sin_ptr") | ptrs("fp32", "partial_acc_ptr", "partial_ml_ptr") | \
         ptrs("i32", "counters_ptr") | ptrs(

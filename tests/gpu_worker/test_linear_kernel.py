@@ -8,8 +8,6 @@ GPU for its synchronisation.
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -42,19 +40,10 @@ def half(*shape, scale=1.0, device=DEVICE):
 
 CONFIGS = [lin.LinearConfig(32, 64, 1), lin.LinearConfig(64, 64, 2),
            lin.LinearConfig(32, 32, 4, num_warps=2, num_stages=2),
-           lin.LinearConfig(32, 256, 1, num_stages=3),  # WHOLE_K's deep steps
-           # stream-K over 3 tiles x 4 K steps: runs that cut tiles in two and in three
-           # (5: runs of 2-3 units; 7: a tile in three pieces, runs of one unit), and more
-           # programs than units (clamped to one a unit)
-           lin.LinearConfig(32, 64, 1, programs=5), lin.LinearConfig(32, 64, 1, programs=7),
-           lin.LinearConfig(32, 64, 1, programs=64)]
+           lin.LinearConfig(32, 256, 1, num_stages=3)]  # WHOLE_K's deep steps
 
 
-def config_id(c: lin.LinearConfig) -> str:
-    return f"n{c.block_n}k{c.block_k}s{c.split_k}" + (f"p{c.programs}" if c.programs else "")
-
-
-@pytest.mark.parametrize("cfg", CONFIGS, ids=config_id)
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"n{c.block_n}k{c.block_k}s{c.split_k}")
 @pytest.mark.parametrize("rows", [1, 5])
 def test_linear_matches_torch(cfg, rows):
     x, w = half(rows, 256, scale=1 / 8), half(80, 256, scale=1 / 8)  # a partial last tile
@@ -121,7 +110,7 @@ def test_plain_products_of_many_rows_take_whole_k_in_deep_steps():
 def test_gated_default_config_is_the_searched_one_and_fits_smaller_gpus():
     hopper = 227 << 10
     for rows, block_k in ((1, 128), (32, 64)):  # the H200 search's best at 1 and 32 rows
-        cfg = lin.default_config(rows, 28672, 4096, 132, hopper, gated=True, stream_k=False)
+        cfg = lin.default_config(rows, 28672, 4096, 132, hopper, gated=True)
         assert cfg == lin.LinearConfig(128, block_k, 1, num_warps=8, num_stages=3)
     small = lin.default_config(1, 28672, 4096, 84, 99 << 10, gated=True)
     assert (128 + 16) * small.block_k * 2 * small.num_stages <= (99 << 10) - lin.SPARE_SHARED
@@ -164,44 +153,6 @@ def test_triton_ops_whole_k_picks_the_plain_products_config(monkeypatch, whole_k
         assert configs[0].block_k < lin.WHOLE_K_DEPTH
 
 
-@pytest.mark.parametrize("stream_k", [False, True])
-def test_triton_ops_stream_k_runs_the_products_of_many_rows(monkeypatch, stream_k):
-    """TritonOps(stream_k=True): from 17 rows on, plain and gated products of one K slice
-    run as stream-K (a program count in their config); fewer rows keep their tiles."""
-    from gpu_worker.ops import TritonOps
-
-    ops, configs = TritonOps(torch.device(DEVICE), stream_k=stream_k), []
-    ops._limits = (3, 227 << 10)  # 3 SMs: 2 plain tiles, 3 gated (two an SM) fill short
-    for name in ("linear", "gate_up_silu"):
-        kernel = getattr(lin, name)
-        monkeypatch.setattr(lin, name, lambda *a, _k=kernel, **kw: configs.append(
-            kw["config"]) or _k(*a, **kw))
-    w, gate_up = half(64, 512, scale=1 / 8), half(2 * 192, 512, scale=1 / 8)
-    for rows in (24, 8):
-        configs.clear()
-        x = half(rows, 512, scale=1 / 8)
-        check(ops.linear(x, w), reference(x, w))
-        check(ops.gate_up_silu(x, gate_up), gated_reference(x, gate_up))
-        assert [bool(c.programs) for c in configs] == [stream_k and rows > 16] * 2
-
-
-def test_stream_k_config_keeps_the_tiles_and_needs_one_slice():
-    """Stream-K where the tiles leave their last wave short (Llama-3-8B at 32 rows on 132
-    SMs: QKV's 96 tiles, gate/up's 224 two to an SM), the tiles kept where they fill it
-    (O and down: 128)."""
-    hopper = 227 << 10
-    for n, k, gated in ((6144, 4096, False), (28672, 4096, True)):
-        tiled = lin.default_config(32, n, k, 132, hopper, gated, stream_k=False)
-        stream = lin.default_config(32, n, k, 132, hopper, gated, stream_k=True)
-        assert stream == dataclasses.replace(tiled, programs=(2 if gated else 1) * 132)
-    for n, k in ((4096, 4096), (4096, 14336)):
-        assert not lin.default_config(32, n, k, 132, hopper, stream_k=True).programs
-    assert not lin.default_config(8, 6144, 4096, 132, hopper, stream_k=True).programs
-    with pytest.raises(ValueError, match="stream-K"):
-        lin.linear(half(2, 128), half(32, 128), counters=lin.new_counters(torch.device(DEVICE)),
-                   config=lin.LinearConfig(32, 64, 2, programs=4))
-
-
 def gated_reference(x, gate_up):
     """silu(gate) * up as the unfused pair computes it: each product rounded to x's dtype."""
     from gpu_worker.ops import TorchOps
@@ -215,7 +166,7 @@ GATED_CONFIGS = CONFIGS + [lin.LinearConfig(128, 64, 2, num_warps=8, num_stages=
 
 
 @pytest.mark.parametrize("cfg", GATED_CONFIGS,
-                         ids=config_id)
+                         ids=lambda c: f"n{c.block_n}k{c.block_k}s{c.split_k}")
 @pytest.mark.parametrize("rows", [1, 5])
 def test_gate_up_silu_matches_the_unfused_pair(cfg, rows):
     x, gate_up = half(rows, 256, scale=1 / 4), half(2 * 72, 256, scale=1 / 4)  # partial tile
@@ -256,30 +207,19 @@ def test_triton_ops_gate_up_silu_fuses_only_when_asked(monkeypatch, fuse):
         assert len(taken) == expect
 
 
-def gpu_config(rows, n, k, gated=False, stream_k=None):
-    """The default config on this GPU, with stream-K on or off (None: the default)."""
-    from gpu_worker.kernels import num_sms, shared_memory
-
-    dev = torch.device("cuda")
-    return lin.default_config(rows, n, k, num_sms(dev), shared_memory(dev), gated,
-                              stream_k=stream_k)
-
-
 @cuda
 @pytest.mark.gpu
-@pytest.mark.parametrize("stream_k", [False, True], ids=["tiled", "stream-k"])
 @pytest.mark.parametrize("rows", [1, 32])
-def test_gpu_gate_up_silu_llama_shape_under_a_graph(rows, stream_k):
+def test_gpu_gate_up_silu_llama_shape_under_a_graph(rows):
     x = torch.randn(rows, 4096, dtype=torch.bfloat16, device="cuda") / 8
     gate_up = torch.randn(28672, 4096, dtype=torch.bfloat16, device="cuda") / 64
-    counters, cfg = lin.new_counters(x.device), gpu_config(rows, 28672, 4096, True, stream_k)
-    assert bool(cfg.programs) == (stream_k and rows > 16)
-    eager = lin.gate_up_silu(x, gate_up, counters=counters, config=cfg)
+    counters = lin.new_counters(x.device)
+    eager = lin.gate_up_silu(x, gate_up, counters=counters)
     unfused = fused.silu_and_mul(lin.linear(x, gate_up, counters=counters))
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = lin.gate_up_silu(x, gate_up, counters=counters, config=cfg)
+        out = lin.gate_up_silu(x, gate_up, counters=counters)
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, eager)
@@ -290,19 +230,18 @@ def test_gpu_gate_up_silu_llama_shape_under_a_graph(rows, stream_k):
 
 @cuda
 @pytest.mark.gpu
-@pytest.mark.parametrize("stream_k", [False, True], ids=["tiled", "stream-k"])
 @pytest.mark.parametrize("shape", [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)])
 @pytest.mark.parametrize("rows", [1, 32, 64])
-def test_llama_shapes_in_bfloat16_under_a_graph(shape, rows, stream_k):
+def test_llama_shapes_in_bfloat16_under_a_graph(shape, rows):
     n, k = shape
     x = torch.randn(rows, k, dtype=torch.bfloat16, device="cuda") / 8
     w = torch.randn(n, k, dtype=torch.bfloat16, device="cuda") / 64
-    counters, cfg = lin.new_counters(x.device), gpu_config(rows, n, k, stream_k=stream_k)
-    eager = lin.linear(x, w, counters=counters, config=cfg)
+    counters = lin.new_counters(x.device)
+    eager = lin.linear(x, w, counters=counters)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = lin.linear(x, w, counters=counters, config=cfg)
+        out = lin.linear(x, w, counters=counters)
     for _ in range(3):
         graph.replay()
         torch.cuda.synchronize()
@@ -320,7 +259,7 @@ def normed_reference(residual, norm_weight, eps=1e-5):
     return TorchOps.rms_norm(residual, norm_weight, eps)
 
 
-@pytest.mark.parametrize("cfg", CONFIGS, ids=config_id)
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"n{c.block_n}k{c.block_k}s{c.split_k}")
 @pytest.mark.parametrize("rows", [1, 5])
 def test_linear_add_updates_the_residual_and_leaves_its_sums_of_squares(cfg, rows):
     x, w = half(rows, 256, scale=1 / 4), half(80, 256, scale=1 / 4)  # a partial last tile
@@ -336,7 +275,7 @@ def test_linear_add_updates_the_residual_and_leaves_its_sums_of_squares(cfg, row
     assert not counters.any()
 
 
-@pytest.mark.parametrize("cfg", CONFIGS, ids=config_id)
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"n{c.block_n}k{c.block_k}s{c.split_k}")
 @pytest.mark.parametrize("gated", [False, True], ids=["linear", "gate-up-silu"])
 @pytest.mark.parametrize("prescaled", [False, True], ids=["scales-x", "prescaled-w"])
 def test_normed_products_finish_the_norm(cfg, gated, prescaled):
@@ -380,15 +319,11 @@ def test_folded_norm_rejects_what_does_not_fit():
 
 @cuda
 @pytest.mark.gpu
-@pytest.mark.parametrize("stream_k", [False, True], ids=["tiled", "stream-k"])
 @pytest.mark.parametrize("rows", [1, 32])
-def test_gpu_folded_norm_llama_shape_under_a_graph(rows, stream_k):
+def test_gpu_folded_norm_llama_shape_under_a_graph(rows):
     """The O product with the residual add, then QKV and gate/up finishing the norm, in
     bfloat16 under a CUDA graph: as eager, and near the unfused path."""
     dev, counters = torch.device("cuda"), lin.new_counters(torch.device("cuda"))
-    o_cfg, qkv_cfg, gate_up_cfg = (gpu_config(rows, 4096, 4096, stream_k=stream_k),
-                                   gpu_config(rows, 6144, 4096, stream_k=stream_k),
-                                   gpu_config(rows, 28672, 4096, True, stream_k))
 
     def bf16(*shape, scale):
         return torch.randn(*shape, dtype=torch.bfloat16, device=dev) * scale
@@ -398,14 +333,11 @@ def test_gpu_folded_norm_llama_shape_under_a_graph(rows, stream_k):
     norm_weight, w_qkv, gate_up = bf16(4096, scale=0.1) + 1, bf16(6144, 4096, scale=1 / 64), \
         bf16(28672, 4096, scale=1 / 64)
 
-    prescaled_qkv = w_qkv * norm_weight  # as the model folds it (x goes in unscaled)
-
     def step(res):
-        sums = lin.linear_add(attn, w_o, res, counters=counters, config=o_cfg)
-        return (lin.normed_linear(res, sums, None, 1e-5, prescaled_qkv, counters=counters,
-                                  config=qkv_cfg),
+        sums = lin.linear_add(attn, w_o, res, counters=counters)
+        return (lin.normed_linear(res, sums, norm_weight, 1e-5, w_qkv, counters=counters),
                 lin.normed_gate_up_silu(res, sums, norm_weight, 1e-5, gate_up,
-                                        counters=counters, config=gate_up_cfg))
+                                        counters=counters))
 
     eager = step(residual.clone())
     graphed_residual = residual.clone()
