@@ -196,18 +196,20 @@ class TritonOps:
             return lin.linear(x, w, bias, counters=self._counters, config=cfg)
         return F.linear(x, w, bias)
 
-    def _config(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None):
-        """The split-K kernel's config for the plain product of x by w (``whole_k``
-        applied), or None where the kernel does not take it."""
-        cfg = self._linear.default_config(x.shape[0], *w.shape, *self._limits,
+    def _config(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
+                gated: bool = False):
+        """The split-K kernel's config for the product of x by w (``gated``: the gate/up
+        product with SiLU; ``whole_k`` applied to the plain ones), or None where the kernel
+        does not take it."""
+        cfg = self._linear.default_config(x.shape[0], *w.shape, *self._limits, gated=gated,
                                           whole_k=self.whole_k)
-        return cfg if self._linear.supports(x, w, bias, config=cfg) else None
+        return cfg if self._linear.supports(x, w, bias, gated, config=cfg) else None
 
     def gate_up_silu(self, x: torch.Tensor, gate_up_weight: torch.Tensor) -> torch.Tensor:
         lin = self._linear
         if self.fuse_silu and x.shape[0] <= self.LINEAR_ROWS and \
-                lin.supports(x, gate_up_weight, gated=True):
-            return lin.gate_up_silu(x, gate_up_weight, counters=self._counters)
+                (cfg := self._config(x, gate_up_weight, gated=True)) is not None:
+            return lin.gate_up_silu(x, gate_up_weight, counters=self._counters, config=cfg)
         return self.silu_and_mul(self.linear(x, gate_up_weight))
 
     def linear_add_norm(self, x, w, residual, norm_weight, eps) -> torch.Tensor | FoldedNorm:
@@ -231,9 +233,10 @@ class TritonOps:
     def normed_gate_up_silu(self, h: torch.Tensor | FoldedNorm,
                             gate_up_weight: torch.Tensor) -> torch.Tensor:
         if isinstance(h, FoldedNorm):
-            if self._linear.supports(h.residual, gate_up_weight, gated=True):
+            if (cfg := self._config(h.residual, gate_up_weight, gated=True)) is not None:
                 return self._linear.normed_gate_up_silu(h.residual, h.sums, h.weight, h.eps,
-                                                        gate_up_weight, counters=self._counters)
+                                                        gate_up_weight, counters=self._counters,
+                                                        config=cfg)
             h = self.rms_norm(h.residual, h.weight, h.eps)
         return self.gate_up_silu(h, gate_up_weight)
 

@@ -331,10 +331,9 @@ def _decode_kernel(
         q = _rope(q, q_ptrs, is_head, cos, sin, HEAD_DIM)
         owner = split == (num_tiles - 1) // per_split  # holds the row's last key tile
         if owner:  # into the cache first, and read back from there with the others
-            key, value = _rope_new_kv(row, kv_head, cos, sin, k_new_ptr, v_new_ptr,
-                                      stride_knt, stride_vnt, stride_knh, HEAD_DIM)
-            _store_new_kv(key, value, row, kv_head, slot_ptr, k_ptr, v_ptr, stride_kb,
-                          stride_kt, stride_kh, HEAD_DIM, BLOCK_SIZE)
+            _cache_new_kv(row, kv_head, cos, sin, k_new_ptr, v_new_ptr, slot_ptr, k_ptr, v_ptr,
+                          stride_knt, stride_vnt, stride_knh, stride_kb, stride_kt,
+                          stride_kh, HEAD_DIM, BLOCK_SIZE)
             tl.debug_barrier()  # the key tiles below read this token back
     q_pos = tl.zeros([BLOCK_M], dtype=tl.int64) + (kv_len - 1)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -376,23 +375,19 @@ def _rope(q, q_ptrs, is_head, cos, sin, HEAD_DIM: tl.constexpr):
 
 
 @triton.jit
-def _rope_new_kv(row, kv_head, cos, sin, k_new_ptr, v_new_ptr, stride_knt, stride_vnt,
-                 stride_knh, HEAD_DIM: tl.constexpr):
-    """The row's new key [D], rotated as :func:`_rope` rotates q, and its new value [D]."""
+def _cache_new_kv(row, kv_head, cos, sin, k_new_ptr, v_new_ptr, slot_ptr, k_ptr, v_ptr,
+                  stride_knt, stride_vnt, stride_knh, stride_kb, stride_kt, stride_kh,
+                  HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """The row's new key, rotated as :func:`_rope` rotates q, and its new value into the
+    cache at the row's slot."""
     offs_d = tl.arange(0, HEAD_DIM)
     swapped = (offs_d + HEAD_DIM // 2) % HEAD_DIM
     k_src = k_new_ptr + row * stride_knt + kv_head * stride_knh
     key = fused.mul_add(tl.load(k_src + offs_d), cos, tl.load(k_src + swapped), sin)
-    return key, tl.load(v_new_ptr + row * stride_vnt + kv_head * stride_knh + offs_d)
-
-
-@triton.jit
-def _store_new_kv(key, value, row, kv_head, slot_ptr, k_ptr, v_ptr, stride_kb, stride_kt,
-                  stride_kh, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-    """The row's new key and value into the cache at its slot."""
+    value = tl.load(v_new_ptr + row * stride_vnt + kv_head * stride_knh + offs_d)
     slot = tl.load(slot_ptr + row).to(tl.int64)
     dst = (slot // BLOCK_SIZE) * stride_kb + (slot % BLOCK_SIZE) * stride_kt + \
-        kv_head * stride_kh + tl.arange(0, HEAD_DIM)
+        kv_head * stride_kh + offs_d
     tl.store(k_ptr + dst, key.to(k_ptr.dtype.element_ty))
     tl.store(v_ptr + dst, value.to(v_ptr.dtype.element_ty))
 
