@@ -67,16 +67,6 @@ def measure(batch: int, context: int, bandwidth: float, search: bool) -> dict:
                        "num_warps": default.num_warps, "waves": default.waves,
                        "fuse_rope": default.fuse_rope},
            "other_rope_us": time({"fuse_rope": not default.fuse_rope})}
-    # the same step over the cache's other layout (gpu_worker.attention.KVCache), same data
-    other = KVCache(LAYERS, blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM, torch.bfloat16, dev,
-                    heads_major=not cache.heads_major)
-    other.data.copy_(cache.data.transpose(3, 4))
-    want = TritonPagedAttention(cache, HEAD_DIM**-0.5).forward(0, q.clone(), k, v, meta, rope)
-    backend = TritonPagedAttention(other, HEAD_DIM**-0.5)
-    got = backend.forward(0, q.clone(), k, v, meta, rope)
-    row["other_layout_equal"] = bool(torch.equal(want, got))
-    row["other_layout_us"] = graph_us(lambda i: backend.forward(i, q, k, v, meta, rope), LAYERS)
-    del other, backend
     if search:
         results = []
         for opts in settings():
@@ -90,11 +80,9 @@ def measure(batch: int, context: int, bandwidth: float, search: bool) -> dict:
         row["best_us"], row["best"] = results[0]
         row["top"] = [{"us": us, **opts} for us, opts in results[:8]]
     log.info("batch %d context %d: floor %.1f us/layer, default %.1f (%.0f%%), RoPE %s: "
-             "%.1f, %s layout %.1f (equal %s)%s", batch, context, floor_us, row["default_us"],
+             "%.1f%s", batch, context, floor_us, row["default_us"],
              100 * floor_us / row["default_us"],
              "unfused" if default.fuse_rope else "fused", row["other_rope_us"],
-             "token-major" if cache.heads_major else "heads-major", row["other_layout_us"],
-             row["other_layout_equal"],
              f", best {row['best_us']:.1f} ({100 * floor_us / row['best_us']:.0f}%) "
              f"{row['best']}" if search else "")
     return row

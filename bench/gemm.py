@@ -128,7 +128,7 @@ def products(name: str, x: torch.Tensor, weights: list[torch.Tensor], counters: 
     return cublas, tandem
 
 
-def measure(name, n, k, rows, bandwidth, search, packed=False, pads=()) -> dict:
+def measure(name, n, k, rows, bandwidth, search) -> dict:
     dev, dtype = torch.device("cuda"), torch.bfloat16
     copies = max(4, COPIES_BYTES // (n * k * 2))
     weights = [torch.randn(n, k, device=dev, dtype=dtype) / 64 for _ in range(copies)]
@@ -143,19 +143,6 @@ def measure(name, n, k, rows, bandwidth, search, packed=False, pads=()) -> dict:
     default = lin.default_config(rows, n, k, sms, shared, gated)  # as the launcher picks
     row["tandem_us"] = graph_us(tandem(default), copies)
     row["tandem_config"] = vars(default)
-    if packed:  # the same config over weights stored tile by tile (linear.pack_weight)
-        packs = [lin.pack_weight(w, default, gated) for w in weights]
-        row["packed_us"] = graph_us(products(name, x, packs, counters)[1](None), copies)
-        del packs
-    for pad in pads:  # rows stored pad elements apart beyond K (a strided view of [N, K + pad])
-        padded = [torch.zeros(n, k + pad, device=dev, dtype=dtype)[:, :k].copy_(w)
-                  for w in weights]
-        cub, tan = products(name, x, padded, counters)
-        row[f"pad{pad}_us"] = graph_us(tan(default), copies)
-        row[f"pad{pad}_cublas_us"] = graph_us(cub, copies)
-        log.info("%-9s rows %3d pad %d: tandem %.1f us, cuBLAS %.1f", name, rows, pad,
-                 row[f"pad{pad}_us"], row[f"pad{pad}_cublas_us"])
-        del padded, cub, tan
 
     if search:
         best = None
@@ -169,16 +156,14 @@ def measure(name, n, k, rows, bandwidth, search, packed=False, pads=()) -> dict:
                 best = (us, cfg)
         if best:
             row["best_us"], row["best_config"] = best[0], vars(best[1])
-    for key in ("cublas_us", "tandem_us", "best_us", "packed_us"):
+    for key in ("cublas_us", "tandem_us", "best_us"):
         if key in row:
             row[key.replace("_us", "_of_floor")] = floor_us / row[key]
-    log.info("%-9s rows %3d: floor %6.1f us, cuBLAS %6.1f (%.0f%%), tandem %6.1f (%.0f%%)%s%s",
+    log.info("%-9s rows %3d: floor %6.1f us, cuBLAS %6.1f (%.0f%%), tandem %6.1f (%.0f%%)%s",
              name, rows, floor_us, row["cublas_us"], 100 * row["cublas_of_floor"],
              row["tandem_us"], 100 * row["tandem_of_floor"],
              f", best {row['best_us']:.1f} ({100 * row['best_of_floor']:.0f}%) "
-             f"{row['best_config']}" if "best_us" in row else "",
-             f", packed {row['packed_us']:.1f} ({100 * row['packed_of_floor']:.0f}%)"
-             if "packed_us" in row else "")
+             f"{row['best_config']}" if "best_us" in row else "")
     return row
 
 
@@ -189,9 +174,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--products", default=DEFAULT_PRODUCTS,
                    help=f"comma-separated, of {', '.join(p[0] for p in LLAMA3_8B)} "
                         f"(default {DEFAULT_PRODUCTS})")
-    p.add_argument("--packed", action="store_true",
-                   help="also time the default config over weights stored tile by tile")
-    p.add_argument("--pads", default="", help="row pads (elements) to time, e.g. 0,64,128")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench.gemm needs a CUDA GPU", file=sys.stderr)
@@ -203,8 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in (int(r) for r in a.rows.split(",") if r):
         for name, n, k in LLAMA3_8B:
             if name in wanted:
-                rows.append(measure(name, n, k, r, bandwidth, r in search, a.packed,
-                                    [int(x) for x in a.pads.split(',') if x]))
+                rows.append(measure(name, n, k, r, bandwidth, r in search))
                 torch.cuda.empty_cache()  # the weight copies of the last product
     print(json.dumps({"bandwidth_bytes_per_s": bandwidth, "products": rows}), flush=True)
     return 0

@@ -111,9 +111,8 @@ def _rotate_heads(
 def _rope_write_kv_kernel(
     q_ptr, k_ptr, v_ptr, key_cache, value_cache, slot_ptr, pos_ptr, cos_ptr, sin_ptr,
     q_token_stride, q_head_stride, k_token_stride, v_token_stride, kv_head_stride,
-    table_stride, num_heads, num_kv_heads, stride_cb, stride_ct, stride_ch,
+    table_stride, num_heads, num_kv_heads,
     HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr,
 ):
     """One token: rotate its query heads in place, its key heads into the cache at its
     slot, and copy its value heads there."""
@@ -133,8 +132,7 @@ def _rope_write_kv_kernel(
     heads = tl.arange(0, BLOCK_HK)[:, None]
     kv_mask = (heads < num_kv_heads) & mask[None, :]
     src = heads * kv_head_stride + dims[None, :]
-    dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_ct + \
-        heads * stride_ch + dims[None, :]
+    dst = slot * (num_kv_heads * 2 * HALF) + heads * (2 * HALF) + dims[None, :]
     k_src = k_ptr + token * k_token_stride + src
     k1 = tl.load(k_src, mask=kv_mask, other=0.0)
     k2 = tl.load(k_src + HALF, mask=kv_mask, other=0.0)
@@ -245,7 +243,7 @@ def rope_write_kv(
     positions: torch.Tensor,  # [num_tokens] integer
     cos_table: torch.Tensor,  # [max_positions, head_dim]
     signed_sin_table: torch.Tensor,  # [max_positions, head_dim], first half negated
-    key_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim], any strides
+    key_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
     value_cache: torch.Tensor,
     slot_mapping: torch.Tensor,  # [num_tokens] int64
 ) -> torch.Tensor:
@@ -265,11 +263,10 @@ def rope_write_kv(
         _rope_write_kv_kernel[(num_tokens,)](
             q, k, v, key_cache, value_cache, slot_mapping, positions, cos_table,
             signed_sin_table, q.stride(0), q.stride(1), k.stride(0), v.stride(0), k.stride(1),
-            cos_table.stride(0), num_heads, num_kv_heads, *key_cache.stride()[:3],
+            cos_table.stride(0), num_heads, num_kv_heads,
             HALF=head_dim // 2, BLOCK_D=triton.next_power_of_2(head_dim // 2),
             BLOCK_HQ=triton.next_power_of_2(num_heads),
-            BLOCK_HK=triton.next_power_of_2(num_kv_heads), BLOCK_SIZE=key_cache.shape[1],
-            num_warps=4, enable_fp_fusion=False,
+            BLOCK_HK=triton.next_power_of_2(num_kv_heads), num_warps=4, enable_fp_fusion=False,
         )
     return q
 
@@ -293,9 +290,8 @@ def check_rope_write_kv(q, k, v, positions, cos_table, signed_sin_table, key_cac
         raise ValueError("q, k and the tables must share a dtype")
     if cos_table.shape != signed_sin_table.shape or cos_table.stride() != signed_sin_table.stride():
         raise ValueError("cos and signed sin tables must have the same shape and strides")
-    if key_cache.stride() != value_cache.stride() or key_cache.stride(3) != 1:
-        raise ValueError("the key and value caches of a layer need one layout, head_dim "
-                         "contiguous")
+    if not (key_cache.is_contiguous() and value_cache.is_contiguous()):
+        raise ValueError("the key and value caches of a layer must be contiguous")
     if key_cache.shape[2:] != (num_kv_heads, head_dim) or value_cache.shape != key_cache.shape:
         raise ValueError(f"caches {tuple(key_cache.shape)} do not fit k {tuple(k.shape)}")
 

@@ -87,7 +87,7 @@ def supports(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
     and no bias."""
     if not ((x.is_cuda or INTERPRETED) and x.dtype in DTYPES and
             w.dtype == x.dtype and x.dim() == 2 and 0 < x.shape[0] <= MAX_ROWS and
-            x.stride(1) == 1 and w.stride(1) == 1 and w.stride(0) >= w.shape[1] and
+            x.stride(1) == 1 and w.is_contiguous() and
             (bias is None or (bias.is_contiguous() and bias.shape == w.shape[:1]))):
         return False
     n, k = w.shape
@@ -128,41 +128,6 @@ def default_config(num_rows: int, n: int, k: int, sms: int, shared: int,
     stages = max(2, min(most, (shared - SPARE_SHARED) // stage_bytes))  # 2 on ~100 KB cards
     return LinearConfig(block_n=block_n, block_k=block_k, split_k=split_k, num_warps=warps,
                         num_stages=stages)
-
-
-@dataclasses.dataclass(frozen=True)
-class PackedWeight:
-    """A weight [N, K] stored tile by tile for ``config``: [N / block_n, K / block_k,
-    block_n, block_k] (gated: each tile's gate rows then its up rows), so that a program
-    reads one contiguous run of memory."""
-
-    data: torch.Tensor  # [N, K] in shape only
-    config: LinearConfig
-
-    @property
-    def block_n(self) -> int:
-        return self.config.block_n
-
-    @property
-    def block_k(self) -> int:
-        return self.config.block_k
-
-    @property
-    def shape(self):
-        return self.data.shape
-
-
-def pack_weight(w: torch.Tensor, config: LinearConfig, gated: bool = False) -> PackedWeight:
-    n, k = w.shape
-    bn, bk = config.block_n, config.block_k
-    if gated:
-        bn //= 2
-        halves = [h.reshape(n // 2 // bn, bn, k // bk, bk).permute(0, 2, 1, 3)
-                  for h in w.split(n // 2)]
-        data = torch.stack(halves, dim=2)  # [tiles, steps, 2, bn, bk]
-    else:
-        data = w.reshape(n // bn, bn, k // bk, bk).permute(0, 2, 1, 3)
-    return PackedWeight(data.contiguous().view(n, k), config)
 
 
 def _block_m(num_rows: int) -> int:
@@ -226,11 +191,6 @@ def normed_gate_up_silu(x: torch.Tensor, sums: torch.Tensor, norm_weight: torch.
 def _launch(x, w, bias, counters, config, gated: bool, residual=None,
             norm=None) -> torch.Tensor:
     m, width = x.shape
-    packed = isinstance(w, PackedWeight)
-    if packed:
-        if config is not None and (config.block_n, config.block_k) != (w.block_n, w.block_k):
-            raise ValueError(f"{config} does not fit a weight packed for {w.block_n} x {w.block_k}")
-        config, w = w.config, w.data
     n, k = w.shape
     if width != k or x.stride(1) != 1:
         raise ValueError(f"x {tuple(x.shape)} does not fit w {tuple(w.shape)}")
@@ -266,11 +226,11 @@ def _launch(x, w, bias, counters, config, gated: bool, residual=None,
                               device=x.device)
     _linear_kernel[grid](
         x, w, y, bias if bias is not None else y, partial, counters, sums,
-        norm_weight.contiguous(), m, n, x.stride(0), y.stride(0), w.stride(0), num_tiles, eps, K=k,
+        norm_weight.contiguous(), m, n, x.stride(0), y.stride(0), num_tiles, eps, K=k,
         BLOCK_M=_block_m(m), BLOCK_N=block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,
         HAS_BIAS=bias is not None, GATED=gated, ADD_RES=residual is not None,
         NORM_X=norm is not None, SCALE_X=scale_x, T_PAD=triton.next_power_of_2(num_tiles),
-        LIBDEVICE=LIBDEVICE, PACKED=packed,
+        LIBDEVICE=LIBDEVICE,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return sums if residual is not None else y
@@ -279,11 +239,11 @@ def _launch(x, w, bias, counters, config, gated: bool, residual=None,
 @triton.jit
 def _linear_kernel(
     x_ptr, w_ptr, y_ptr, bias_ptr, partial_ptr, lock_ptr, sums_ptr, norm_w_ptr,
-    M, N, stride_xm, stride_ym, stride_wn, num_tiles, eps, K: tl.constexpr,
+    M, N, stride_xm, stride_ym, num_tiles, eps, K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
     ADD_RES: tl.constexpr, NORM_X: tl.constexpr, SCALE_X: tl.constexpr, T_PAD: tl.constexpr,
-    LIBDEVICE: tl.constexpr, PACKED: tl.constexpr = False,
+    LIBDEVICE: tl.constexpr,
 ):
     """One (column tile, K slice): acc[n, m] = sum_k w[n, k] * x[m, k] over the slice.
     GATED: w is [2 N, K]; up_acc sums the tile's rows N further on, and the output is
@@ -298,17 +258,9 @@ def _linear_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     n_ok, m_ok = offs_n < N, offs_m < M
     k_per_split: tl.constexpr = K // SPLIT_K  # K is static: the loop's trip count is known
-    if PACKED:  # w is [tiles, K steps, (2 if GATED) x BLOCK_N, BLOCK_K]: a program's run contiguous
-        block = (tile * (K // BLOCK_K) + split * (k_per_split // BLOCK_K)).to(tl.int64)
-        w_step: tl.constexpr = (2 if GATED else 1) * BLOCK_N * BLOCK_K
-        local = tl.arange(0, BLOCK_N)[:, None] * BLOCK_K + offs_k[None, :]
-        w_ptrs = w_ptr + block * w_step + local
-        up_ptrs = w_ptrs + BLOCK_N * BLOCK_K
-    else:
-        w_step: tl.constexpr = BLOCK_K
-        rows = offs_n[:, None].to(tl.int64)
-        w_ptrs = w_ptr + rows * stride_wn + (split * k_per_split + offs_k)[None, :]
-        up_ptrs = w_ptr + (rows + N) * stride_wn + (split * k_per_split + offs_k)[None, :]
+    rows = offs_n[:, None].to(tl.int64)
+    w_ptrs = w_ptr + rows * K + (split * k_per_split + offs_k)[None, :]
+    up_ptrs = w_ptr + (rows + N) * K + (split * k_per_split + offs_k)[None, :]  # GATED
     x_ptrs = x_ptr + offs_m[None, :] * stride_xm + (split * k_per_split + offs_k)[:, None]
     nw_ptrs = norm_w_ptr + split * k_per_split + offs_k  # NORM_X
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
@@ -317,7 +269,7 @@ def _linear_kernel(
         w = tl.load(w_ptrs, mask=n_ok[:, None], other=0.0)  # [BLOCK_N, BLOCK_K]
         if GATED:
             up = tl.load(up_ptrs, mask=n_ok[:, None], other=0.0)
-            up_ptrs += w_step
+            up_ptrs += BLOCK_K
         xt = tl.load(x_ptrs, mask=m_ok[None, :], other=0.0)  # [BLOCK_K, BLOCK_M]
         if SCALE_X:  # the norm's weight, rounded as the unfused norm rounds its product
             nw = tl.load(nw_ptrs).to(tl.float32)
@@ -326,7 +278,7 @@ def _linear_kernel(
         acc = tl.dot(w, xt, acc)
         if GATED:
             up_acc = tl.dot(up, xt, up_acc)
-        w_ptrs += w_step
+        w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
 
     y_offs = offs_m[None, :] * stride_ym + offs_n[:, None]  # [BLOCK_N, BLOCK_M]

@@ -59,17 +59,16 @@ def variants():
     rope = ptrs("bf16", "q_ptr", "k_ptr", "v_ptr", "key_cache", "value_cache", "cos_ptr",
                 "sin_ptr") | ptrs("i64", "slot_ptr", "pos_ptr") | ints(
         "q_token_stride", "q_head_stride", "k_token_stride", "v_token_stride",
-        "kv_head_stride", "table_stride", "num_heads", "num_kv_heads", "stride_cb",
-        "stride_ct", "stride_ch")
+        "kv_head_stride", "table_stride", "num_heads", "num_kv_heads")
     yield ("rope_write_kv", fused._rope_write_kv_kernel, rope,
-           dict(HALF=64, BLOCK_D=64, BLOCK_HQ=32, BLOCK_HK=8, BLOCK_SIZE=16),
+           dict(HALF=64, BLOCK_D=64, BLOCK_HQ=32, BLOCK_HK=8),
            dict(num_warps=4, enable_fp_fusion=False))
     silu = ptrs("bf16", "gate_up_ptr", "out_ptr") | ints("in_stride", "out_stride", "n_cols")
     yield ("silu_and_mul", fused._silu_and_mul_kernel, silu, dict(BLOCK=1024, LIBDEVICE=True),
            dict(num_warps=4))
     lin = ptrs("bf16", "x_ptr", "w_ptr", "y_ptr", "bias_ptr", "norm_w_ptr") | ptrs(
         "fp32", "partial_ptr", "sums_ptr") | ptrs("i32", "lock_ptr") | ints(
-        "M", "N", "stride_xm", "stride_ym", "stride_wn", "num_tiles") | {"eps": "fp32"}
+        "M", "N", "stride_xm", "stride_ym", "num_tiles") | {"eps": "fp32"}
     # (split_k, block_k, stages): split-K, and plain products' deep K steps (linear.WHOLE_K)
     for split_k, block_k, stages in ((1, 128, 4), (2, 128, 4), (1, 256, 5)):
         # (label, gated, residual add + sums: the product before a norm, normed x: after,
