@@ -149,8 +149,9 @@ def decode_num_splits(num_rows: int, num_kv_heads: int, max_context: int, num_sm
 
 def few_pairs_splits(pairs: int, num_sms: int, max_tiles: int) -> int:
     """Splits per (row, kv head) when there are few pairs: the fewest that give every SM a
-    program and fill the last wave to ``WAVE_FILL`` (one program per SM at a time: the
-    few-pair programs take most of an SM's shared memory), at most one per key tile, or
+    program and fill the last wave to ``WAVE_FILL`` (waves counted at one program per SM,
+    though on sm_90 two of the 128-key, two-stage programs fit at once: 72 KB of shared
+    memory and 179 registers a thread at head size 128), at most one per key tile, or
     one per ``MIN_SPLIT_TILES`` key tiles where that many splits still fill a wave."""
     longer = max_tiles // MIN_SPLIT_TILES  # splits of MIN_SPLIT_TILES tiles
     most = max(1, min(longer if pairs * longer >= WAVE_FILL * num_sms else max_tiles,
