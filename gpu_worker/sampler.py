@@ -62,11 +62,16 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
 
 
 def uniform_noise(seed: torch.Tensor, position: torch.Tensor, vocab: int) -> torch.Tensor:
-    """[rows, vocab] float32 in (0, 1), a pure function of (seed, position, index)."""
+    """[rows, vocab] float32 in (0, 1), a pure function of (seed, position, index).
+
+    23 random bits: ``k + 0.5`` is then exact in float32, and the largest value is 1 -
+    2**-24. (With 24, k = 2**24 - 1 rounded to 1.0, whose Gumbel noise is +inf: a drawn
+    row then took a random token, or one that top-k, top-p or a ban had removed, -inf +
+    inf being NaN, which argmax picks.)"""
     index = torch.arange(vocab, device=seed.device, dtype=torch.int64)
     key = _mix(seed * _M1 + position * _M2)  # [rows]
     bits = _mix(key[:, None] + index[None, :] * _M1)
-    return (((bits >> 40) & 0xFFFFFF).to(torch.float32) + 0.5) / float(1 << 24)
+    return (((bits >> 41) & 0x7FFFFF).to(torch.float32) + 0.5) / float(1 << 23)
 
 
 def _truncate(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

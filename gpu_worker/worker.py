@@ -112,6 +112,9 @@ class Worker:
         scratch = self.num_blocks
         batches = [(tokens, 0) for tokens in sizes] + [(1, n)]
         for seq, (tokens, start) in enumerate(batches, start=1):
+            # every batch goes through slot 0: its host copy may be rewritten only once the
+            # last one has been copied to the device, which waits for the compute before it
+            self.pipeline.synchronize()
             _write_warmup_batch(view, seq, tokens, start, scratch, self.cfg.block_size)
             self.pipeline.launch(0, BatchInfo.read(view))
         self.pipeline.synchronize()

@@ -45,6 +45,31 @@ def test_noise_is_a_function_of_seed_and_position_only():
     assert a.min() > 0 and a.max() < 1
 
 
+def test_noise_never_reaches_one_and_removed_tokens_stay_removed():
+    """Over a Llama-3-sized vocabulary a row now and then draws the largest noise value
+    (seed 27 at position 100 did, at index 65,920, when the noise had 24 bits and that
+    value rounded to 1.0): it must stay below 1, its Gumbel noise finite, or a token that
+    top-k or a ban removed could win."""
+    vocab, rows = 128256, 16
+    seeds, position = torch.arange(20, 20 + rows), torch.full((rows,), 100)
+    u = uniform_noise(seeds, position, vocab)
+    assert u.max() < 1 and u.min() > 0
+    assert torch.isfinite(-torch.log(-torch.log(u))).all()
+
+    def draw(logits, top_k, banned):
+        return sample(logits, SamplingBatch(
+            temperature=torch.ones(rows), top_p=torch.ones(rows),
+            top_k=torch.full((rows,), top_k), seed=seeds, position=position,
+            num_top_logprobs=0, want_logprobs=False, all_greedy=False,
+            any_truncation=top_k > 0, banned_ids=banned)).token_ids
+
+    logits = torch.zeros(rows, vocab)
+    logits[:, 5] = 30.0
+    assert (draw(logits, 1, None) == 5).all()
+    banned = torch.tensor([[5, 65920]] * rows)
+    assert not torch.isin(draw(logits, 0, banned), banned[0]).any()
+
+
 def test_draws_follow_the_softmax():
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
     logits = probs.log().repeat(20000, 1)
