@@ -18,6 +18,10 @@ import struct
 MESSAGE = struct.Struct("<iiqq")
 # Room for a trailing payload (e.g. CUDA IPC event handles) after the header.
 MAX_MESSAGE_BYTES = 4096
+# The internal gRPC between gateway and engine (not this link): the largest message either
+# end sends or takes. Above the public API's 4 MiB, so that a largest client request, with
+# its GenerateMany wrapping, still fits; both ends set it.
+ENGINE_MAX_MESSAGE_BYTES = 64 << 20
 
 
 class Kind(enum.IntEnum):

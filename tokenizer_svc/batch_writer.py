@@ -11,12 +11,13 @@ from tokenizer_svc.scheduler import BatchPlan, ScheduledRow
 
 
 def banned_ids(req, eos_token_ids: frozenset[int]) -> list[int]:
-    """Tokens this request's next sample may not be (min_tokens not reached yet)."""
+    """Tokens this request's next sample may not be (min_tokens not reached yet): EOS and
+    its stop_token_ids, each once. convert.sampling_options refuses a request with more
+    than a row holds, so the cut (a guard against a crash) never drops one."""
     index = len(req.output_ids) + len(req.pending) - 1  # of the token being sampled
     if index >= req.options.min_tokens:
         return []
-    stops = sorted(req.options.stop_token_ids)
-    return (sorted(eos_token_ids) + stops)[: S.MAX_BANNED_IDS]
+    return sorted(eos_token_ids | req.options.stop_token_ids)[: S.MAX_BANNED_IDS]
 
 
 def write_plan(view: S.SlotView, plan: BatchPlan, blocks: BlockManager,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import random
 
+from tandem import slots
 from tandem.v1 import generation_pb2 as pb
 from tokenizer_svc.request import FinishReason, RequestOutput, SamplingOptions
 from tokenizer_svc.tokenization import ModelTokenizer
@@ -43,8 +44,9 @@ def prompt_ids(request: pb.GenerateRequest | pb.TokenizeRequest, tok: ModelToken
 
 
 def sampling_options(sp: pb.SamplingParams, num_prompt: int, max_context: int,
-                     default_max_tokens: int) -> SamplingOptions:
-    """Checks what needs the prompt's length and fills in the defaults."""
+                     default_max_tokens: int, eos_token_ids: frozenset[int]) -> SamplingOptions:
+    """Checks what needs the prompt's length (and the model's EOS ids) and fills in the
+    defaults."""
     room = max_context - num_prompt
     if room < 1:
         raise InvalidRequest(
@@ -58,6 +60,8 @@ def sampling_options(sp: pb.SamplingParams, num_prompt: int, max_context: int,
     if sp.min_tokens > max_tokens:
         raise InvalidRequest(f"sampling.min_tokens: {sp.min_tokens} exceeds max_tokens "
                              f"({max_tokens})")
+    if sp.min_tokens:
+        _check_banned(sp, eos_token_ids)
     _check_penalties(sp)
     return SamplingOptions(
         max_tokens=max_tokens,
@@ -75,6 +79,16 @@ def sampling_options(sp: pb.SamplingParams, num_prompt: int, max_context: int,
         logprobs=sp.logprobs,
         top_logprobs=sp.top_logprobs if sp.logprobs else 0,
     )
+
+
+def _check_banned(sp: pb.SamplingParams, eos_token_ids: frozenset[int]) -> None:
+    """Until min_tokens, EOS and the stop_token_ids are banned; a row bans so many."""
+    num_banned = len(eos_token_ids | set(sp.stop_token_ids))
+    if num_banned > slots.MAX_BANNED_IDS:
+        raise InvalidRequest(
+            f"sampling.stop_token_ids: with min_tokens, the stop_token_ids and the model's "
+            f"{len(eos_token_ids)} EOS ids make {num_banned} distinct ids, more than the "
+            f"{slots.MAX_BANNED_IDS} that can be banned until min_tokens is reached")
 
 
 def _check_penalties(sp: pb.SamplingParams) -> None:

@@ -16,6 +16,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from tandem.internal.v1 import engine_pb2, engine_pb2_grpc
+from tandem.link import ENGINE_MAX_MESSAGE_BYTES
 from tandem.v1 import generation_pb2 as pb
 from tokenizer_svc import convert
 from tokenizer_svc.config import EngineConfig
@@ -121,6 +122,7 @@ class _Muxed:
         self.active: dict[str, str] = {}  # caller's request id -> engine's request id
         self.accepting: set[str] = set()  # started, still being checked and tokenized
         self.cancelled: set[str] = set()  # cancelled while being accepted
+        self.is_closed = False  # the stream has ended: requests still being accepted drop
         self.pending: list[tuple[str, RequestOutput | Refused]] = []
         self.wake = asyncio.Event()
 
@@ -239,6 +241,7 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
                     return  # half-closed, or draining, with nothing left to send
         finally:
             self.num_calls -= 1
+            muxed.is_closed = True  # those still being tokenized never reach the engine
             reader.cancel()
             for req_id in muxed.active.values():  # the caller went away: free their blocks
                 self.engine.abort(req_id)
@@ -272,8 +275,8 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
             return
         finally:
             muxed.accepting.discard(rid)
-        if rid in muxed.cancelled:  # the caller gave up while it was being tokenized
-            muxed.cancelled.discard(rid)
+        if rid in muxed.cancelled or muxed.is_closed:  # the caller gave up (or went away)
+            muxed.cancelled.discard(rid)  # while it was being tokenized
             return
         muxed.active[rid] = req.req_id
         engine.add_request(req, functools.partial(self._bridge(engine).post,
@@ -313,8 +316,9 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
             ids = await loop.run_in_executor(None, convert.prompt_ids, request.request, self.tok)
             sched = self.cfg.scheduler
             options = convert.sampling_options(request.request.sampling, len(ids),
-                                               self.tok.max_context, sched.default_max_tokens)
-            self._check_fits_cache(len(ids) + options.max_tokens)
+                                               self.tok.max_context, sched.default_max_tokens,
+                                               self.tok.eos_token_ids)
+            self._check_fits_cache(len(ids), options.max_tokens)
         except convert.InvalidRequest as exc:
             self.metrics.rejected.labels("invalid").inc()
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
@@ -338,13 +342,18 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
         self.metrics.rejected.labels("queue_full").inc()
         raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, reason)
 
-    def _check_fits_cache(self, num_tokens: int) -> None:
+    def _check_fits_cache(self, num_prompt: int, max_tokens: int) -> None:
+        """Refuse a request that could not run even alone. The last sampled token is never
+        fed back, so its KV is never written: a request holds at most prompt + max_tokens
+        - 1 tokens' KV (and the scheduler never asks for more, recomputing or not)."""
         blocks = self.engine.scheduler.blocks
         usable = blocks.num_blocks - self.engine.scheduler.limits.watermark_blocks
+        num_tokens = num_prompt + max_tokens - 1
         if -(-num_tokens // blocks.block_size) > usable:
             raise convert.InvalidRequest(
-                f"sampling.max_tokens: prompt plus max_tokens ({num_tokens} tokens) exceed the "
-                f"KV cache ({usable * blocks.block_size} tokens)")
+                f"sampling.max_tokens: the prompt ({num_prompt} tokens) and max_tokens "
+                f"{max_tokens} need the KV of {num_tokens} tokens, more than the KV cache "
+                f"holds ({usable * blocks.block_size} tokens)")
 
     async def Tokenize(self, request: pb.TokenizeRequest, context):
         try:
@@ -393,7 +402,10 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
 
 async def start_server(cfg: EngineConfig, servicer: EngineServicer):
     """Serve the Engine and health services; health says NOT_SERVING until ready."""
-    server = grpc.aio.server()
+    server = grpc.aio.server(options=[
+        ("grpc.max_receive_message_length", ENGINE_MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", ENGINE_MAX_MESSAGE_BYTES),
+    ])
     engine_pb2_grpc.add_EngineServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

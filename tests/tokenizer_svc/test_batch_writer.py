@@ -111,3 +111,18 @@ def test_writer_matches_the_row_by_row_reference(segments, num_blocks, increment
                         scheduler.finish(row.req)
     assert batches > 5 and seen_placeholders > 0
     assert (scheduler.num_preemptions > 0) == (num_blocks == 12)
+
+
+def sampling_request(min_tokens, stop_token_ids):
+    req = Request("r", [5, 6], SamplingOptions(20, min_tokens=min_tokens,
+                                               stop_token_ids=frozenset(stop_token_ids)), 0.0)
+    req.pending.append((1, 0))  # the first token is being sampled
+    return req
+
+
+def test_min_tokens_bans_each_end_once_up_to_a_full_row():
+    stops = range(1000, 1000 + S.MAX_BANNED_IDS - 1)  # with EOS: exactly a row's worth
+    assert banned_ids(sampling_request(3, stops), EOS) == [2, *stops]
+    assert banned_ids(sampling_request(3, {2, 9}), EOS) == [2, 9]  # a stop id that is EOS
+    assert banned_ids(sampling_request(1, {9}), frozenset({2, 9, 3})) == [2, 3, 9]
+    assert banned_ids(sampling_request(0, stops), EOS) == []  # no min_tokens: no bans

@@ -181,3 +181,37 @@ def test_row_limit():
     for i in range(3):
         s.add(make_request(str(i), 2))
     assert len(s.schedule().rows) == 2 and len(s.waiting) == 1
+
+
+def run_to_end(s, overlap):
+    """Run every request to max_tokens as the engine does (``overlap``: batch N+1 planned
+    before batch N's tokens are applied); returns the most KV blocks each request held."""
+    held, in_flight = {}, []
+    while s.has_work or in_flight:
+        plan = s.schedule() if s.has_work else None
+        if plan is not None:
+            in_flight.append(plan)
+            for req in s.running:
+                held[req.req_id] = max(held.get(req.req_id, 0), len(s.blocks.table(req.req_id)))
+        if in_flight and (len(in_flight) > 1 or plan is None or not overlap):
+            done = in_flight.pop(0)
+            apply_outputs(done)
+            for row in done.rows:
+                if len(row.req.output_ids) >= row.req.options.max_tokens:
+                    s.finish(row.req)
+    return held
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "async"])
+@pytest.mark.parametrize("with_other", [False, True], ids=["alone", "preempting"])
+def test_a_request_never_holds_kv_for_its_last_token(overlap, with_other):
+    """prompt + max_tokens - 1 tokens of KV at most (the last sampled token is never fed
+    back), with preemption and recompute too: what the engine's admission check counts."""
+    s = make_scheduler(num_blocks=4, block_size=4, max_tokens=64, watermark=1)
+    boundary = make_request("b", 5, max_tokens=8)  # 5 + 8 - 1 = 12: the 3 usable blocks
+    if with_other:
+        s.add(make_request("a", 2, max_tokens=6))
+    s.add(boundary)
+    held = run_to_end(s, overlap)
+    assert len(boundary.output_ids) == 8 and held["b"] == 3
+    assert (s.num_preemptions > 0) == with_other

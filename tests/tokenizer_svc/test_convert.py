@@ -1,0 +1,34 @@
+"""Public request → internal options: the limits the engine checks itself."""
+
+from __future__ import annotations
+
+import pytest
+
+from tandem import slots as S
+from tandem.v1 import generation_pb2 as pb
+from tokenizer_svc import convert
+
+EOS = frozenset({2, 3})
+
+
+def options(**sampling):
+    return convert.sampling_options(pb.SamplingParams(max_tokens=16, **sampling),
+                                    num_prompt=4, max_context=64, default_max_tokens=8,
+                                    eos_token_ids=EOS)
+
+
+def test_min_tokens_refuses_more_ends_than_a_row_can_ban():
+    stops = list(range(1000, 1000 + S.MAX_BANNED_IDS - len(EOS) + 1))  # one too many
+    with pytest.raises(convert.InvalidRequest) as error:
+        options(min_tokens=1, stop_token_ids=stops)
+    message = str(error.value)
+    assert message.startswith("sampling.stop_token_ids:") and "min_tokens" in message
+    assert f"{S.MAX_BANNED_IDS + 1} distinct ids" in message
+    assert f"more than the {S.MAX_BANNED_IDS}" in message
+
+
+def test_ends_are_counted_once_and_only_with_min_tokens():
+    fits = list(range(1000, 1000 + S.MAX_BANNED_IDS - len(EOS)))
+    assert options(min_tokens=4, stop_token_ids=fits + [2, 3, 1000]).min_tokens == 4  # repeats
+    many = list(range(1000, 1100))  # no bans without min_tokens: any number of stop ids
+    assert options(stop_token_ids=many).stop_token_ids == frozenset(many)
