@@ -56,8 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-response-bytes", type=int, default=64 * MIB, metavar="N",
                         help="largest message relayed from an engine or sent to a client "
                         "(default 64 MiB; long unary answers: use GenerateStream)")
+    parser.add_argument("--max-engine-message-bytes", type=int, default=64 * MIB, metavar="N",
+                        help="largest message sent to an engine, a request with its wrapping "
+                        "(default 64 MiB, as engines accept; at least --max-request-bytes + "
+                        "64 KiB); a request over it is refused with RESOURCE_EXHAUSTED")
     parser.add_argument("--request-timeout", type=float, metavar="S",
-                        help="deadline for generation requests that set none (default: none)")
+                        help="deadline for generation requests that set none, enforced even "
+                        "on a client that stopped reading (default: none)")
     parser.add_argument("--rpc-timeout", type=float, default=30.0, metavar="S",
                         help="deadline for Tokenize and internal calls that set none (default 30)")
     parser.add_argument("--routing", choices=ROUTINGS, default="prefix",
@@ -132,6 +137,7 @@ def _build_config(args: argparse.Namespace, engine_args: tuple[str, ...]) -> Gat
         spawn=spawn,
         max_request_bytes=args.max_request_bytes,
         max_response_bytes=args.max_response_bytes,
+        max_engine_message_bytes=args.max_engine_message_bytes,
         default_timeout_s=args.request_timeout,
         rpc_timeout_s=args.rpc_timeout,
         health_poll_interval_s=args.health_interval,

@@ -7,7 +7,11 @@ import sys
 from dataclasses import dataclass, field
 
 DEFAULT_LISTEN = "0.0.0.0:50051"
-MIB = 1024 * 1024
+KIB = 1024
+MIB = 1024 * KIB
+# what an engine message may add around a client's request (EngineRequest, EngineCall: about
+# 80 bytes), with room to spare: --max-engine-message-bytes must exceed --max-request-bytes by it
+ENGINE_MESSAGE_MARGIN = 64 * KIB
 ROUTINGS = ("prefix", "least-loaded")
 ENGINE_STREAMS = ("per-request", "multiplexed")
 MUX_MIN_BYTES = 2 * MIB  # engines cut GenerateMany messages at ~1 MiB
@@ -75,6 +79,8 @@ class GatewayConfig:
     spawn: SpawnConfig | None = None  # None: no local engine is spawned
     max_request_bytes: int = 4 * MIB  # largest request a client may send
     max_response_bytes: int = 64 * MIB  # largest message relayed from an engine
+    # largest message sent to an engine (a request, wrapped); engines must accept it
+    max_engine_message_bytes: int = 64 * MIB
     # Deadline applied to Generate/GenerateStream when the client sets none (None: no limit).
     default_timeout_s: float | None = None
     # Deadline of Tokenize and of internal calls (GetModelInfo) when the client sets none.
@@ -107,9 +113,14 @@ class GatewayConfig:
             raise ValueError("engine addresses must not be empty")
         if len(set(self.engine_addresses)) != len(self.engine_addresses):
             raise ValueError(f"duplicate engine addresses: {list(self.engine_addresses)}")
-        for name in ("max_request_bytes", "max_response_bytes"):
+        for name in ("max_request_bytes", "max_response_bytes", "max_engine_message_bytes"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.max_engine_message_bytes < self.max_request_bytes + ENGINE_MESSAGE_MARGIN:
+            raise ValueError(  # else a request the gateway accepts could not reach an engine
+                f"max_engine_message_bytes ({self.max_engine_message_bytes}) must be at least "
+                f"max_request_bytes ({self.max_request_bytes}) + {ENGINE_MESSAGE_MARGIN // KIB} "
+                "KiB")
         if self.default_timeout_s is not None:
             _require_positive("default_timeout_s", self.default_timeout_s)
         for name in (

@@ -42,6 +42,8 @@ def channel_options(config: GatewayConfig) -> list[tuple[str, int]]:
     """Options of every channel to an engine."""
     return [
         ("grpc.max_receive_message_length", config.max_response_bytes),
+        # set, not gRPC's unlimited default: the relay refuses a larger request first
+        ("grpc.max_send_message_length", config.max_engine_message_bytes),
         ("grpc.keepalive_time_ms", int(config.keepalive_time_s * 1000)),
         ("grpc.keepalive_timeout_ms", int(config.keepalive_timeout_s * 1000)),
         ("grpc.keepalive_permit_without_calls", 0),

@@ -37,9 +37,12 @@ class MuxCall:
     def __init__(self, stream: _Stream, request_id: str, timeout: float | None) -> None:
         self._stream, self.request_id = stream, request_id
         self._items: asyncio.Queue = asyncio.Queue()
-        self._deadline = None if timeout is None else \
-            asyncio.get_running_loop().time() + timeout
         self._done = False
+        # The deadline is a timer, not a timeout on reading: it must fire even while nobody
+        # reads (the relay blocked sending to a client that stopped reading) and while
+        # outputs are queued (a read that does not wait never times out).
+        self._timer = None if timeout is None else \
+            asyncio.get_running_loop().call_later(timeout, self._expire)
 
     def done(self) -> bool:
         return self._done
@@ -49,10 +52,21 @@ class MuxCall:
         CancelledError, as a cancelled gRPC call's does."""
         if self._done:
             return False
+        self._stop(_CANCELLED)
+        return True
+
+    def _expire(self) -> None:
+        if not self._done:
+            self._stop(rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"))
+
+    def _stop(self, last: object) -> None:
+        """Cancels the request on the engine and ends the iteration with `last`, ahead of
+        the outputs still queued (they are dropped)."""
         self._finish()
         self._stream.send_cancel(self.request_id)
-        self._items.put_nowait(_CANCELLED)
-        return True
+        while not self._items.empty():
+            self._items.get_nowait()
+        self._items.put_nowait(last)
 
     def deliver(self, item: engine_pb2.EngineEvent | grpc.aio.AioRpcError) -> None:
         if not self._done:
@@ -63,12 +77,7 @@ class MuxCall:
 
     async def _outputs(self) -> AsyncIterator[pb.GenerateStreamResponse]:
         while True:
-            try:
-                async with asyncio.timeout_at(self._deadline):
-                    item = await self._items.get()
-            except TimeoutError:
-                self.cancel()
-                raise rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
+            item = await self._items.get()
             if item is _CANCELLED:
                 raise asyncio.CancelledError()
             if isinstance(item, grpc.aio.AioRpcError):
@@ -85,6 +94,8 @@ class MuxCall:
 
     def _finish(self) -> None:
         self._done = True
+        if self._timer is not None:
+            self._timer.cancel()
         self._stream.forget(self.request_id)
 
 

@@ -19,7 +19,7 @@ import grpc
 from gateway.admission import Admission
 from gateway.config import GatewayConfig
 from gateway.engines import EnginePool, Lease
-from gateway.errors import EngineProtocolError
+from gateway.errors import EngineProtocolError, RequestTooLarge, ServerDeadline
 from gateway.mux import MuxCall
 from gateway.validation import validate_generate_request, validate_tokenize_request
 from tandem.internal.v1 import engine_pb2
@@ -27,13 +27,21 @@ from tandem.v1 import generation_pb2 as pb
 
 logger = logging.getLogger(__name__)
 
+# what a multiplexed stream adds around an EngineRequest (EngineCall's field tag and length)
+ENGINE_CALL_FRAMING_BYTES = 16
+
 
 class CallContext(Protocol):
-    """What the relay needs from a server call (grpc.aio.ServicerContext has both)."""
+    """What the relay needs from a server call (grpc.aio.ServicerContext has it all; `done`
+    and `abort` are for `ServerDeadline`)."""
 
     def time_remaining(self) -> float | None: ...
 
     def add_done_callback(self, callback: Callable[[Any], None]) -> None: ...
+
+    def done(self) -> bool: ...
+
+    async def abort(self, code: grpc.StatusCode, details: str = "") -> None: ...
 
 
 def new_request_id() -> str:
@@ -87,21 +95,24 @@ class Relay:
 
         The engine call is cancelled however this ends: normally, on error, when this
         generator is closed or cancelled, and when the server call is done (the client
-        cancelled or disconnected, or its deadline passed).
+        cancelled or disconnected, its deadline passed, or the server's: `ServerDeadline`).
         """
         if not request.request_id:
             request.request_id = new_request_id()
         req_id = request.request_id
         self._admission.admit(context)
+        timeout = context.time_remaining()
+        if timeout is None and self._config.default_timeout_s is not None:
+            timeout = self._config.default_timeout_s
+            ServerDeadline(context, timeout, req_id)  # armed until the call is done
         lease = self._pool.acquire(request)
         context.add_done_callback(lambda _: lease.release())
         try:
             validate_generate_request(request, lease.engine.model_info)
             engine_req_id = new_request_id()  # unique on the engine, whatever the client sent
-            call = lease.engine.generate(
-                engine_pb2.EngineRequest(request_id=engine_req_id, request=request),
-                _timeout(context, self._config.default_timeout_s),
-            )
+            engine_request = engine_pb2.EngineRequest(request_id=engine_req_id, request=request)
+            _check_size(engine_request, self._config.max_engine_message_bytes)
+            call = lease.engine.generate(engine_request, timeout)
             lease.attach(call)
             logger.debug("req_id=%s -> engine %s as %s", req_id, lease.engine.address,
                          engine_req_id)
@@ -152,6 +163,14 @@ async def _relay(
         req_id, pb.FinishReason.Name(last.finish_reason), last.usage.prompt_tokens,
         last.usage.completion_tokens, last.timing.total_seconds,
     )
+
+
+def _check_size(request: engine_pb2.EngineRequest, limit: int) -> None:
+    """Refuses a request over the largest message the gateway sends to an engine, before it
+    is sent: the engine (or the channel's own limit) would fail the whole stream."""
+    num_bytes = request.ByteSize() + ENGINE_CALL_FRAMING_BYTES
+    if num_bytes > limit:
+        raise RequestTooLarge(num_bytes, limit)
 
 
 def _timeout(context: CallContext, default: float | None) -> float | None:

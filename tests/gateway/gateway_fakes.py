@@ -15,7 +15,7 @@ import grpc
 from grpc_health.v1 import health as grpc_health
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from gateway.config import GatewayConfig
+from gateway.config import MIB, GatewayConfig
 from gateway.server import GatewayServer, build_server
 from tandem.internal.v1 import engine_pb2, engine_pb2_grpc
 from tandem.v1 import generation_pb2 as pb
@@ -26,6 +26,7 @@ ENGINE_SERVICE = "tandem.internal.v1.Engine"
 ENGINE_STREAMS = ["multiplexed"]
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+ENGINE_MAX_MESSAGE_BYTES = 64 * MIB  # what a tokenizer_svc accepts
 
 MODEL_INFO = pb.ModelInfo(
     model="fake-model", vocab_size=1000, max_context_tokens=2048, default_max_tokens=256,
@@ -173,8 +174,10 @@ class RunningEngine:
         await self.health.set(ENGINE_SERVICE, SERVING if is_serving else NOT_SERVING)
 
 
-async def start_fake_engine(address: str = "127.0.0.1:0", is_serving: bool = True) -> RunningEngine:
-    server = grpc.aio.server()
+async def start_fake_engine(address: str = "127.0.0.1:0", is_serving: bool = True,
+                            max_message_bytes: int = ENGINE_MAX_MESSAGE_BYTES) -> RunningEngine:
+    """A fake engine serving on `address`; it refuses messages over `max_message_bytes`."""
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_message_bytes)])
     engine = FakeEngine()
     health = grpc_health.aio.HealthServicer()
     engine_pb2_grpc.add_EngineServicer_to_server(engine, server)
@@ -234,10 +237,12 @@ async def running_gateway(
 @contextlib.asynccontextmanager
 async def gateway_with_engine(
     is_serving: bool = True, wait_ready: bool = True,
-    credentials: grpc.ChannelCredentials | None = None, **overrides
+    credentials: grpc.ChannelCredentials | None = None,
+    engine_max_message_bytes: int = ENGINE_MAX_MESSAGE_BYTES, **overrides
 ) -> AsyncIterator[tuple[GatewayServer, Client, RunningEngine]]:
-    """A fake engine on loopback and a gateway in front of it."""
-    engine = await start_fake_engine(is_serving=is_serving)
+    """A fake engine on loopback and a gateway in front of it (config `overrides`)."""
+    engine = await start_fake_engine(is_serving=is_serving,
+                                     max_message_bytes=engine_max_message_bytes)
     try:  # a config that does not validate must not leave the engine running (a hang)
         config = fast_config((engine.address,), **overrides)
         async with running_gateway(config, credentials) as (server, client):

@@ -16,7 +16,8 @@ from tests.gateway.gateway_fakes import run, wait_until
 
 class ScriptedEngine(engine_pb2_grpc.EngineServicer):
     """GenerateMany by request id: "ok…" two outputs, the last finished; "refuse…" a
-    RESOURCE_EXHAUSTED refusal; "hang…" nothing; "break…" fails the whole stream."""
+    RESOURCE_EXHAUSTED refusal; "hang…" nothing; "flood…" 100 outputs, none finished;
+    "break…" fails the whole stream."""
 
     def __init__(self) -> None:
         self.cancelled: list[str] = []
@@ -39,6 +40,10 @@ class ScriptedEngine(engine_pb2_grpc.EngineServicer):
                 yield engine_pb2.EngineEvents(events=[engine_pb2.EngineEvent(
                     request_id=rid, error_code=grpc.StatusCode.RESOURCE_EXHAUSTED.value[0],
                     error_message="queue full")])
+            elif rid.startswith("flood"):
+                yield engine_pb2.EngineEvents(events=[engine_pb2.EngineEvent(
+                    request_id=rid, output=pb.GenerateStreamResponse(text="x", token_ids=[1]))
+                    for _ in range(100)])
             elif rid.startswith("break"):
                 await context.abort(grpc.StatusCode.UNAVAILABLE, "engine going away")
 
@@ -103,6 +108,44 @@ def test_a_deadline_is_deadline_exceeded_and_cancels_the_request():
         assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         await wait_until(lambda: engine.cancelled)
         assert engine.cancelled == ["hang-2"]
+
+    run(with_mux(body))
+
+
+def test_a_deadline_cancels_the_request_even_while_nobody_reads():
+    async def body(mux, engine):
+        call = start(mux, "hang-4", timeout=0.1)  # never iterated: the relay is blocked
+        await wait_until(lambda: engine.cancelled, timeout=2)
+        assert engine.cancelled == ["hang-4"] and call.done()
+
+    run(with_mux(body))
+
+
+def test_a_deadline_comes_before_the_outputs_still_queued():
+    async def body(mux, engine):
+        call = start(mux, "flood-1", timeout=0.2)
+        await asyncio.sleep(0.4)  # 100 outputs arrive; nobody reads them
+        received = []
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            async for out in call:
+                received.append(out)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert received == []  # dropped, not relayed after the deadline
+        assert engine.cancelled == ["flood-1"]
+
+    run(with_mux(body))
+
+
+def test_cancel_drops_the_outputs_still_queued():
+    async def body(mux, engine):
+        call = start(mux, "flood-2")
+        await asyncio.sleep(0.2)  # 100 outputs arrive; nobody reads them
+        call.cancel()
+        received = []
+        with pytest.raises(asyncio.CancelledError):
+            async for out in call:
+                received.append(out)
+        assert received == []
 
     run(with_mux(body))
 

@@ -10,6 +10,7 @@ from gateway_fakes import (
     MODEL_INFO,
     NOT_SERVING,
     SERVING,
+    default_chunks,
     fast_config,
     gateway_with_engine,
     rpc_error,
@@ -23,6 +24,7 @@ from gateway_fakes import (
 )
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from gateway.config import MIB
 from gateway.server import build_server
 from tandem.v1 import generation_pb2 as pb
 
@@ -411,5 +413,91 @@ def test_a_port_in_use_is_an_error() -> None:
             config = fast_config((engine.address,), listen=f"127.0.0.1:{server.port}")
             with pytest.raises(RuntimeError, match="cannot listen on 127.0.0.1"):
                 await build_server(config)
+
+    run(body())
+
+
+def metric(server, method: str, code: str) -> float:
+    return server.metrics.registry.get_sample_value(
+        "tandem_gateway_requests_total", {"method": method, "code": code}) or 0.0
+
+
+def test_default_timeout_ends_a_stream_whose_client_stopped_reading(engine_streams) -> None:
+    async def body() -> None:
+        async with gateway_with_engine(default_timeout_s=0.5) as (server, client, engine):
+            big = pb.GenerateStreamResponse(text="y" * 65536, token_ids=[1])
+            engine.engine.chunks = [big] * 2000 + default_chunks()[-1:]  # ~128 MiB
+            engine.engine.chunk_delay_s = 0.001
+            call = client.stub.GenerateStream(GOOD)
+            await call.read()  # then it stops reading: the gateway's sends block
+            # at the server's deadline: the engine stops, lease and admission are let go
+            await wait_until(lambda: server.pool.num_in_flight == 0, timeout=3)
+            await wait_until(lambda: server.admission.num_in_flight == 0, timeout=3)
+            await wait_until(lambda: engine.engine.num_active == 0, timeout=3)
+            if engine_streams == "multiplexed":  # per-request: its own deadline ends it
+                assert engine.engine.cancelled.is_set()
+            # the client reads what was on its way, then DEADLINE_EXCEEDED
+            num_read = 0
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                while await call.read() is not grpc.aio.EOF:
+                    num_read += 1
+            assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert "request timeout (0.5 s)" in caught.value.details()
+            assert num_read < 2000 and len(engine.engine.requests) == 1
+            await wait_until(lambda: metric(server, "GenerateStream", "DEADLINE_EXCEEDED") == 1)
+
+    run(body())
+
+
+def exactly(num_bytes: int) -> pb.GenerateRequest:
+    """A request of `num_bytes` on the wire (its text's tag and length take 4 of them)."""
+    request = pb.GenerateRequest(text="x" * (num_bytes - 4))
+    assert request.ByteSize() == num_bytes
+    return request
+
+
+def test_the_largest_request_the_gateway_accepts_fits_the_engine() -> None:
+    async def body() -> None:
+        limits = dict(max_request_bytes=MIB, max_engine_message_bytes=MIB + 64 * 1024)
+        async with gateway_with_engine(engine_max_message_bytes=MIB + 64 * 1024,
+                                       **limits) as (_, client, engine):
+            assert (await client.stub.Generate(exactly(MIB))).text == "Hello world"
+            error = await rpc_error(client.stub.Generate(exactly(MIB + 1)))
+            assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # refused on arrival
+            assert len(engine.engine.requests) == 1
+
+    run(body())
+
+
+def test_a_request_over_the_engine_message_limit_fails_alone(monkeypatch) -> None:
+    import gateway.config
+
+    monkeypatch.setattr(gateway.config, "ENGINE_MESSAGE_MARGIN", 0)  # no room to wrap it
+
+    async def body() -> None:
+        async with gateway_with_engine(max_request_bytes=MIB, max_engine_message_bytes=MIB,
+                                       engine_max_message_bytes=MIB) as (server, client, engine):
+            engine.engine.hang = True
+            running = client.stub.GenerateStream(GOOD)
+            assert (await running.read()).text == "Hel"
+            error = await rpc_error(client.stub.Generate(exactly(MIB)))
+            assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "over the gateway's --max-engine-message-bytes (1048576)" in error.details()
+            assert (await running.read()).text == "lo"  # the other request goes on
+            assert len(engine.engine.requests) == 1 and server.pool.num_in_flight == 1
+            running.cancel()
+
+    run(body())
+
+
+def test_a_request_the_engine_refuses_names_the_engines_limit() -> None:
+    async def body() -> None:  # an engine that accepts less than the gateway was told
+        async with gateway_with_engine(max_request_bytes=MIB, engine_max_message_bytes=MIB) \
+                as (_, client, engine):
+            error = await rpc_error(client.stub.Generate(exactly(MIB)))
+            assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert error.details().startswith("request larger than the engine accepts")
+            assert "--max-response-bytes" not in error.details()
+            assert engine.engine.requests == []
 
     run(body())

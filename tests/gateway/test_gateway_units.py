@@ -11,12 +11,14 @@ from gateway_fakes import default_chunks
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.__main__ import config_from_args
-from gateway.config import GatewayConfig, SpawnConfig
+from gateway.config import MIB, GatewayConfig, SpawnConfig
+from gateway.engines import channel_options
 from gateway.errors import (
     EngineLost,
     EngineProtocolError,
     InvalidRequest,
     NoEngineReady,
+    RequestTooLarge,
     ShuttingDown,
     status_for,
 )
@@ -55,6 +57,23 @@ engine_error = rpc_error  # an engine call's failure, as grpc raises it
                       "Received message larger than max (9 vs. 8)"),
          grpc.StatusCode.RESOURCE_EXHAUSTED, "response larger than the gateway's "
          "--max-response-bytes (Received message larger than max (9 vs. 8))"),
+        (engine_error(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                      "Stream removed (CLIENT: Received message larger than max (9 vs. 8))"),
+         grpc.StatusCode.RESOURCE_EXHAUSTED, "response larger than the gateway's "
+         "--max-response-bytes (Stream removed (CLIENT: Received message larger than max "
+         "(9 vs. 8)))"),
+        (engine_error(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                      "SERVER: Received message larger than max (9 vs. 8)"),
+         grpc.StatusCode.RESOURCE_EXHAUSTED, "request larger than the engine accepts (SERVER: "
+         "Received message larger than max (9 vs. 8); its limit is below the gateway's "
+         "--max-engine-message-bytes)"),
+        (engine_error(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                      "CLIENT: Sent message larger than max (9 vs. 8)"),
+         grpc.StatusCode.RESOURCE_EXHAUSTED, "request larger than the gateway's "
+         "--max-engine-message-bytes (CLIENT: Sent message larger than max (9 vs. 8))"),
+        (RequestTooLarge(9, 8), grpc.StatusCode.RESOURCE_EXHAUSTED, "request too large for "
+         "the engine: 9 bytes once wrapped for it, over the gateway's "
+         "--max-engine-message-bytes (8)"),
         (EngineProtocolError("no finish_reason"), grpc.StatusCode.INTERNAL, "no finish_reason"),
         (TimeoutError(), grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded"),
         (ZeroDivisionError("secret detail"), grpc.StatusCode.INTERNAL,
@@ -97,6 +116,9 @@ def test_accumulate_folds_the_stream() -> None:
         (dict(engine_addresses=("a:1",), engine_streams="multiplexed",
               max_response_bytes=1 << 20), "at least 2 MiB with multiplexed"),
         (dict(engine_addresses=("a:1",), metrics_port=70000), "metrics_port"),
+        (dict(engine_addresses=("a:1",), max_engine_message_bytes=4 * MIB),
+         r"max_engine_message_bytes \(4194304\) must be at least max_request_bytes"),
+        (dict(engine_addresses=("a:1",), max_request_bytes=64 * MIB), "64 KiB"),
     ],
 )
 def test_config_is_validated(kwargs: dict, problem: str) -> None:
@@ -177,3 +199,12 @@ def test_health_watchers_come_and_go_independently() -> None:
         await server.stop(0)
 
     asyncio.run(body())
+
+
+def test_engine_message_limit_defaults_flag_and_channel() -> None:
+    config, _ = config_from_args(["--engine", "a:1"])
+    assert config.max_engine_message_bytes == 64 * MIB
+    config, _ = config_from_args(["--engine", "a:1", "--max-request-bytes", "1000",
+                                  "--max-engine-message-bytes", "100000"])
+    assert config.max_engine_message_bytes == 100000
+    assert ("grpc.max_send_message_length", 100000) in channel_options(config)
