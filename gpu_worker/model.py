@@ -1,14 +1,18 @@
-"""The Llama family (Llama, SmolLM, Mistral, Qwen2-style biases) over a paged KV cache.
+"""The Llama family (Llama, SmolLM, Mistral, Qwen2's QKV biases, Qwen3's per-head q/k
+norms) over a paged KV cache.
 
 Weights load from a Hugging Face folder (safetensors) or come from a seeded
 random generator (benchmark presets). Q/K/V and gate/up projections are fused
 at load time, so a layer reads each weight matrix once per step. The numerics
 follow Transformers' implementation (RMSNorm in float32, RoPE tables in float32),
-so greedy output matches ``generate()`` on the same weights.
+so greedy output matches ``generate()`` on the same weights. Other architectures, and
+configs or weights this code would not use (an MLP bias, tensors left over once a model is
+built), are refused rather than run wrong.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -18,12 +22,18 @@ from gpu_worker.attention import AttentionBackend, AttentionMetadata
 from gpu_worker.ops import TorchOps, TritonOps
 
 Ops = TorchOps | TritonOps
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # Transformers' names for them
 
 
 class LlamaShape:
     """The numbers of a Llama-family config that the model code needs."""
 
     def __init__(self, config) -> None:
+        if config.model_type not in MODEL_TYPES:
+            raise ValueError(f"model_type {config.model_type!r} is not supported; Tandem runs "
+                             f"{', '.join(MODEL_TYPES)}")
+        if getattr(config, "mlp_bias", False):
+            raise ValueError("mlp_bias is not supported (the MLP products have no bias)")
         self.hidden = config.hidden_size
         self.intermediate = config.intermediate_size
         self.num_layers = config.num_hidden_layers
@@ -36,6 +46,7 @@ class LlamaShape:
         self.qkv_bias = bool(getattr(config, "attention_bias", False)) or (
             config.model_type == "qwen2"
         )
+        self.qk_norm = config.model_type == "qwen3"  # RMSNorm of each head's q and k
         self.max_positions = config.max_position_embeddings
 
     @property
@@ -85,6 +96,12 @@ class LlamaModel:
         self.lm_head = self.embed if s.tied else weights["lm_head.weight"]
         self.final_norm = weights["model.norm.weight"]
         self.layers = [_fuse_layer(weights, i, s) for i in range(s.num_layers)]
+        unused = sorted(set(weights) - {"model.embed_tokens.weight", "lm_head.weight",
+                                        "model.norm.weight"})
+        unused = [n for n in unused if not n.endswith("rotary_emb.inv_freq")]
+        if unused:
+            raise ValueError(f"{len(unused)} weights this model code does not use, e.g. "
+                             f"{unused[:4]}: not a Llama-family model it runs")
         if self.ops.folds_norms(dtype):  # else (float32, torch ops) the weights as given
             for layer in self.layers:
                 _prescale_norms(layer)
@@ -121,8 +138,17 @@ class LlamaModel:
         q, k, v = qkv.split([s.q_size, s.kv_size, s.kv_size], dim=-1)
         q = q.view(-1, s.num_heads, s.head_dim)
         k = k.view(-1, s.num_kv_heads, s.head_dim)
+        if s.qk_norm:
+            q, k = _head_norm(q, w["q_norm"], s.eps), _head_norm(k, w["k_norm"], s.eps)
         out = attention.forward(i, q, k, v.view(-1, s.num_kv_heads, s.head_dim), meta, self.rope)
         return out.reshape(-1, s.q_size)  # the O product goes with the residual add
+
+
+def _head_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over each head's last dimension, rounded as Transformers' Qwen3 rounds it."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
 
 
 def _prescale_norms(layer: dict) -> None:
@@ -152,6 +178,9 @@ def _fuse_layer(weights: dict[str, torch.Tensor], i: int, s: LlamaShape) -> dict
     }
     if s.qkv_bias:
         layer["qkv_bias"] = torch.cat([take(attn + f"{n}_proj.bias") for n in "qkv"])
+    if s.qk_norm:
+        layer["q_norm"] = take(attn + "q_norm.weight")
+        layer["k_norm"] = take(attn + "k_norm.weight")
     return layer
 
 
@@ -162,10 +191,19 @@ def load_config(folder: Path):
 
 
 def load_weights(folder: Path, dtype, device) -> dict[str, torch.Tensor]:
-    """All safetensors shards of a Hugging Face folder, cast to ``dtype`` on ``device``."""
+    """The safetensors shards of a Hugging Face folder, cast to ``dtype`` on ``device``:
+    those its ``model.safetensors.index.json`` names, else ``model*.safetensors``, else
+    every ``*.safetensors`` (some folders also hold the same weights in another layout,
+    e.g. Mistral's ``consolidated.safetensors``, which would load them twice)."""
     from safetensors.torch import load_file
 
-    files = sorted(Path(folder).glob("*.safetensors"))
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        files = [folder / f for f in sorted(set(json.loads(index.read_text())["weight_map"]
+                                                .values()))]
+    else:
+        files = sorted(folder.glob("model*.safetensors")) or sorted(folder.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors weights in {folder}")
     weights = {}

@@ -90,6 +90,9 @@ class Worker:
         if self.cfg.kv_cache_gib is not None or self.device.type != "cuda":
             budget = (self.cfg.kv_cache_gib or 1.0) * 1024**3
         else:
+            # the unfused weights the model was built from sit in torch's cache, which the
+            # driver counts as used: give it back first, or the KV cache is that much smaller
+            torch.cuda.empty_cache()
             free, total = torch.cuda.mem_get_info(self.device)
             reserve = total * (1 - self.cfg.gpu_memory_utilization)
             budget = free - reserve - 4 * 1024**3  # activations, graphs, logits

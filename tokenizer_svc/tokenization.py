@@ -19,6 +19,11 @@ class ModelTokenizer:
         config = json.loads((self.folder / "config.json").read_text())
         self.vocab_size = int(config["vocab_size"])
         model_max = int(config.get("max_position_embeddings") or MAX_CONTEXT_CAP)
+        window = config.get("sliding_window")
+        if window and (config.get("model_type") == "mistral" or config.get("use_sliding_window")):
+            # the model attends to the last `window` tokens only, and Tandem's attention to
+            # all of them: the two agree up to the window, so the context stops there
+            model_max = min(model_max, int(window))
         self.max_context = max_model_len or min(model_max, MAX_CONTEXT_CAP)
         if self.max_context > model_max:
             raise ValueError(f"--max-model-len {max_model_len} exceeds the model's {model_max}")
