@@ -41,6 +41,12 @@ ENV PYTHONUNBUFFERED=1 \
 # would hand every GPU to containers that requested none (the gateway uses this image too).
 # The device plugin sets it for pods that request nvidia.com/gpu; `docker run --gpus` does too.
 
+# A C compiler: Triton builds a small C helper module with gcc at first GPU use and fails
+# with "Failed to find C compiler" without one.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/*
+
 RUN groupadd --system --gid "${GID}" tandem \
  && useradd --system --uid "${UID}" --gid tandem --create-home --home-dir /home/tandem \
       --shell /usr/sbin/nologin tandem \

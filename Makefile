@@ -4,9 +4,13 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.tandem-installed
 # torch 2.13.0: a CPU build on the project's CI machines; pick a CUDA build on a GPU host,
-# e.g. `make setup TORCH=torch==2.11.0`.
+# e.g. `make clean` then `make setup TORCH=torch==2.11.0` (setup does nothing once the venv
+# exists).
 TORCH ?= torch==2.13.0
+# ARGS: flags for the command itself (for run/run-sync the gateway's); ENGINE_ARGS: the
+# spawned engine's, passed after `--` by run and run-sync.
 ARGS ?=
+ENGINE_ARGS ?=
 PROTOS := protos/tandem/v1/generation.proto protos/tandem/internal/v1/engine.proto
 
 .PHONY: help setup model node-client run run-sync test test-unit test-e2e bench proto lint clean image k8s-apply
@@ -41,10 +45,10 @@ node-client:
 	else echo "npm not found: the Node.js client test will be skipped"; fi
 
 run: model
-	$(BIN)/python -m gateway $(ARGS)
+	$(BIN)/python -m gateway $(ARGS) $(if $(strip $(ENGINE_ARGS)),-- $(ENGINE_ARGS))
 
 run-sync: model
-	$(BIN)/python -m gateway $(ARGS) -- --sync
+	$(BIN)/python -m gateway $(ARGS) -- --sync $(ENGINE_ARGS)
 
 test: model node-client
 	$(BIN)/python -m pytest -q $(ARGS)

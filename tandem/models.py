@@ -235,12 +235,25 @@ def _build_once(folder: Path, build: Callable[[Path], None]) -> Path:
         try:
             build(tmp)
             (tmp / _MARKER).write_text(_FORMAT_VERSION + "\n")
+            _make_world_readable(tmp)
             shutil.rmtree(folder, ignore_errors=True)  # an incomplete or outdated one
             tmp.rename(folder)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return folder
+
+
+def _make_world_readable(folder: Path) -> None:
+    """Folders 0755 and files 0644 under ``folder``, which mkdtemp made 0700.
+
+    A cache shared between users, or baked into an image that runs under another uid, must
+    be readable by all of them.
+    """
+    folder.chmod(0o755)
+    for path in folder.rglob("*"):
+        if not path.is_symlink():
+            path.chmod(0o755 if path.is_dir() else 0o644)
 
 
 def _copy_folder_files(src: Path, dst: Path) -> None:

@@ -417,6 +417,16 @@ def test_dockerfile_installs_and_prepares_as_documented() -> None:
     assert importlib.util.find_spec("tandem.models") is not None
 
 
+def test_dockerfile_installs_a_c_compiler() -> None:
+    # Triton compiles a C helper with gcc at first GPU use; slim images ship no compiler.
+    runs = [rest for ins, rest in final_stage() if ins == "RUN"]
+    installs = [shlex.split(run) for run in runs if "apt-get install" in run]
+    assert any({"gcc", "libc6-dev"} <= set(words) for words in installs), \
+        "the runtime image needs gcc and libc6-dev for Triton"
+    assert all("--no-install-recommends" in words for words in installs)
+    assert all("rm -rf /var/lib/apt/lists/*" in run for run in runs if "apt-get" in run)
+
+
 def test_dockerignore_keeps_the_build_inputs() -> None:
     patterns = [line.strip() for line in DOCKERIGNORE.read_text().splitlines()
                 if line.strip() and not line.startswith("#")]

@@ -307,6 +307,19 @@ def test_concurrent_builders_build_once(tmp_path: Path) -> None:
     assert sorted(p.name for p in folder.iterdir()) == [".tandem-complete", "config.json"]
 
 
+def test_built_folders_are_readable_by_every_user(tmp_path: Path) -> None:
+    def build(out: Path) -> None:
+        (out / "config.json").write_text("{}")
+        (out / "sub").mkdir()
+        (out / "sub" / "weights.bin").write_bytes(b"0")
+
+    folder = models._build_once(tmp_path / "model", build)
+    modes = {p.relative_to(folder).as_posix(): p.stat().st_mode & 0o777
+             for p in [folder, *folder.rglob("*")]}
+    assert modes == {".": 0o755, "config.json": 0o644, "sub": 0o755, "sub/weights.bin": 0o644,
+                     ".tandem-complete": 0o644}
+
+
 def test_a_failed_build_leaves_nothing_behind(tmp_path: Path) -> None:
     def build(out: Path) -> None:
         (out / "half.json").write_text("{")
