@@ -164,6 +164,9 @@ class ServerDeadline:
         if self._handler is None or self._handler.done():
             return
         if not self._context.done():  # no status sent yet
+            # the code now, not in the task that sends it: the handler may see its
+            # cancellation first, and the metrics read the code then
+            self._context.set_code(grpc.StatusCode.DEADLINE_EXCEEDED)
             self._sending = asyncio.ensure_future(self._send_status())
         self._handler.cancel()
 

@@ -32,8 +32,8 @@ ENGINE_CALL_FRAMING_BYTES = 16
 
 
 class CallContext(Protocol):
-    """What the relay needs from a server call (grpc.aio.ServicerContext has it all; `done`
-    and `abort` are for `ServerDeadline`)."""
+    """What the relay needs from a server call (grpc.aio.ServicerContext has it all; `done`,
+    `abort` and `set_code` are for `ServerDeadline`)."""
 
     def time_remaining(self) -> float | None: ...
 
@@ -42,6 +42,8 @@ class CallContext(Protocol):
     def done(self) -> bool: ...
 
     async def abort(self, code: grpc.StatusCode, details: str = "") -> None: ...
+
+    def set_code(self, code: grpc.StatusCode) -> None: ...
 
 
 def new_request_id() -> str:
