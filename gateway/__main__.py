@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-response-bytes", type=int, default=64 * MIB, metavar="N",
                         help="largest message relayed from an engine or sent to a client "
                         "(default 64 MiB; long unary answers: use GenerateStream)")
-    parser.add_argument("--max-engine-message-bytes", type=int, default=64 * MIB, metavar="N",
+    parser.add_argument("--max-engine-message-bytes", type=int,
+                        default=GatewayConfig.max_engine_message_bytes, metavar="N",
                         help="largest message sent to an engine, a request with its wrapping "
                         "(default 64 MiB, as engines accept; at least --max-request-bytes + "
                         "64 KiB); a request over it is refused with RESOURCE_EXHAUSTED")

@@ -6,6 +6,8 @@ import math
 import sys
 from dataclasses import dataclass, field
 
+from tandem.link import ENGINE_MAX_MESSAGE_BYTES
+
 DEFAULT_LISTEN = "0.0.0.0:50051"
 KIB = 1024
 MIB = 1024 * KIB
@@ -80,7 +82,7 @@ class GatewayConfig:
     max_request_bytes: int = 4 * MIB  # largest request a client may send
     max_response_bytes: int = 64 * MIB  # largest message relayed from an engine
     # largest message sent to an engine (a request, wrapped); engines must accept it
-    max_engine_message_bytes: int = 64 * MIB
+    max_engine_message_bytes: int = ENGINE_MAX_MESSAGE_BYTES
     # Deadline applied to Generate/GenerateStream when the client sets none (None: no limit).
     default_timeout_s: float | None = None
     # Deadline of Tokenize and of internal calls (GetModelInfo) when the client sets none.

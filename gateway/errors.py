@@ -161,7 +161,7 @@ class ServerDeadline:
         context.add_done_callback(self._disarm)
 
     def _expire(self) -> None:
-        if self._handler is None or self._handler.done():
+        if self._handler.done():
             return
         if not self._context.done():  # no status sent yet
             # the code now, not in the task that sends it: the handler may see its

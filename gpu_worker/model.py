@@ -96,9 +96,9 @@ class LlamaModel:
         self.lm_head = self.embed if s.tied else weights["lm_head.weight"]
         self.final_norm = weights["model.norm.weight"]
         self.layers = [_fuse_layer(weights, i, s) for i in range(s.num_layers)]
-        unused = sorted(set(weights) - {"model.embed_tokens.weight", "lm_head.weight",
-                                        "model.norm.weight"})
-        unused = [n for n in unused if not n.endswith("rotary_emb.inv_freq")]
+        kept = {"model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"}
+        unused = sorted(n for n in weights if n not in kept and
+                        not n.endswith("rotary_emb.inv_freq"))
         if unused:
             raise ValueError(f"{len(unused)} weights this model code does not use, e.g. "
                              f"{unused[:4]}: not a Llama-family model it runs")

@@ -15,9 +15,10 @@ import grpc
 from grpc_health.v1 import health as grpc_health
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from gateway.config import MIB, GatewayConfig
+from gateway.config import GatewayConfig
 from gateway.server import GatewayServer, build_server
 from tandem.internal.v1 import engine_pb2, engine_pb2_grpc
+from tandem.link import ENGINE_MAX_MESSAGE_BYTES
 from tandem.v1 import generation_pb2 as pb
 from tandem.v1 import generation_pb2_grpc
 
@@ -26,7 +27,6 @@ ENGINE_SERVICE = "tandem.internal.v1.Engine"
 ENGINE_STREAMS = ["multiplexed"]
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-ENGINE_MAX_MESSAGE_BYTES = 64 * MIB  # what a tokenizer_svc accepts
 
 MODEL_INFO = pb.ModelInfo(
     model="fake-model", vocab_size=1000, max_context_tokens=2048, default_max_tokens=256,
