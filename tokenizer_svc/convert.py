@@ -82,13 +82,17 @@ def sampling_options(sp: pb.SamplingParams, num_prompt: int, max_context: int,
 
 
 def _check_banned(sp: pb.SamplingParams, eos_token_ids: frozenset[int]) -> None:
-    """Until min_tokens, EOS and the stop_token_ids are banned; a row bans so many."""
-    num_banned = len(eos_token_ids | set(sp.stop_token_ids))
+    """Until min_tokens, the ids that would end the request (EOS unless ignore_eos, and the
+    stop_token_ids) are banned; a row bans so many."""
+    eos = frozenset() if sp.ignore_eos else eos_token_ids
+    num_banned = len(eos | set(sp.stop_token_ids))
     if num_banned > slots.MAX_BANNED_IDS:
+        ends = (f"the stop_token_ids and the model's {len(eos)} EOS ids make" if eos
+                else "the stop_token_ids are")
         raise InvalidRequest(
-            f"sampling.stop_token_ids: with min_tokens, the stop_token_ids and the model's "
-            f"{len(eos_token_ids)} EOS ids make {num_banned} distinct ids, more than the "
-            f"{slots.MAX_BANNED_IDS} that can be banned until min_tokens is reached")
+            f"sampling.stop_token_ids: with min_tokens, {ends} {num_banned} distinct ids, "
+            f"more than the {slots.MAX_BANNED_IDS} that can be banned until min_tokens is "
+            "reached")
 
 
 def _check_penalties(sp: pb.SamplingParams) -> None:

@@ -113,9 +113,10 @@ def test_writer_matches_the_row_by_row_reference(segments, num_blocks, increment
     assert (scheduler.num_preemptions > 0) == (num_blocks == 12)
 
 
-def sampling_request(min_tokens, stop_token_ids):
+def sampling_request(min_tokens, stop_token_ids, ignore_eos=False):
     req = Request("r", [5, 6], SamplingOptions(20, min_tokens=min_tokens,
-                                               stop_token_ids=frozenset(stop_token_ids)), 0.0)
+                                               stop_token_ids=frozenset(stop_token_ids),
+                                               ignore_eos=ignore_eos), 0.0)
     req.pending.append((1, 0))  # the first token is being sampled
     return req
 
@@ -126,3 +127,9 @@ def test_min_tokens_bans_each_end_once_up_to_a_full_row():
     assert banned_ids(sampling_request(3, {2, 9}), EOS) == [2, 9]  # a stop id that is EOS
     assert banned_ids(sampling_request(1, {9}), frozenset({2, 9, 3})) == [2, 3, 9]
     assert banned_ids(sampling_request(0, stops), EOS) == []  # no min_tokens: no bans
+
+
+def test_min_tokens_with_ignore_eos_bans_only_the_stop_ids():
+    """EOS ends nothing under ignore_eos, so min_tokens has no reason to ban it."""
+    assert banned_ids(sampling_request(3, {9}, ignore_eos=True), EOS) == [9]
+    assert banned_ids(sampling_request(3, (), ignore_eos=True), EOS) == []

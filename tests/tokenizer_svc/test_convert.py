@@ -32,3 +32,11 @@ def test_ends_are_counted_once_and_only_with_min_tokens():
     assert options(min_tokens=4, stop_token_ids=fits + [2, 3, 1000]).min_tokens == 4  # repeats
     many = list(range(1000, 1100))  # no bans without min_tokens: any number of stop ids
     assert options(stop_token_ids=many).stop_token_ids == frozenset(many)
+
+
+def test_with_ignore_eos_only_the_stop_ids_count_toward_the_bans():
+    fits = list(range(1000, 1000 + S.MAX_BANNED_IDS))  # a full row without EOS
+    assert options(min_tokens=2, stop_token_ids=fits, ignore_eos=True).min_tokens == 2
+    with pytest.raises(convert.InvalidRequest) as error:
+        options(min_tokens=2, stop_token_ids=fits + [5000], ignore_eos=True)
+    assert f"the stop_token_ids are {S.MAX_BANNED_IDS + 1} distinct ids" in str(error.value)
