@@ -218,15 +218,19 @@ def _draw_bars(ax, result: dict[str, Any]) -> None:
 
 def _draw_sweep(ax, sweep: dict[str, Any]) -> None:
     """Decode step: share of the bandwidth floor reached, per batch, one line per context."""
+    batches = sorted({p["batch"] for p in sweep["decode"]})
+    where = {batch: i for i, batch in enumerate(batches)}  # evenly spaced, labelled
     for context in sorted({p["context"] for p in sweep["decode"]}):
         points = [p for p in sweep["decode"] if p["context"] == context and p["status"] == "ok"]
-        ax.plot([str(p["batch"]) for p in points], [p["floor_over_step"] for p in points],
+        ax.plot([where[p["batch"]] for p in points], [p["floor_over_step"] for p in points],
                 marker="o", label=f"context {context}")
+    ax.set_xticks(range(len(batches)), [str(batch) for batch in batches])
     ax.axhline(1.0, color="#999999", linewidth=0.8)
     ax.set_title(f"decode step: floor / measured ({sweep['attention']})")
     ax.set_xlabel("batch")
     ax.set_ylabel("floor / step")
-    ax.set_ylim(0, 1.05)
+    shares = [p["floor_over_step"] for p in sweep["decode"] if p["status"] == "ok"]
+    ax.set_ylim(0, max([1.05, *(share + 0.05 for share in shares)]))  # 101% can happen
     ax.legend(loc="lower right", fontsize="small")
 
 
