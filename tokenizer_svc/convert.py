@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 import random
 
+from jinja2 import TemplateError, TemplateSyntaxError
+
 from tandem import slots
 from tandem.v1 import generation_pb2 as pb
 from tokenizer_svc.request import FinishReason, RequestOutput, SamplingOptions
@@ -39,7 +41,16 @@ def prompt_ids(request: pb.GenerateRequest | pb.TokenizeRequest, tok: ModelToken
         messages = [{"role": m.role, "content": m.content} for m in request.messages.messages]
         if not messages:
             raise InvalidRequest("messages: at least one message is required")
-        return tok.encode_chat(messages)
+        if not tok.has_chat_template:
+            raise InvalidRequest("messages: the model has no chat template; send the prompt "
+                                 "as text or token_ids")
+        try:
+            return tok.encode_chat(messages)
+        except TemplateSyntaxError:  # the model folder's fault, not the request's
+            raise
+        except TemplateError as exc:  # the template's raise_exception: roles it refuses
+            raise InvalidRequest(f"messages: the model's chat template refuses them: {exc}") \
+                from None
     raise InvalidRequest("input: one of text, token_ids or messages is required")
 
 

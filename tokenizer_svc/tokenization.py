@@ -46,6 +46,10 @@ class ModelTokenizer:
         # INVALID_ARGUMENT), not a warning in the log on every such request
         return list(self.tokenizer(text, verbose=False)["input_ids"])
 
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                                  tokenize=True)

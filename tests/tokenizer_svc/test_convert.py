@@ -40,3 +40,28 @@ def test_with_ignore_eos_only_the_stop_ids_count_toward_the_bans():
     with pytest.raises(convert.InvalidRequest) as error:
         options(min_tokens=2, stop_token_ids=fits + [5000], ignore_eos=True)
     assert f"the stop_token_ids are {S.MAX_BANNED_IDS + 1} distinct ids" in str(error.value)
+
+
+@pytest.fixture(scope="module")
+def smollm2_tok():
+    from tandem import models
+    from tokenizer_svc.tokenization import ModelTokenizer
+
+    return ModelTokenizer(models.resolve_model("embedded", models.default_cache_dir()).folder,
+                          None)
+
+
+def chat(*roles):
+    return pb.GenerateRequest(messages=pb.ChatMessages(
+        messages=[pb.ChatMessage(role=r, content="hi") for r in roles]))
+
+
+@pytest.mark.parametrize("template", [None, "{{ raise_exception('System role not supported') }}"])
+def test_a_conversation_the_chat_template_cannot_render_is_invalid(smollm2_tok, monkeypatch,
+                                                                   template):
+    monkeypatch.setattr(smollm2_tok.tokenizer, "chat_template", template)
+    with pytest.raises(convert.InvalidRequest) as error:
+        convert.prompt_ids(chat("system", "user"), smollm2_tok)
+    assert str(error.value).startswith("messages:")
+    assert ("no chat template" if template is None else "System role not supported") \
+        in str(error.value)
