@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
 import shutil
+import signal
+import sys
 import tempfile
 from collections.abc import Callable
 
@@ -85,7 +88,8 @@ class EngineSupervisor:
         _remove_stale_socket(self._socket_path)
         logger.info("starting engine: %s", " ".join(argv))
         try:
-            self._process = await asyncio.create_subprocess_exec(*argv, start_new_session=True)
+            self._process = await asyncio.create_subprocess_exec(
+                *argv, start_new_session=True, preexec_fn=_exit_with_parent(os.getpid()))
         except OSError as exc:
             return f"engine could not be started ({exc})"
         returncode = await self._process.wait()
@@ -105,6 +109,24 @@ class EngineSupervisor:
             with contextlib.suppress(ProcessLookupError):
                 process.kill()
             await process.wait()
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def _exit_with_parent(parent: int):
+    """A preexec_fn: the child gets SIGTERM (a graceful drain) if the gateway dies, even by
+    SIGKILL; in its own session, nothing else would stop it and its worker (Linux only)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the gateway died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
 
 
 def _remove_stale_socket(path: str) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -55,6 +56,11 @@ def parse_args(argv: list[str]) -> WorkerConfig:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     cfg = parse_args(sys.argv[1:] if argv is None else argv)
+    # Stopping is tokenizer_svc's call (SHUTDOWN, or the link closing): a Ctrl-C or a
+    # SIGTERM sent to the whole process group must not kill the worker under the
+    # requests that the engine is draining. The engine kills a worker that hangs.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     from gpu_worker.worker import Worker  # after arg parsing: imports torch
 
     worker = None

@@ -62,11 +62,11 @@ def build_parser(default_address: str,
     gen.add_argument("--chat", action="store_true",
                      help="send the prompt as a user message, with the model's chat template")
     gen.add_argument("--system", help="with --chat: a system message first")
-    gen.add_argument("--max-tokens", type=int, metavar="N")
+    gen.add_argument("--max-tokens", type=_bounded(0, 2**32 - 1), metavar="N")
     gen.add_argument("--temperature", type=float, metavar="T", help="0: greedy")
     gen.add_argument("--top-p", type=float, metavar="P")
-    gen.add_argument("--top-k", type=int, metavar="K")
-    gen.add_argument("--seed", type=int, metavar="S")
+    gen.add_argument("--top-k", type=_bounded(0, 2**31 - 1), metavar="K")
+    gen.add_argument("--seed", type=_bounded(0, 2**64 - 1), metavar="S")
     gen.add_argument("--stop", action="append", metavar="STR", help="a stop string (repeatable)")
     gen.add_argument("--ignore-eos", action="store_true", default=None,
                      help="keep generating past end-of-sequence tokens")
@@ -89,6 +89,17 @@ def build_parser(default_address: str,
     health.add_argument("--service", default="", help='the service to check (default: "")')
     health.set_defaults(run=run_health)
     return parser
+
+
+def _bounded(low: int, high: int):
+    """An argparse type: an integer in [low, high], else a usage error naming the flag."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be in [{low}, {high}], got {value}")
+        return value
+    parse.__name__ = "integer"
+    return parse
 
 
 def connect(args: argparse.Namespace) -> Client:

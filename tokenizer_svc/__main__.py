@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import logging
 import signal
@@ -26,7 +27,7 @@ from tokenizer_svc.output_processor import OutputProcessor
 from tokenizer_svc.scheduler import Scheduler, SchedulerLimits
 from tokenizer_svc.server import EngineServicer, set_health, start_server
 from tokenizer_svc.tokenization import ModelTokenizer
-from tokenizer_svc.worker_client import WorkerClient
+from tokenizer_svc.worker_client import WorkerClient, WorkerFailed
 
 GIL_SWITCH_INTERVAL_S = 2e-4
 
@@ -74,6 +75,13 @@ def parse_args(argv: list[str]) -> EngineConfig:
     p.add_argument("--metrics-host", default="127.0.0.1",
                    help="address of the metrics endpoint (0.0.0.0 to expose it)")
     a = p.parse_args(argv)
+    try:
+        return _config(a)
+    except ValueError as exc:  # a flag's value out of range: a usage error (exit 2)
+        p.error(str(exc))
+
+
+def _config(a: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
         listen=a.listen,
         model=ModelConfig(a.model, a.cache_dir or models.default_cache_dir(), a.device, a.dtype,
@@ -130,7 +138,9 @@ async def serve(cfg: EngineConfig) -> int:
         loop.add_signal_handler(sig, stopping.set)
     engine = None
     try:
-        await loop.run_in_executor(None, worker.start)
+        if not await start_worker(loop, worker, stopping):
+            log.info("stopped while the worker was starting")
+            return 0
         engine = build_engine(cfg, tok, worker, segment, metrics)
         engine.on_fatal = lambda exc: loop.call_soon_threadsafe(stopping.set)
         servicer.engine, servicer.device, servicer.dtype = engine, worker.device, worker.dtype
@@ -158,6 +168,22 @@ async def serve(cfg: EngineConfig) -> int:
             engine.stop()
         worker.stop()
         segment.close()
+
+
+async def start_worker(loop, worker: WorkerClient, stopping: asyncio.Event) -> bool:
+    """Start the worker and wait until it is ready; False (the worker stopped) if a signal
+    comes first: loading and warming up can take minutes, longer than a supervisor waits."""
+    starting = loop.run_in_executor(None, worker.start)
+    stop = asyncio.ensure_future(stopping.wait())
+    await asyncio.wait((starting, stop), return_when=asyncio.FIRST_COMPLETED)
+    stop.cancel()
+    if starting.done():
+        starting.result()  # WorkerFailed: the engine exits 1
+        return True
+    worker.cancel_start()
+    with contextlib.suppress(WorkerFailed):
+        await starting
+    return False
 
 
 async def watch(engine: Engine, health_servicer, stall_timeout: float,

@@ -12,8 +12,9 @@ from tokenizer_svc.scheduler import BatchPlan, ScheduledRow
 
 def banned_ids(req, eos_token_ids: frozenset[int]) -> list[int]:
     """Tokens this request's next sample may not be (min_tokens not reached yet): the ids
-    that would end it, EOS (unless ignore_eos) and its stop_token_ids, each once. convert.sampling_options refuses a request with more
-    than a row holds, so the cut (a guard against a crash) never drops one."""
+    that would end it, EOS (unless ignore_eos) and its stop_token_ids, each once.
+    convert.sampling_options refuses a request with more than a row holds, so the cut (a
+    guard against a crash) never drops one."""
     index = len(req.output_ids) + len(req.pending) - 1  # of the token being sampled
     if index >= req.options.min_tokens:
         return []

@@ -55,9 +55,13 @@ def prompt_ids(request: pb.GenerateRequest | pb.TokenizeRequest, tok: ModelToken
 
 
 def sampling_options(sp: pb.SamplingParams, num_prompt: int, max_context: int,
-                     default_max_tokens: int, eos_token_ids: frozenset[int]) -> SamplingOptions:
+                     default_max_tokens: int, eos_token_ids: frozenset[int],
+                     cache_tokens: int | None = None,
+                     max_top_logprobs: int | None = None) -> SamplingOptions:
     """Checks what needs the prompt's length (and the model's EOS ids) and fills in the
-    defaults."""
+    defaults. `cache_tokens`: the most tokens' KV one request may hold (None: no limit); an
+    unset max_tokens is shortened to it as well as to the context. `max_top_logprobs`: the
+    most top_logprobs a slot holds (the gateway checks it too; the engine's own API must)."""
     room = max_context - num_prompt
     if room < 1:
         raise InvalidRequest(
@@ -67,13 +71,23 @@ def sampling_options(sp: pb.SamplingParams, num_prompt: int, max_context: int,
         raise InvalidRequest(
             f"sampling.max_tokens: the prompt ({num_prompt} tokens) plus max_tokens "
             f"{sp.max_tokens} exceed the context of {max_context} tokens")
-    max_tokens = sp.max_tokens or min(default_max_tokens, room)
+    default = min(default_max_tokens, room)
+    if cache_tokens is not None:  # the last token's KV is never written: prompt + n - 1
+        if num_prompt > cache_tokens:
+            raise InvalidRequest(
+                f"prompt: {num_prompt} tokens need more KV than the cache holds "
+                f"({cache_tokens} tokens)")
+        default = min(default, cache_tokens - num_prompt + 1)
+    max_tokens = sp.max_tokens or default
     if sp.min_tokens > max_tokens:
         raise InvalidRequest(f"sampling.min_tokens: {sp.min_tokens} exceeds max_tokens "
                              f"({max_tokens})")
     if sp.min_tokens:
         _check_banned(sp, eos_token_ids)
     _check_penalties(sp)
+    if max_top_logprobs is not None and sp.logprobs and sp.top_logprobs > max_top_logprobs:
+        raise InvalidRequest(f"sampling.top_logprobs: {sp.top_logprobs} exceeds the limit of "
+                             f"{max_top_logprobs}")
     return SamplingOptions(
         max_tokens=max_tokens,
         min_tokens=sp.min_tokens,

@@ -7,6 +7,7 @@ import json
 import logging
 import subprocess
 import sys
+import threading
 import time
 
 from tandem import slots as S
@@ -36,6 +37,7 @@ class WorkerClient:
         self.device = ""  # as the worker reports it, e.g. "cuda:0"
         self.dtype = ""
         self.events = None  # DeviceEvents on CUDA: per slot (h2d_done, d2h_done)
+        self._cancelled = threading.Event()  # cancel_start: start() gives up
 
     def _command(self, fd: int) -> list[str]:
         m, c, shape = self.cfg.model, self.cfg.cache, self.segment.layout.shape
@@ -65,6 +67,9 @@ class WorkerClient:
         theirs.close()
         deadline = time.monotonic() + self.cfg.worker_start_timeout
         while time.monotonic() < deadline:
+            if self._cancelled.is_set():
+                self.proc.kill()
+                raise WorkerFailed("start-up cancelled")
             try:
                 msg = self._recv(timeout=1.0)
             except TimeoutError:
@@ -78,6 +83,14 @@ class WorkerClient:
                      ready.num_blocks, "CUDA IPC events" if self.events else "CPU signals")
             return ready.num_blocks
         raise WorkerFailed(f"worker not ready after {self.cfg.worker_start_timeout:.0f} s")
+
+    def cancel_start(self) -> None:
+        """Any thread: make a ``start`` in progress give up now (it raises WorkerFailed).
+        The worker is killed: it holds nothing yet that a clean stop would save."""
+        self._cancelled.set()
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            proc.kill()
 
     def _recv(self, timeout: float | None = None) -> Message:
         try:

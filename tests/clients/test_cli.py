@@ -126,6 +126,15 @@ def test_bad_flags_exit_2(capsys):
     assert "--max-tokens" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag, value", [("--max-tokens", "-1"), ("--seed", "-1"),
+                                         ("--top-k", "3000000000")])
+def test_out_of_range_numbers_exit_2_naming_the_flag(capsys, flag, value):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["generate", "Hello", flag, value])
+    assert info.value.code == 2
+    assert f"argument {flag}: must be in" in capsys.readouterr().err
+
+
 def test_runs_as_module(fake):
     fake.generation.error = INVALID
     proc = subprocess.run([sys.executable, "-m", "tandem.cli", "generate", "Hello",

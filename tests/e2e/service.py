@@ -32,7 +32,7 @@ class Service:
     """A gateway on a loopback port in front of one engine on a Unix socket."""
 
     def __init__(self, engine_args: list[str], name: str,
-                 gateway_args: tuple[str, ...] = ()) -> None:
+                 gateway_args: tuple[str, ...] = (), engine_session: bool = False) -> None:
         self.tmp = tempfile.TemporaryDirectory(prefix=f"tandem-{name}-")
         self.engine_addr = f"unix://{self.tmp.name}/engine.sock"
         self.port = free_port()
@@ -43,7 +43,8 @@ class Service:
         self.log_path = Path(self.tmp.name) / "log.txt"
         self.engine = subprocess.Popen(
             [sys.executable, "-m", "tokenizer_svc", "--listen", self.engine_addr, *engine_args],
-            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=engine_session)  # its own process group: a Ctrl-C to it alone
         self.gateway = subprocess.Popen(
             [sys.executable, "-m", "gateway", "--listen", self.address,
              "--engine", self.engine_addr, *gateway_args],

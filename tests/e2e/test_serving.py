@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -15,7 +18,7 @@ from grpc_health.v1 import health_pb2
 from tandem.internal.v1 import engine_pb2
 from tandem.v1 import generation_pb2 as pb
 from tests.e2e.conftest import BASE_ARGS, DEVICE, PER_REQUEST
-from tests.e2e.service import Service, scrape
+from tests.e2e.service import REPO, Service, scrape
 
 pytestmark = pytest.mark.e2e
 # A request still generating a moment after it starts: a GPU ran 40 tokens (and 400) in
@@ -169,3 +172,58 @@ def test_worker_death_turns_health_not_serving_and_requests_unavailable(model_fo
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         service.stop()
+
+
+def test_ctrl_c_on_the_engine_drains_instead_of_killing_its_worker(model_folder):
+    """SIGINT to the engine's whole process group (a Ctrl-C at its terminal) reaches the
+    worker too: it must leave stopping to the engine, which drains."""
+    service = Service(BASE_ARGS, "ctrl-c", engine_session=True)
+    try:
+        service.wait_serving()
+        result = {}
+
+        def run():
+            result["out"] = service.stub.Generate(long_request(LONG), timeout=120)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        while service.stats().num_running == 0:
+            time.sleep(0.02)
+        os.killpg(service.engine.pid, signal.SIGINT)
+        thread.join()
+        assert len(result["out"].token_ids) == LONG
+        assert service.engine.wait(timeout=30) == 0
+    except BaseException:
+        print(service.log_tail(80))
+        raise
+    finally:
+        service.stop()
+
+
+def test_sigterm_while_the_worker_starts_stops_the_engine_at_once(tmp_path):
+    """A signal during the model's load must not wait for the load (minutes on a GPU,
+    longer than a supervisor waits before SIGKILL, which would orphan the worker)."""
+    log = tmp_path / "log.txt"
+    with open(log, "w") as out:
+        engine = subprocess.Popen(
+            [sys.executable, "-m", "tokenizer_svc", "--listen", f"unix://{tmp_path}/e.sock",
+             *BASE_ARGS], cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+            env=dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1"))
+    try:
+        while True:  # the worker is loading
+            assert engine.poll() is None, log.read_text()
+            with contextlib.suppress(LookupError, FileNotFoundError):
+                worker = worker_pid(engine.pid)
+                break
+            time.sleep(0.05)
+        if "worker ready" in log.read_text():
+            pytest.skip("the worker was ready before the signal could be sent")
+        engine.send_signal(signal.SIGTERM)
+        assert engine.wait(timeout=10) == 0, log.read_text()
+        assert "worker ready" not in log.read_text()  # it did not wait for the load
+        time.sleep(0.5)
+        assert not Path(f"/proc/{worker}").exists()  # reaped: no orphan
+    finally:
+        if engine.poll() is None:
+            engine.kill()
+            engine.wait()

@@ -183,3 +183,34 @@ async def _drain_on_sigterm(gateway: subprocess.Popen, port: int, tmp_path: Path
             texts.append(chunk.text)
         assert texts == ["Hel", "lo", " world"]
         assert await stream.code() == grpc.StatusCode.OK
+
+
+@pytest.mark.usefixtures("no_orphans")
+def test_spawned_engine_stops_when_the_gateway_is_killed(tmp_path: Path) -> None:
+    """The engine runs in its own session: SIGKILL on the gateway must still stop it (and so
+    its worker), or a restarted gateway finds the device memory taken."""
+    port = free_port()
+    command = [
+        sys.executable, "-m", "gateway", "--listen", f"127.0.0.1:{port}",
+        "--engine-command", f"{sys.executable} {FAKE_PROC}",
+        "--", "--pid-file", str(tmp_path / "pids"),
+    ]
+    gateway = subprocess.Popen(command, cwd=REPO_ROOT)
+    try:
+        asyncio.run(wait_until(lambda: pids(tmp_path), timeout=20))
+        [pid] = pids(tmp_path)
+        gateway.kill()
+        gateway.wait()
+        asyncio.run(wait_until(lambda: not _running(pid), timeout=10))
+    finally:
+        if gateway.poll() is None:
+            gateway.kill()
+            gateway.wait()
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (once orphaned, whoever adopted it reaps it, or not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except FileNotFoundError:
+        return False

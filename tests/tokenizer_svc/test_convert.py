@@ -65,3 +65,14 @@ def test_a_conversation_the_chat_template_cannot_render_is_invalid(smollm2_tok, 
     assert str(error.value).startswith("messages:")
     assert ("no chat template" if template is None else "System role not supported") \
         in str(error.value)
+
+
+def test_the_engine_refuses_more_top_logprobs_than_a_slot_holds():
+    def top(n):
+        return convert.sampling_options(
+            pb.SamplingParams(max_tokens=4, logprobs=True, top_logprobs=n), num_prompt=4,
+            max_context=64, default_max_tokens=8, eos_token_ids=EOS, max_top_logprobs=20)
+
+    assert top(20).top_logprobs == 20
+    with pytest.raises(convert.InvalidRequest, match="top_logprobs: 25 exceeds the limit of 20"):
+        top(25)

@@ -1,0 +1,14 @@
+"""python -m tokenizer_svc: flag values out of range are usage errors (exit 2)."""
+
+import pytest
+
+from tokenizer_svc.__main__ import parse_args
+
+
+@pytest.mark.parametrize("flags", [["--max-num-seqs", "0"], ["--kernels", "bogus"],
+                                   ["--block-size", "0"], ["--max-model-len", "1"]])
+def test_a_bad_value_is_a_usage_error(capsys, flags):
+    with pytest.raises(SystemExit) as info:
+        parse_args(["--listen", "unix:///tmp/e.sock", *flags])
+    assert info.value.code == 2
+    assert "tokenizer_svc: error:" in capsys.readouterr().err
