@@ -7,6 +7,7 @@ import numpy as np
 
 from tandem import slots as S
 from tokenizer_svc.block_manager import BlockManager
+from tokenizer_svc.request import ending_eos
 from tokenizer_svc.scheduler import BatchPlan, ScheduledRow
 
 
@@ -18,8 +19,8 @@ def banned_ids(req, eos_token_ids: frozenset[int]) -> list[int]:
     index = len(req.output_ids) + len(req.pending) - 1  # of the token being sampled
     if index >= req.options.min_tokens:
         return []
-    eos = frozenset() if req.options.ignore_eos else eos_token_ids
-    return sorted(eos | req.options.stop_token_ids)[: S.MAX_BANNED_IDS]
+    ends = ending_eos(eos_token_ids, req.options.ignore_eos) | req.options.stop_token_ids
+    return sorted(ends)[: S.MAX_BANNED_IDS]
 
 
 def write_plan(view: S.SlotView, plan: BatchPlan, blocks: BlockManager,

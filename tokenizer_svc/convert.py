@@ -9,7 +9,7 @@ from jinja2 import TemplateError, TemplateSyntaxError
 
 from tandem import slots
 from tandem.v1 import generation_pb2 as pb
-from tokenizer_svc.request import FinishReason, RequestOutput, SamplingOptions
+from tokenizer_svc.request import FinishReason, RequestOutput, SamplingOptions, ending_eos
 from tokenizer_svc.tokenization import ModelTokenizer
 
 _FINISH = {
@@ -79,6 +79,11 @@ def sampling_options(sp: pb.SamplingParams, num_prompt: int, max_context: int,
                 f"({cache_tokens} tokens)")
         default = min(default, cache_tokens - num_prompt + 1)
     max_tokens = sp.max_tokens or default
+    if cache_tokens is not None and num_prompt + max_tokens - 1 > cache_tokens:
+        raise InvalidRequest(
+            f"sampling.max_tokens: the prompt ({num_prompt} tokens) and max_tokens "
+            f"{max_tokens} need the KV of {num_prompt + max_tokens - 1} tokens, more than the "
+            f"KV cache holds ({cache_tokens} tokens)")
     if sp.min_tokens > max_tokens:
         raise InvalidRequest(f"sampling.min_tokens: {sp.min_tokens} exceeds max_tokens "
                              f"({max_tokens})")
@@ -109,7 +114,7 @@ def sampling_options(sp: pb.SamplingParams, num_prompt: int, max_context: int,
 def _check_banned(sp: pb.SamplingParams, eos_token_ids: frozenset[int]) -> None:
     """Until min_tokens, the ids that would end the request (EOS unless ignore_eos, and the
     stop_token_ids) are banned; a row bans so many."""
-    eos = frozenset() if sp.ignore_eos else eos_token_ids
+    eos = ending_eos(eos_token_ids, sp.ignore_eos)
     num_banned = len(eos | set(sp.stop_token_ids))
     if num_banned > slots.MAX_BANNED_IDS:
         ends = (f"the stop_token_ids and the model's {len(eos)} EOS ids make" if eos

@@ -19,6 +19,11 @@ class FinishReason(enum.Enum):
     ABORTED = "aborted"  # cancelled by the client, or the engine failed
 
 
+def ending_eos(eos_token_ids: frozenset[int], ignore_eos: bool) -> frozenset[int]:
+    """The model's EOS ids that end a request: none under ignore_eos."""
+    return frozenset() if ignore_eos else eos_token_ids
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingOptions:
     """A request's sampling parameters, validated and with defaults filled in."""

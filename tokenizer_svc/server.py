@@ -319,7 +319,6 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
                                                self.tok.max_context, sched.default_max_tokens,
                                                self.tok.eos_token_ids, self._cache_tokens(),
                                                sched.max_top_logprobs)
-            self._check_fits_cache(len(ids), options.max_tokens)
         except convert.InvalidRequest as exc:
             self.metrics.rejected.labels("invalid").inc()
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
@@ -344,21 +343,13 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
         raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, reason)
 
     def _cache_tokens(self) -> int:
-        """The most tokens' KV one request may hold: the cache less the watermark."""
+        """The most tokens' KV one request may hold: the cache less the watermark. The last
+        sampled token is never fed back, so its KV is never written: a request holds at most
+        prompt + max_tokens - 1 tokens' KV (and the scheduler never asks for more,
+        recomputing or not)."""
         blocks = self.engine.scheduler.blocks
         usable = blocks.num_blocks - self.engine.scheduler.limits.watermark_blocks
         return usable * blocks.block_size
-
-    def _check_fits_cache(self, num_prompt: int, max_tokens: int) -> None:
-        """Refuse a request that could not run even alone. The last sampled token is never
-        fed back, so its KV is never written: a request holds at most prompt + max_tokens
-        - 1 tokens' KV (and the scheduler never asks for more, recomputing or not)."""
-        num_tokens, cache_tokens = num_prompt + max_tokens - 1, self._cache_tokens()
-        if num_tokens > cache_tokens:
-            raise convert.InvalidRequest(
-                f"sampling.max_tokens: the prompt ({num_prompt} tokens) and max_tokens "
-                f"{max_tokens} need the KV of {num_tokens} tokens, more than the KV cache "
-                f"holds ({cache_tokens} tokens)")
 
     async def Tokenize(self, request: pb.TokenizeRequest, context):
         try:

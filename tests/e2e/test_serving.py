@@ -114,6 +114,21 @@ def test_deadline_exceeded_and_the_request_leaves_the_batch(async_service):
     assert async_service.stats().num_running == 0
 
 
+def start_long_request(service: Service) -> tuple[threading.Thread, dict]:
+    """A LONG-token Generate on a thread, returned once the engine runs it; the thread puts
+    the response in the dict under "out"."""
+    result = {}
+
+    def run():
+        result["out"] = service.stub.Generate(long_request(LONG), timeout=120)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    while service.stats().num_running == 0:
+        time.sleep(0.02)
+    return thread, result
+
+
 def shm_segments() -> set[str]:
     return {p.name for p in Path("/dev/shm").glob("psm_*")}
 
@@ -126,15 +141,7 @@ def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(model_folder, ga
         service.wait_serving()
         (segment,) = shm_segments() - before
         assert Path("/dev/shm", segment).stat().st_mode & 0o077 == 0  # owner only
-        result = {}
-
-        def run():
-            result["out"] = service.stub.Generate(long_request(LONG), timeout=120)
-
-        thread = threading.Thread(target=run)
-        thread.start()
-        while service.stats().num_running == 0:
-            time.sleep(0.02)
+        thread, result = start_long_request(service)
         service.engine.send_signal(signal.SIGTERM)
         time.sleep(0.3)
         health = service.engine_health()
@@ -180,15 +187,7 @@ def test_ctrl_c_on_the_engine_drains_instead_of_killing_its_worker(model_folder)
     service = Service(BASE_ARGS, "ctrl-c", engine_session=True)
     try:
         service.wait_serving()
-        result = {}
-
-        def run():
-            result["out"] = service.stub.Generate(long_request(LONG), timeout=120)
-
-        thread = threading.Thread(target=run)
-        thread.start()
-        while service.stats().num_running == 0:
-            time.sleep(0.02)
+        thread, result = start_long_request(service)
         os.killpg(service.engine.pid, signal.SIGINT)
         thread.join()
         assert len(result["out"].token_ids) == LONG
