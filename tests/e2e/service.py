@@ -22,6 +22,13 @@ from tandem.v1 import generation_pb2_grpc
 REPO = Path(__file__).resolve().parents[2]
 
 
+def process_env() -> dict[str, str]:
+    """The environment the service's processes run in: this one, with the repo (and
+    whatever PYTHONPATH already holds, e.g. wheels carried to a GPU machine) importable."""
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    return dict(os.environ, PYTHONPATH=path, PYTHONUNBUFFERED="1")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -37,8 +44,7 @@ class Service:
         self.engine_addr = f"unix://{self.tmp.name}/engine.sock"
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
-        path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
-        env = dict(os.environ, PYTHONPATH=path, PYTHONUNBUFFERED="1")
+        env = process_env()
         log = open(Path(self.tmp.name) / "log.txt", "w")  # noqa: SIM115 - outlives this call
         self.log_path = Path(self.tmp.name) / "log.txt"
         self.engine = subprocess.Popen(

@@ -18,7 +18,7 @@ from grpc_health.v1 import health_pb2
 from tandem.internal.v1 import engine_pb2
 from tandem.v1 import generation_pb2 as pb
 from tests.e2e.conftest import BASE_ARGS, DEVICE, PER_REQUEST
-from tests.e2e.service import REPO, Service, scrape
+from tests.e2e.service import REPO, Service, process_env, scrape
 
 pytestmark = pytest.mark.e2e
 # A request still generating a moment after it starts: a GPU ran 40 tokens (and 400) in
@@ -206,8 +206,7 @@ def test_sigterm_while_the_worker_starts_stops_the_engine_at_once(tmp_path):
     with open(log, "w") as out:
         engine = subprocess.Popen(
             [sys.executable, "-m", "tokenizer_svc", "--listen", f"unix://{tmp_path}/e.sock",
-             *BASE_ARGS], cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
-            env=dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1"))
+             *BASE_ARGS], cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=process_env())
     try:
         while True:  # the worker is loading
             assert engine.poll() is None, log.read_text()
