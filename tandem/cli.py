@@ -43,17 +43,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def build_parser(default_address: str,
                  default_api_key: str | None = None) -> argparse.ArgumentParser:
-    conn = argparse.ArgumentParser(add_help=False)
-    conn.add_argument("--address", default=default_address,
-                      help=f"the gateway, host:port (default: {default_address})")
-    conn.add_argument("--api-key", default=default_api_key,
-                      help="sent as 'authorization: Bearer KEY' (default: $TANDEM_API_KEY)")
-    conn.add_argument("--tls", action="store_true", help="connect over TLS")
-    conn.add_argument("--root-certificates", metavar="PEM_FILE",
-                      help="trust these CA certificates (implies --tls)")
-    conn.add_argument("--timeout", type=float, metavar="SECONDS", help="deadline of the call")
-
     parser = argparse.ArgumentParser(prog="tandem", description="Talk to a Tandem server.")
+    add_connection_flags(parser, default_address, default_api_key)
+    # The same flags after the command (`tandem generate ... --address H:P`), where a flag
+    # left out keeps what was given before the command (`tandem --address H:P generate ...`).
+    conn = argparse.ArgumentParser(add_help=False)
+    add_connection_flags(conn, default_address, default_api_key, keep_earlier=True)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     gen = commands.add_parser("generate", parents=[conn], help="generate a completion",
@@ -89,6 +84,24 @@ def build_parser(default_address: str,
     health.add_argument("--service", default="", help='the service to check (default: "")')
     health.set_defaults(run=run_health)
     return parser
+
+
+def add_connection_flags(parser: argparse.ArgumentParser, default_address: str,
+                         default_api_key: str | None, *, keep_earlier: bool = False) -> None:
+    """--address, --api-key, --tls, --root-certificates, --timeout. keep_earlier: a flag left
+    out sets nothing, so the value given before the command (or the default) stays."""
+    def default(value: Any) -> Any:
+        return argparse.SUPPRESS if keep_earlier else value
+    parser.add_argument("--address", default=default(default_address),
+                        help=f"the gateway, host:port (default: {default_address})")
+    parser.add_argument("--api-key", default=default(default_api_key),
+                        help="sent as 'authorization: Bearer KEY' (default: $TANDEM_API_KEY)")
+    parser.add_argument("--tls", action="store_true", default=default(False),
+                        help="connect over TLS")
+    parser.add_argument("--root-certificates", metavar="PEM_FILE", default=default(None),
+                        help="trust these CA certificates (implies --tls)")
+    parser.add_argument("--timeout", type=float, metavar="SECONDS", default=default(None),
+                        help="deadline of the call")
 
 
 def _bounded(low: int, high: int):

@@ -89,6 +89,16 @@ def test_api_key_and_address_from_environment(fake, capsys, monkeypatch):
     capsys.readouterr()
 
 
+def test_connection_flags_before_or_after_the_command(fake, capsys):
+    assert cli.main(["--address", fake.address, "--api-key", "k1", "info"]) == 0
+    assert fake.generation.metadata[-1]["authorization"] == "Bearer k1"
+    # after the command wins; one left out there keeps the one given before
+    assert cli.main(["--address", "localhost:1", "--api-key", "k1", "generate", "Hello",
+                     "--address", fake.address]) == 0
+    assert fake.generation.metadata[-1]["authorization"] == "Bearer k1"
+    capsys.readouterr()
+
+
 def test_error_exits_1_with_message_on_stderr(fake, capsys):
     fake.generation.error = INVALID
     code, out, err = run(fake, capsys, "generate", "Hello", "--top-p", "1.5")
