@@ -1,7 +1,8 @@
 """Entry point: `python -m gateway [flags] [-- ENGINE_ARGS...]`.
 
 Builds the GatewayConfig from flags, sets up logging, runs the server until SIGINT/SIGTERM
-(a graceful drain, then exit 0) or until the local engine keeps failing (exit 1).
+(a graceful drain, then exit 0) or until the local engine keeps failing or refuses its flags
+(exit 1).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import re
 import shlex
 import signal
 import sys
@@ -116,8 +118,34 @@ def config_from_args(argv: Sequence[str]) -> tuple[GatewayConfig, str]:
     try:
         return _build_config(args, tuple(engine_args)), args.log_level
     except ValueError as exc:
-        parser.error(str(exc))
+        parser.error(_in_flag_names(str(exc)))
         raise  # unreachable: parser.error exits
+
+
+# The flag that sets each GatewayConfig/SpawnConfig field whose name its errors give.
+FLAG_OF_FIELD = {
+    "engine_command": "--engine-command",
+    "max_quick_failures": "--engine-max-quick-failures",
+    "terminate_timeout_s": "--engine-stop-timeout",
+    "max_request_bytes": "--max-request-bytes",
+    "max_response_bytes": "--max-response-bytes",
+    "max_engine_message_bytes": "--max-engine-message-bytes",
+    "default_timeout_s": "--request-timeout",
+    "rpc_timeout_s": "--rpc-timeout",
+    "health_poll_interval_s": "--health-interval",
+    "grace_period_s": "--grace-period",
+    "metrics_port": "--metrics-port",
+    "engine_streams": "--engine-streams",
+    "listen address": "--listen",
+    "engine addresses": "--engine",
+}
+
+
+def _in_flag_names(message: str) -> str:
+    """A config error as the command line's user knows it: fields renamed to their flags."""
+    for field, flag in FLAG_OF_FIELD.items():
+        message = re.sub(rf"\b{field}\b", flag, message)
+    return message
 
 
 def _build_config(args: argparse.Namespace, engine_args: tuple[str, ...]) -> GatewayConfig:
@@ -171,7 +199,11 @@ def _api_keys(args: argparse.Namespace) -> tuple[str, ...]:
 
 async def serve(config: GatewayConfig) -> int:
     """Runs the gateway until a signal (0) or a fatal engine failure (1)."""
-    server = await build_server(config)
+    try:
+        server = await build_server(config)
+    except (ValueError, RuntimeError) as exc:  # a file it cannot read, an address in use
+        logger.error("cannot start: %s", exc)
+        return 1
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, _on_signal, server, sig)

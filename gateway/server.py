@@ -160,7 +160,7 @@ class GatewayServer:
         self.pool.get(self.supervisor.address).mark_down(reason)
 
     def _on_engine_give_up(self, reason: str) -> None:
-        logger.error("the local engine keeps failing (%s); the gateway exits", reason)
+        logger.error("the local engine cannot be kept running (%s); the gateway exits", reason)
         self.request_stop(exit_code=1)
 
 

@@ -4,8 +4,10 @@ The child is `engine_command --listen unix://<tmpdir>/engine.sock <engine_args>`
 session (so a Ctrl-C at the terminal reaches the gateway only, and the gateway decides when the
 child stops). When it exits unexpectedly, `on_exit` is told at once (the gateway marks the
 engine down and fails its in-flight requests) and it is restarted after a backoff. After
-`max_quick_failures` quick failures in a row, `on_give_up` is told and the gateway exits
-non-zero. `stop` sends SIGTERM, then SIGKILL after `terminate_timeout_s`, and reaps the child.
+`max_quick_failures` quick failures in a row, or at once when the child exits with status 2
+(argparse's usage error: its flags are wrong, and a restart would fail the same way),
+`on_give_up` is told and the gateway exits non-zero. `stop` sends SIGTERM, then SIGKILL
+after `terminate_timeout_s`, and reaps the child.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ from gateway.config import SpawnConfig
 
 logger = logging.getLogger(__name__)
 
+USAGE_ERROR = 2  # the exit status of a command-line parser that refuses its flags
+DIR_PREFIX = "tandem-gateway-"  # then the gateway's pid: <tmp>/tandem-gateway-<pid>-<random>
+
 
 class EngineSupervisor:
     def __init__(
@@ -36,7 +41,8 @@ class EngineSupervisor:
         self._config = config
         self._on_exit = on_exit
         self._on_give_up = on_give_up
-        self._dir = tempfile.mkdtemp(prefix="tandem-gateway-")
+        _remove_dirs_of_dead_gateways()
+        self._dir = tempfile.mkdtemp(prefix=f"{DIR_PREFIX}{os.getpid()}-")
         self._socket_path = os.path.join(self._dir, "engine.sock")
         self.address = f"unix://{self._socket_path}"
         self._process: asyncio.subprocess.Process | None = None
@@ -57,6 +63,9 @@ class EngineSupervisor:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         await self._terminate()
+        self._remove_dir()
+
+    def _remove_dir(self) -> None:
         shutil.rmtree(self._dir, ignore_errors=True)
 
     async def _supervise(self) -> None:
@@ -65,10 +74,14 @@ class EngineSupervisor:
         num_quick_failures = 0
         while True:
             started = loop.time()
-            reason = await self._run_once()
+            reason, returncode = await self._run_once()
             uptime = loop.time() - started
             reason = f"{reason} after {uptime:.1f} s"
             self._on_exit(reason)
+            if returncode == USAGE_ERROR:
+                logger.error("%s: the engine refused its flags (see its log); giving up", reason)
+                self._on_give_up(f"{reason}: the engine refused its flags")
+                return
             if uptime >= self._config.stable_after_s:
                 num_quick_failures, backoff = 0, self._config.restart_backoff_s
             else:
@@ -81,8 +94,8 @@ class EngineSupervisor:
             await asyncio.sleep(backoff)
             backoff = min(2 * backoff, self._config.max_restart_backoff_s)
 
-    async def _run_once(self) -> str:
-        """Starts the child and waits for it to exit; returns why it ended."""
+    async def _run_once(self) -> tuple[str, int | None]:
+        """Starts the child and waits for it to exit; returns why it ended and its status."""
         argv = [*self._config.engine_command, "--listen", self.address,
                 *self._config.engine_args]
         _remove_stale_socket(self._socket_path)
@@ -91,9 +104,9 @@ class EngineSupervisor:
             self._process = await asyncio.create_subprocess_exec(
                 *argv, start_new_session=True, preexec_fn=_exit_with_parent(os.getpid()))
         except OSError as exc:
-            return f"engine could not be started ({exc})"
+            return f"engine could not be started ({exc})", None
         returncode = await self._process.wait()
-        return f"engine process {self._process.pid} exited with code {returncode}"
+        return f"engine process {self._process.pid} exited with code {returncode}", returncode
 
     async def _terminate(self) -> None:
         process = self._process
@@ -133,3 +146,28 @@ def _remove_stale_socket(path: str) -> None:
     """Removes the socket file a dead child may have left behind."""
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
+
+
+def _remove_dirs_of_dead_gateways() -> None:
+    """Removes the socket folders that gateways killed by SIGKILL (which cleans nothing up)
+    left behind: this user's, named after a pid that no longer runs."""
+    root = tempfile.gettempdir()
+    with contextlib.suppress(OSError):
+        for name in os.listdir(root):
+            pid = name.removeprefix(DIR_PREFIX).split("-", 1)[0]
+            path = os.path.join(root, name)
+            if not name.startswith(DIR_PREFIX) or not pid.isdigit() or _is_running(int(pid)):
+                continue
+            with contextlib.suppress(OSError):
+                if os.stat(path).st_uid == os.getuid():
+                    shutil.rmtree(path)
+
+
+def _is_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True

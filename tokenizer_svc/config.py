@@ -34,6 +34,11 @@ class CacheConfig:
     def __post_init__(self) -> None:
         if self.block_size < 1 or (self.num_blocks is not None and self.num_blocks < 1):
             raise ValueError("--block-size and --num-kv-blocks must be positive")
+        if self.kv_cache_gib is not None and not self.kv_cache_gib > 0:
+            raise ValueError(f"--kv-cache-gib must be positive, got {self.kv_cache_gib}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError("--gpu-memory-utilization must lie in (0, 1], "
+                             f"got {self.gpu_memory_utilization}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +62,8 @@ class SchedulerConfig:
             raise ValueError("--default-max-tokens must be positive")
         if self.max_waiting_requests < 1 or self.max_waiting_tokens < 1:
             raise ValueError("--max-waiting-requests and --max-waiting-tokens must be positive")
+        if not self.batch_wait_ms >= 0:
+            raise ValueError(f"--batch-wait-ms must not be negative, got {self.batch_wait_ms}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,3 +84,9 @@ class EngineConfig:
             raise ValueError("--listen is required")
         if self.num_slots < 2:
             raise ValueError("num_slots must be at least 2 (one filling, one in flight)")
+        if not self.grace_period >= 0:
+            raise ValueError(f"--grace-period must not be negative, got {self.grace_period}")
+        if not self.stall_timeout > 0:
+            raise ValueError(f"--stall-timeout must be positive, got {self.stall_timeout}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"--metrics-port must lie in [0, 65535], got {self.metrics_port}")

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import grpc
@@ -25,6 +26,7 @@ from gateway_fakes import (
 )
 
 from gateway.config import SpawnConfig
+from gateway.supervisor import EngineSupervisor
 from tandem.v1 import generation_pb2 as pb
 
 pytestmark = pytest.mark.timeout(60)
@@ -109,6 +111,18 @@ def test_gateway_gives_up_after_quick_failures(tmp_path: Path) -> None:
             assert await asyncio.wait_for(server.wait(), timeout=15) == 1
             assert len(pids(tmp_path)) == 2
             assert await client.health_status() == NOT_SERVING
+
+    run(body())
+
+
+@pytest.mark.usefixtures("no_orphans")
+def test_gateway_gives_up_at_once_when_the_engine_refuses_its_flags(tmp_path: Path) -> None:
+    async def body() -> None:
+        spawn = spawn_config(tmp_path, "--exit-code", "2", max_quick_failures=5,
+                             restart_backoff_s=0.05)
+        async with running_gateway(fast_config((), spawn=spawn)) as (server, _):
+            assert await asyncio.wait_for(server.wait(), timeout=15) == 1
+            assert len(pids(tmp_path)) == 1
 
     run(body())
 
@@ -199,9 +213,14 @@ def test_spawned_engine_stops_when_the_gateway_is_killed(tmp_path: Path) -> None
     try:
         asyncio.run(wait_until(lambda: pids(tmp_path), timeout=20))
         [pid] = pids(tmp_path)
+        [left] = Path(tempfile.gettempdir()).glob(f"tandem-gateway-{gateway.pid}-*")
         gateway.kill()
         gateway.wait()
         asyncio.run(wait_until(lambda: not _running(pid), timeout=10))
+        # the killed gateway's socket folder stays, until the next gateway starts
+        assert left.exists()
+        EngineSupervisor(SpawnConfig(), on_exit=print, on_give_up=print)._remove_dir()
+        assert not left.exists()
     finally:
         if gateway.poll() is None:
             gateway.kill()

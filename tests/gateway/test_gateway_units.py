@@ -10,7 +10,7 @@ import pytest
 from gateway_fakes import default_chunks
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from gateway.__main__ import config_from_args
+from gateway.__main__ import config_from_args, serve
 from gateway.config import MIB, GatewayConfig, SpawnConfig
 from gateway.engines import channel_options
 from gateway.errors import (
@@ -167,6 +167,29 @@ def test_cli_rejects_bad_command_lines(argv: list[str]) -> None:
     with pytest.raises(SystemExit) as caught:
         config_from_args(argv)
     assert caught.value.code == 2
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--health-interval", "0"], "--health-interval must be a finite number > 0"),
+    (["--request-timeout", "-1"], "--request-timeout must be a finite number > 0"),
+    (["--max-engine-message-bytes", "10"], "--max-engine-message-bytes (10) must be at least "
+     "--max-request-bytes (4194304)"),
+    (["--listen="], "--listen must not be empty"),
+])
+def test_cli_errors_name_the_flag(capsys, argv: list[str], message: str) -> None:
+    with pytest.raises(SystemExit):
+        config_from_args(["--engine", "h:1", *argv])
+    assert f"error: {message}" in capsys.readouterr().err
+
+
+def test_a_file_it_cannot_read_fails_the_start_in_one_line(caplog, tmp_path) -> None:
+    config, _ = config_from_args(["--listen", "127.0.0.1:0", "--engine", "h:1",
+                                  "--tls-cert", str(tmp_path / "no.pem"), "--tls-key",
+                                  str(tmp_path / "no.key")])
+    assert asyncio.run(serve(config)) == 1
+    [record] = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert record.getMessage().startswith("cannot start: cannot read the TLS certificate")
+    assert record.exc_info is None
 
 
 def test_health_watchers_come_and_go_independently() -> None:
