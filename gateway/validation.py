@@ -109,6 +109,8 @@ def _check_sampler(sampling: pb.SamplingParams) -> None:
         p = sampling.top_p
         if math.isnan(p) or not 0 < p <= 1:
             raise InvalidRequest("sampling.top_p", f"must lie in (0, 1], got {p}")
+    if math.isnan(sampling.min_p) or not 0 <= sampling.min_p <= 1:
+        raise InvalidRequest("sampling.min_p", f"must lie in [0, 1], got {sampling.min_p}")
     if sampling.top_k < 0:
         raise InvalidRequest(
             "sampling.top_k", f"must be >= 0 (0 means no limit), got {sampling.top_k}"

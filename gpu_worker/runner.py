@@ -42,7 +42,8 @@ class BatchInfo:
     num_top_logprobs: int
     want_logprobs: bool
     all_greedy: bool
-    any_truncation: bool
+    any_truncation: bool  # top-k or top-p
+    any_min_p: bool
     any_banned: bool
     history_len: int  # > 0: penalties; the rows' token histories are this long
 
@@ -68,6 +69,7 @@ class BatchInfo:
             num_top_logprobs=int(h[S.H_NUM_TOP_LOGPROBS]), want_logprobs=bool(h[S.H_WANT_LOGPROBS]),
             all_greedy=bool(np.all(temperature <= 0)),
             any_truncation=bool(np.any((top_k > 0) | (top_p < 1))),
+            any_min_p=bool(np.any(view.min_p[:rows] > 0)),
             any_banned=bool(np.any(view.banned_ids[:rows] >= 0)),
             history_len=int(h[S.H_HISTORY_LEN]),
         )
@@ -177,6 +179,7 @@ class ModelRunner:
             num_top_logprobs=info.num_top_logprobs, want_logprobs=info.want_logprobs,
             all_greedy=info.all_greedy, any_truncation=info.any_truncation,
             banned_ids=v["banned_ids"][:r] if info.any_banned else None,
+            min_p=v["min_p"][:r] if info.any_min_p else None,
             penalties=self._penalties(k, info))
         out = sample(logits, batch)
         o["sampled_ids"][:r].copy_(out.token_ids)

@@ -1,11 +1,11 @@
-"""Per-row sampling: greedy, temperature, top-k, top-p, with reproducible seeds.
+"""Per-row sampling: greedy, temperature, top-k, top-p, min-p, with reproducible seeds.
 
 Randomness is counter-based: the noise for row ``b`` is a hash of
 ``(seed[b], position of the token being sampled, vocabulary index)``. A request's
 tokens therefore depend only on its own seed and context, never on which other
 requests share the batch or on how often it was preempted and recomputed. The
 draw is the Gumbel-max trick: ``argmax(logits / T + Gumbel noise)`` samples from
-``softmax(logits / T)`` over the tokens that survive top-k and top-p.
+``softmax(logits / T)`` over the tokens that survive top-k, top-p and min-p.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ class SamplingBatch:
     all_greedy: bool  # host-side flags, so that the device is never asked
     any_truncation: bool
     banned_ids: torch.Tensor | None = None  # [rows, n] int, -1 padded; None: nothing banned
+    min_p: torch.Tensor | None = None  # [rows] float32, 0 = off; None: off for every row
     penalties: Penalties | None = None
 
 
@@ -88,6 +89,13 @@ def _truncate(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) ->
     return logits.masked_fill(dropped, float("-inf"))
 
 
+def _min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Set the logits of the tokens less likely than min_p times the row's most likely
+    one to -inf: p < min_p * p_max is logit < max + log(min_p) (-inf at 0: none dropped)."""
+    floor = logits.amax(dim=-1, keepdim=True) + torch.log(min_p)[:, None]
+    return logits.masked_fill(logits < floor, float("-inf"))
+
+
 def _ban(logits: torch.Tensor, banned_ids: torch.Tensor) -> torch.Tensor:
     """Set each row's banned tokens to -inf (padding entries go to a spare column)."""
     vocab = logits.shape[-1]
@@ -126,6 +134,8 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         scaled = logits / torch.where(greedy, 1.0, batch.temperature)[:, None]
         if batch.any_truncation:
             scaled = _truncate(scaled, batch.top_k, batch.top_p)
+        if batch.min_p is not None:
+            scaled = _min_p(scaled, batch.min_p)
         noise = uniform_noise(batch.seed, batch.position, logits.shape[-1])
         drawn = (scaled - torch.log(-torch.log(noise))).argmax(-1)
         sampled = torch.where(greedy, sampled, drawn)

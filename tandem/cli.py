@@ -61,6 +61,8 @@ def build_parser(default_address: str,
     gen.add_argument("--temperature", type=float, metavar="T", help="0: greedy")
     gen.add_argument("--top-p", type=float, metavar="P")
     gen.add_argument("--top-k", type=_bounded(0, 2**31 - 1), metavar="K")
+    gen.add_argument("--min-p", type=float, metavar="P",
+                     help="drop tokens below P times the most likely one's probability")
     gen.add_argument("--seed", type=_bounded(0, 2**64 - 1), metavar="S")
     gen.add_argument("--stop", action="append", metavar="STR", help="a stop string (repeatable)")
     gen.add_argument("--ignore-eos", action="store_true", default=None,
@@ -136,8 +138,8 @@ def input_of(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_generate(client: Client, args: argparse.Namespace, out: TextIO) -> int:
     sampling = {"max_tokens": args.max_tokens, "temperature": args.temperature,
-                "top_p": args.top_p, "top_k": args.top_k, "seed": args.seed, "stop": args.stop,
-                "ignore_eos": args.ignore_eos}
+                "top_p": args.top_p, "top_k": args.top_k, "min_p": args.min_p, "seed": args.seed,
+                "stop": args.stop, "ignore_eos": args.ignore_eos}
     if args.json:
         print(json.dumps(completion_json(client.generate(**input_of(args), **sampling))), file=out)
         return 0

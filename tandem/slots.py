@@ -84,6 +84,7 @@ def _input_fields(s: SlotShape) -> list[tuple[str, str, tuple[int, ...]]]:
         ("query_start", "int32", (r + 1,)),  # row b owns tokens [qs[b], qs[b+1])
         ("context_lens", "int32", (r,)),  # cached + new tokens of row b
         ("top_k", "int32", (r,)),  # 0: off
+        ("min_p", "float32", (r,)),  # 0: off
         ("num_top_logprobs", "int32", (r,)),
         ("block_tables", "int32", (r, m)),
         ("banned_ids", "int32", (r, MAX_BANNED_IDS)),  # -1: unused

@@ -100,6 +100,7 @@ def _write_sampling(view: S.SlotView, rows: list[ScheduledRow], opts: list,
     view.temperature[:n] = [o.temperature for o in opts]
     view.top_p[:n] = [o.top_p for o in opts]
     view.top_k[:n] = [o.top_k for o in opts]
+    view.min_p[:n] = [o.min_p for o in opts]
     view.seed[:n] = [o.seed for o in opts]
     top_n = [o.top_logprobs if o.logprobs else 0 for o in opts]
     view.num_top_logprobs[:n] = top_n

@@ -2,8 +2,8 @@
 'use strict';
 /**
  * node generate.js [--address HOST:PORT] [--stream] [--json] [--chat] [--max-tokens N]
- *                  [--temperature T] [--top-p P] [--top-k K] [--seed S] [--stop STR]...
- *                  [--ignore-eos] [--api-key KEY] [--timeout SECONDS] "prompt"
+ *                  [--temperature T] [--top-p P] [--top-k K] [--min-p P] [--seed S]
+ *                  [--stop STR]... [--ignore-eos] [--api-key KEY] [--timeout SECONDS] "prompt"
  *
  * Prints the completion's text (token by token with --stream) or, with --json, one JSON
  * object: { text, token_ids, finish_reason, usage, timing, request_id }, like `tandem
@@ -15,8 +15,8 @@ const { parseArgs } = require('node:util');
 const { Client, TandemError, DEFAULT_ADDRESS } = require('./tandem');
 
 const USAGE = 'usage: node generate.js [--address HOST:PORT] [--stream] [--json] [--chat] '
-  + '[--max-tokens N] [--temperature T] [--top-p P] [--top-k K] [--seed S] [--stop STR]... '
-  + '[--ignore-eos] [--api-key KEY] [--timeout SECONDS] "prompt"';
+  + '[--max-tokens N] [--temperature T] [--top-p P] [--top-k K] [--min-p P] [--seed S] '
+  + '[--stop STR]... [--ignore-eos] [--api-key KEY] [--timeout SECONDS] "prompt"';
 
 const OPTIONS = {
   address: { type: 'string', default: process.env.TANDEM_ADDRESS || DEFAULT_ADDRESS },
@@ -29,6 +29,7 @@ const OPTIONS = {
   temperature: { type: 'string' },
   'top-p': { type: 'string' },
   'top-k': { type: 'string' },
+  'min-p': { type: 'string' },
   seed: { type: 'string' },
   stop: { type: 'string', multiple: true },
   'ignore-eos': { type: 'boolean' },
@@ -60,6 +61,7 @@ function parse(argv) {
     temperature: number(values, 'temperature'),
     top_p: number(values, 'top-p'),
     top_k: number(values, 'top-k', (s) => Number.parseInt(s, 10)),
+    min_p: number(values, 'min-p'),
     seed: values.seed, // uint64: passed on as a string, exactly
     stop: values.stop,
     ignore_eos: values['ignore-eos'],

@@ -14,7 +14,7 @@
  *
  * An input is a prompt string, an array of chat messages ({ role, content }), or
  * { token_ids: [...] }. Sampling keys are SamplingParams' field names (max_tokens,
- * temperature, top_p, top_k, seed, stop, stop_token_ids, ignore_eos, logprobs, ...);
+ * temperature, top_p, top_k, min_p, seed, stop, stop_token_ids, ignore_eos, logprobs, ...);
  * undefined or null leaves a field unset. Failed calls reject with a TandemError.
  */
 

@@ -35,14 +35,15 @@ def run(fake, capsys, *argv):
 
 def test_generate_streams_text(fake, capsys):
     code, out, err = run(fake, capsys, "generate", "Hello", "--max-tokens", "8",
-                         "--temperature", "0", "--top-p", "0.5", "--top-k", "3", "--seed", "9",
+                         "--temperature", "0", "--top-p", "0.5", "--top-k", "3", "--min-p", "0.25",
+                         "--seed", "9",
                          "--stop", "a", "--stop", "b", "--ignore-eos")
     assert (code, out, err) == (0, "Hello world\n", "")
     request = fake.generation.requests[-1]
     assert request.text == "Hello"
     s = request.sampling
-    assert (s.max_tokens, s.temperature, s.top_p, s.top_k, s.seed, list(s.stop), s.ignore_eos) == (
-        8, 0.0, 0.5, 3, 9, ["a", "b"], True)
+    assert (s.max_tokens, s.temperature, s.top_p, s.top_k, s.min_p, s.seed, list(s.stop),
+            s.ignore_eos) == (8, 0.0, 0.5, 3, 0.25, 9, ["a", "b"], True)
     assert s.HasField("temperature")
 
 

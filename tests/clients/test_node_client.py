@@ -31,15 +31,15 @@ def node(fake, *args):
 
 def test_flags_become_the_request(fake):
     proc = node(fake, "--max-tokens", "8", "--temperature", "0", "--top-p", "0.5", "--top-k", "3",
-                "--seed", "18446744073709551615", "--stop", "a", "--stop", "b", "--ignore-eos",
-                "--api-key", "k1", "Hello")
+                "--min-p", "0.25", "--seed", "18446744073709551615", "--stop", "a", "--stop", "b",
+                "--ignore-eos", "--api-key", "k1", "Hello")
     assert (proc.returncode, proc.stdout, proc.stderr) == (0, "Hello world\n", "")
     request = fake.generation.requests[-1]
     assert request.text == "Hello"
     s = request.sampling
     assert s.HasField("temperature") and s.temperature == 0  # greedy, not "unset"
-    assert (s.max_tokens, s.top_p, s.top_k, s.seed, list(s.stop), s.ignore_eos) == (
-        8, 0.5, 3, 2**64 - 1, ["a", "b"], True)
+    assert (s.max_tokens, s.top_p, s.top_k, s.min_p, s.seed, list(s.stop), s.ignore_eos) == (
+        8, 0.5, 3, 0.25, 2**64 - 1, ["a", "b"], True)
     assert fake.generation.metadata[-1]["authorization"] == "Bearer k1"
 
 

@@ -37,6 +37,7 @@ CASES = {
     "top_p zero": (pb.GenerateRequest(text="hi", sampling=sp(top_p=0.0)), "top_p"),
     "top_p above one": (pb.GenerateRequest(text="hi", sampling=sp(top_p=1.5)), "top_p"),
     "negative top_k": (pb.GenerateRequest(text="hi", sampling=sp(top_k=-3)), "top_k"),
+    "min_p above one": (pb.GenerateRequest(text="hi", sampling=sp(min_p=1.5)), "min_p"),
     "unknown role": (pb.GenerateRequest(messages=chat(("wizard", "hi"))), "role"),
     "no messages": (pb.GenerateRequest(messages=chat()), "messages"),
     "empty user message": (pb.GenerateRequest(messages=chat(("user", ""))), "content"),

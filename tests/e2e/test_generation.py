@@ -182,6 +182,15 @@ def test_seed_gives_the_same_text_twice(async_service):
     assert len(others | {tuple(first.token_ids)}) > 1  # seeds do change the draw
 
 
+def test_min_p_one_samples_the_greedy_tokens(async_service, async_results):
+    """min_p 1 keeps only the most likely token: a hot, seeded draw is then greedy."""
+    _, ids, _ = async_results[0]
+    req = chat_request(CHATS[0], max_tokens=NEW_TOKENS, temperature=1.5, min_p=1.0, seed=5)
+    assert list(async_service.stub.Generate(req, timeout=120).token_ids) == ids
+    req.sampling.min_p = 0.0  # the same draw without min-p is not greedy
+    assert list(async_service.stub.Generate(req, timeout=120).token_ids) != ids
+
+
 def test_seeded_output_does_not_depend_on_batch_neighbours(async_service):
     req = chat_request(CHATS[2], max_tokens=16, temperature=0.8, seed=99)
     alone = async_service.stub.Generate(req, timeout=120)

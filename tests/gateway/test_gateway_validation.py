@@ -130,6 +130,18 @@ def test_negative_top_k() -> None:
     assert ">= 0" in error.message
 
 
+@pytest.mark.parametrize("min_p", [-0.1, 1.5, float("nan")])
+def test_min_p_outside_zero_one(min_p: float) -> None:
+    error = rejected(text_request(min_p=min_p))
+    assert error.field == "sampling.min_p"
+    assert "[0, 1]" in error.message
+
+
+@pytest.mark.parametrize("min_p", [0.0, 0.05, 1.0])
+def test_min_p_in_zero_one_is_fine(min_p: float) -> None:
+    validate_generate_request(text_request(temperature=1.0, min_p=min_p), INFO)
+
+
 def test_too_many_stop_strings() -> None:
     error = rejected(text_request(stop=["a"] * 17))
     assert error.field == "sampling.stop"

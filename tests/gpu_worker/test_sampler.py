@@ -1,18 +1,20 @@
-"""The sampler: greedy, bans, top-k/top-p, seeds and the distribution it draws from."""
+"""The sampler: greedy, bans, top-k/top-p/min-p, seeds and the distribution it draws from."""
 
 import torch
 
 from gpu_worker.sampler import SamplingBatch, sample, uniform_noise
 
 
-def batch(rows, temperature=1.0, top_p=1.0, top_k=0, seed=7, position=None, banned=None):
+def batch(rows, temperature=1.0, top_p=1.0, top_k=0, seed=7, position=None, banned=None,
+          min_p=None):
     return SamplingBatch(
         temperature=torch.full((rows,), temperature), top_p=torch.full((rows,), top_p),
         top_k=torch.full((rows,), top_k, dtype=torch.long),
         seed=torch.full((rows,), seed, dtype=torch.long),
         position=torch.arange(rows) if position is None else position,
         num_top_logprobs=0, want_logprobs=False, all_greedy=temperature <= 0,
-        any_truncation=top_k > 0 or top_p < 1, banned_ids=banned)
+        any_truncation=top_k > 0 or top_p < 1, banned_ids=banned,
+        min_p=None if min_p is None else torch.as_tensor(min_p, dtype=torch.float32))
 
 
 def test_greedy_is_argmax_and_bans_apply():
@@ -36,6 +38,34 @@ def test_top_k_keeps_only_the_k_best():
     out = sample(logits, batch(400, top_k=3)).token_ids
     assert set(out.tolist()) <= set(logits[0].topk(3).indices.tolist())
     assert len(set(out.tolist())) == 3
+
+
+def test_min_p_keeps_the_tokens_at_least_min_p_as_likely_as_the_best():
+    """Probabilities 0.5, 0.3, 0.15, 0.05: min_p 0.25 keeps those >= 0.125 (the first three),
+    min_p 1 only the best, min_p 0 all four; a row's min_p is its own."""
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = probs.log().repeat(3000, 1)
+    drawn = sample(logits, batch(3000, min_p=torch.full((3000,), 0.25))).token_ids
+    assert set(drawn.tolist()) == {0, 1, 2}
+    freq = torch.bincount(drawn, minlength=3).float() / 3000  # renormalised over the three
+    assert torch.allclose(freq, probs[:3] / probs[:3].sum(), atol=0.03)
+    assert (sample(logits, batch(3000, min_p=torch.ones(3000))).token_ids == 0).all()
+    assert set(sample(logits, batch(3000, min_p=torch.zeros(3000))).token_ids.tolist()) == \
+        {0, 1, 2, 3}
+    mixed = torch.tensor([1.0, 0.0] * 1500)
+    out = sample(logits, batch(3000, min_p=mixed)).token_ids
+    assert (out[0::2] == 0).all() and set(out[1::2].tolist()) == {0, 1, 2, 3}
+
+
+def test_min_p_is_taken_after_temperature_and_with_top_k():
+    """Temperature 2 flattens [0.5, 0.3, 0.15, 0.05] to ratios sqrt(p / p_max): 1, 0.77,
+    0.55, 0.32, so min_p 0.5 keeps three; top_k 2 on top of it keeps two."""
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log().repeat(3000, 1)
+    hot = sample(logits, batch(3000, temperature=2.0, min_p=torch.full((3000,), 0.5)))
+    assert set(hot.token_ids.tolist()) == {0, 1, 2}
+    both = sample(logits, batch(3000, temperature=2.0, top_k=2,
+                                min_p=torch.full((3000,), 0.5)))
+    assert set(both.token_ids.tolist()) == {0, 1}
 
 
 def test_noise_is_a_function_of_seed_and_position_only():

@@ -36,6 +36,7 @@ def reference_write(view, plan, blocks, eos_token_ids):
         o = row.req.options
         view.temperature[r], view.top_p[r], view.top_k[r], view.seed[r] = (
             o.temperature, o.top_p, o.top_k, o.seed)
+        view.min_p[r] = o.min_p
         view.num_top_logprobs[r] = o.top_logprobs if o.logprobs else 0
         view.repetition_penalty[r] = o.repetition_penalty
         view.presence_penalty[r], view.frequency_penalty[r] = o.presence_penalty, \
@@ -59,7 +60,7 @@ def reference_write(view, plan, blocks, eos_token_ids):
 REQUESTS = [
     (10, SamplingOptions(6, temperature=0.0)),
     (25, SamplingOptions(5, temperature=0.7, top_p=0.9, top_k=5, seed=3, logprobs=True,
-                         top_logprobs=2)),
+                         top_logprobs=2, min_p=0.1)),
     (3, SamplingOptions(6, min_tokens=3, stop_token_ids=frozenset({5, 9}),
                         repetition_penalty=1.3)),
     (7, SamplingOptions(4, presence_penalty=0.5, frequency_penalty=0.25)),
