@@ -5,10 +5,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from tandem import DTYPES, KERNELS
 from tandem.slots import SlotShape
-
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-KERNELS = ("auto", "triton", "torch")
 
 
 @dataclasses.dataclass(frozen=True)

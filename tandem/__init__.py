@@ -4,3 +4,7 @@ model resolution) and the generated protobuf modules (``tandem.v1``,
 
 # every process logs lines alike: time, level, logger, message
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+# what the worker's --dtype and --kernels accept, checked by the engine too before it starts one
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+KERNELS = ("auto", "triton", "torch")

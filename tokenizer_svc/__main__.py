@@ -37,43 +37,64 @@ log = logging.getLogger("tokenizer_svc")
 def parse_args(argv: list[str]) -> EngineConfig:
     p = argparse.ArgumentParser(prog="tokenizer_svc", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--listen", required=True, help="unix:///path.sock or host:port")
+    p.add_argument("--listen", required=True, metavar="ADDR",
+                   help="address to serve on: unix:///path.sock or host:port")
     p.add_argument("--model", default="embedded",
                    help="'embedded' (default), 'random:<preset>' or a Hugging Face folder")
-    p.add_argument("--cache-dir", type=Path, default=None, help="converted models (TANDEM_CACHE)")
-    p.add_argument("--device", default="auto", help="worker device: auto, cpu, cuda, cuda:N")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, ...")
-    p.add_argument("--seed", type=int, default=0, help="weights of random presets")
+    p.add_argument("--cache-dir", type=Path, default=None, metavar="DIR",
+                   help="converted models (default: $TANDEM_CACHE or ~/.cache/tandem)")
+    p.add_argument("--device", default="auto",
+                   help="worker device: auto (default: cuda if there is one), cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="auto",
+                   help="auto (default: bfloat16 on a GPU, float32 on the CPU), bfloat16, "
+                        "float16, float32")
+    p.add_argument("--seed", type=int, default=0, help="weights of random presets (default 0)")
     p.add_argument("--kernels", default="auto",
                    help="worker kernels: auto (Triton on CUDA, torch on the CPU), triton, torch")
     p.add_argument("--sync", action="store_true", help="no overlap: the benchmark baseline")
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--num-kv-blocks", type=int, default=None)
-    p.add_argument("--kv-cache-gib", type=float, default=None,
+    p.add_argument("--block-size", type=int, default=16, metavar="N",
+                   help="tokens per KV cache block (default 16)")
+    p.add_argument("--num-kv-blocks", type=int, default=None, metavar="N",
+                   help="KV cache blocks (default: from --kv-cache-gib)")
+    p.add_argument("--kv-cache-gib", type=float, default=None, metavar="GIB",
                    help="KV cache size (default: 1 GiB on the CPU; on a GPU what "
                         "--gpu-memory-utilization leaves)")
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.85, metavar="F",
+                   help="fraction of the GPU's memory the worker may fill, weights and KV "
+                        "cache included (default 0.85)")
     p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
                    help="compute every prompt in full, even where a cached block holds the "
                         "same prefix")
-    p.add_argument("--max-num-seqs", type=int, default=64)
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--default-max-tokens", type=int, default=256)
-    p.add_argument("--batch-wait-ms", type=float, default=0.0,
-                   help="when idle, gather requests this long before the first batch")
-    p.add_argument("--max-waiting-requests", type=int, default=1024,
-                   help="queued requests beyond which new ones get RESOURCE_EXHAUSTED")
-    p.add_argument("--max-waiting-tokens", type=int, default=1 << 20,
-                   help="queued prompt tokens beyond which new requests get RESOURCE_EXHAUSTED")
-    p.add_argument("--grace-period", type=float, default=30.0,
-                   help="on SIGTERM, seconds in-flight requests get to finish")
-    p.add_argument("--stall-timeout", type=float, default=120.0,
-                   help="seconds a batch may stay in flight before health says NOT_SERVING")
-    p.add_argument("--metrics-port", type=int, default=None,
-                   help="serve Prometheus metrics on this port (0: any free port)")
-    p.add_argument("--metrics-host", default="127.0.0.1",
-                   help="address of the metrics endpoint (0.0.0.0 to expose it)")
+    p.add_argument("--max-num-seqs", type=int, default=64, metavar="N",
+                   help="requests in a batch at most (default 64)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048, metavar="N",
+                   help="tokens in a batch at most; longer prompts are prefilled in chunks "
+                        "(default 2048)")
+    p.add_argument("--max-model-len", type=int, default=None, metavar="N",
+                   help="context length, prompt plus output (default: the model's, at most "
+                        "8192)")
+    p.add_argument("--default-max-tokens", type=int, default=256, metavar="N",
+                   help="max_tokens of a request that sets none (default 256)")
+    p.add_argument("--batch-wait-ms", type=float, default=0.0, metavar="MS",
+                   help="when idle, gather requests this long before the first batch "
+                        "(default 0)")
+    p.add_argument("--max-waiting-requests", type=int, default=1024, metavar="N",
+                   help="queued requests beyond which new ones get RESOURCE_EXHAUSTED "
+                        "(default 1024)")
+    p.add_argument("--max-waiting-tokens", type=int, default=1 << 20, metavar="N",
+                   help="queued prompt tokens beyond which new requests get RESOURCE_EXHAUSTED "
+                        "(default 1048576)")
+    p.add_argument("--grace-period", type=float, default=30.0, metavar="S",
+                   help="on SIGTERM, seconds in-flight requests get to finish (default 30)")
+    p.add_argument("--stall-timeout", type=float, default=120.0, metavar="S",
+                   help="seconds a batch may stay in flight before health says NOT_SERVING "
+                        "(default 120)")
+    p.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                   help="serve Prometheus metrics on this port (0: any free port; default: "
+                        "off)")
+    p.add_argument("--metrics-host", default="127.0.0.1", metavar="HOST",
+                   help="address of the metrics endpoint (default 127.0.0.1; 0.0.0.0 to "
+                        "expose it)")
     a = p.parse_args(argv)
     try:
         return _config(a)

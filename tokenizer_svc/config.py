@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
-KERNELS = ("auto", "triton", "torch")
+from tandem import DTYPES, KERNELS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,6 +22,10 @@ class ModelConfig:
         if self.kernels not in KERNELS:
             raise ValueError(f"--kernels must be one of {', '.join(KERNELS)}, "
                              f"not {self.kernels!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, not {self.device!r}")
 
 
 @dataclasses.dataclass(frozen=True)
