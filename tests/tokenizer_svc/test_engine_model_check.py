@@ -11,7 +11,11 @@ multi-turn continuations, a tiny vocabulary so that blocks collide), aborts and 
   evictable LRU), and every registered block holds exactly its digest's tokens;
 - every context position a row reads holds that request's true tokens, and every
   placeholder is filled with the true token;
-- the streamed outputs are the samples, and nothing is left held once the queue drains.
+- each sampling row bans exactly its ending ids (EOS unless ignore_eos, stop_token_ids)
+  while below min_tokens and none after, and a penalised row's token history is its true
+  context (its placeholder filled from the previous batch) with padding after;
+- the streamed outputs are the samples, a request ends at its first ending id (never
+  before min_tokens) or at max_tokens, and nothing is left held once the queue drains.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import tokenizer_svc.engine as E
 from tandem import slots as S
 from tokenizer_svc.block_manager import BlockManager, block_digests
 from tokenizer_svc.output_processor import OutputProcessor
-from tokenizer_svc.request import Request, SamplingOptions
+from tokenizer_svc.request import FinishReason, Request, SamplingOptions
 from tokenizer_svc.scheduler import Scheduler, SchedulerLimits
 
 
@@ -38,7 +42,14 @@ class Bug(AssertionError):
     pass
 
 FIELDS = ("header", "input_ids", "positions", "slot_mapping", "placeholder_pos",
-          "placeholder_src", "query_start", "context_lens", "block_tables")
+          "placeholder_src", "query_start", "context_lens", "block_tables", "banned_ids",
+          "prompt_lens", "history", "history_src")
+EOS = frozenset({0})
+
+
+def ending_ids(opts):
+    return (frozenset() if opts.ignore_eos else EOS) | opts.stop_token_ids
+
 
 class FakeWorker:
     def __init__(self, sim):
@@ -96,12 +107,34 @@ class FakeWorker:
             if plan.rows[r].samples:
                 if len(truth) != ctx:
                     raise Bug(f"{req.req_id} samples at {ctx} but truth has {len(truth)}")
+                banned = self.check_sampling(seq, r, req, snap, truth)
+                tok = sim.rng.choice([t for t in range(sim.vocab) if t not in banned])
                 truth.append(tok)
             sampled.append(tok)
         self.outputs[seq] = sampled
         self.sim.segment.slots[slot].sampled_ids[:R] = sampled
         self.done = seq
         sim.check_registry(f"after executing batch {seq}")
+
+    def check_sampling(self, seq, r, req, snap, truth):
+        """Row ``r``'s bans, prompt length and (penalised) history; returns its bans."""
+        opts, ctx, n = req.options, len(truth), len(req.prompt_ids)
+        want = sorted(ending_ids(opts)) if ctx - n < opts.min_tokens else []
+        banned = [int(b) for b in snap["banned_ids"][r] if b >= 0]
+        if banned != want:
+            raise Bug(f"batch {seq} {req.req_id} output {ctx - n} (min_tokens "
+                      f"{opts.min_tokens}) bans {banned}, not {want}")
+        if int(snap["prompt_lens"][r]) != n:
+            raise Bug(f"batch {seq} {req.req_id} prompt_lens {snap['prompt_lens'][r]}, not {n}")
+        length = int(snap["header"][S.H_HISTORY_LEN])
+        if opts.has_penalties:
+            history = [int(t) for t in snap["history"][r, :length]]
+            if length >= ctx and history[ctx - 1] == -1:
+                prev = self.outputs[int(snap["header"][S.H_PREV_SEQ])]
+                history[ctx - 1] = prev[int(snap["history_src"][r])]
+            if history != truth[:ctx] + [-2] * (length - ctx):
+                raise Bug(f"batch {seq} {req.req_id} history {history}, truth {truth}")
+        return set(banned)
 
 class Sim:
     def __init__(self, seed, **cfg):
@@ -124,7 +157,7 @@ class Sim:
                                                self.watermark), bm)
         maxctx = (self.num_blocks - self.watermark) * self.bs
         self.maxctx = maxctx
-        outputs = OutputProcessor(Tok(), frozenset({0}), 10**6)
+        outputs = OutputProcessor(Tok(), EOS, 10**6)
         shape = S.SlotShape(self.max_tokens_batch, self.max_seqs,
                             -(-maxctx // self.bs) + 1, 0, self.bs)
         self.segment = S.SlotSegment(S.SlotLayout(shape, 2), create=True)
@@ -183,7 +216,14 @@ class Sim:
             prompt = [rng.randrange(self.vocab)]
         prompt = prompt[: self.maxctx - 1]
         mt = rng.randint(1, max(1, min(8, self.maxctx - len(prompt))))
-        opts = SamplingOptions(mt, ignore_eos=rng.random() < 0.7)
+        ignore_eos = rng.random() < 0.7
+        stop = frozenset(t for t in range(1, self.vocab) if rng.random() < 0.3)
+        if len((frozenset() if ignore_eos else EOS) | stop) == self.vocab:
+            stop -= {max(stop)}  # leave a token to sample below min_tokens
+        opts = SamplingOptions(
+            mt, ignore_eos=ignore_eos, stop_token_ids=stop if rng.random() < 0.5 else frozenset(),
+            min_tokens=rng.randint(0, mt) if rng.random() < 0.5 else 0,
+            repetition_penalty=1.3 if rng.random() < 0.3 else 1.0)
         req = Request(rid, prompt, opts, arrival=time.monotonic())
         self.truth[rid] = list(prompt)
         self.got[rid] = []
@@ -191,9 +231,18 @@ class Sim:
             self.got[rid] += out.token_ids
             if out.finish_reason is not None:
                 self.finished[rid] = self.truth[rid][:len(self.got[rid]) + len(req.prompt_ids)]
-                n = len(req.prompt_ids)
-                if self.got[rid] != self.truth[rid][n:n + len(self.got[rid])]:
-                    raise Bug(f"{rid} outputs {self.got[rid]} != truth {self.truth[rid]}")
+                n, got = len(req.prompt_ids), self.got[rid]
+                if got != self.truth[rid][n:n + len(got)]:
+                    raise Bug(f"{rid} outputs {got} != truth {self.truth[rid]}")
+                ends = ending_ids(opts)
+                first_end = next((i for i, t in enumerate(got) if t in ends), None)
+                if first_end is not None and first_end < opts.min_tokens:
+                    raise Bug(f"{rid} sampled ending id {got[first_end]} at output {first_end}, "
+                              f"below min_tokens {opts.min_tokens}")
+                stopped = first_end == len(got) - 1
+                if (out.finish_reason, len(got)) != ((FinishReason.STOP, first_end + 1) if stopped
+                                                     else (FinishReason.LENGTH, mt)):
+                    raise Bug(f"{rid} ({opts}) finished {out.finish_reason} after {got}")
         self.live.append(rid)
         self.engine.add_request(req, sink)
 
