@@ -10,6 +10,7 @@ import math
 from collections.abc import Iterable, Sequence
 
 from gateway.errors import InvalidRequest
+from tandem import MAX_LOGIT_BIAS
 from tandem.v1 import generation_pb2 as pb
 
 __all__ = [
@@ -96,6 +97,7 @@ def _check_sampling(sampling: pb.SamplingParams, info: pb.ModelInfo) -> None:
             f"{info.max_context_tokens} tokens",
         )
     _check_sampler(sampling)
+    _check_logit_bias(sampling, info.vocab_size)
     _check_stop(sampling, info.vocab_size)
     _check_logprobs(sampling, info.max_top_logprobs)
 
@@ -115,6 +117,22 @@ def _check_sampler(sampling: pb.SamplingParams) -> None:
         raise InvalidRequest(
             "sampling.top_k", f"must be >= 0 (0 means no limit), got {sampling.top_k}"
         )
+
+
+def _check_logit_bias(sampling: pb.SamplingParams, vocab_size: int) -> None:
+    if len(sampling.logit_bias) > MAX_LOGIT_BIAS:
+        raise InvalidRequest(
+            "sampling.logit_bias",
+            f"at most {MAX_LOGIT_BIAS} token ids are allowed, got {len(sampling.logit_bias)}",
+        )
+    for token_id, bias in sorted(sampling.logit_bias.items()):
+        field = f"sampling.logit_bias[{token_id}]"
+        if not 0 <= token_id < vocab_size:
+            raise InvalidRequest(
+                field, f"token id {token_id} is outside the vocabulary [0, {vocab_size})"
+            )
+        if not (math.isfinite(bias) and -100 <= bias <= 100):
+            raise InvalidRequest(field, f"the bias must lie in [-100, 100], got {bias}")
 
 
 def _check_stop(sampling: pb.SamplingParams, vocab_size: int) -> None:

@@ -45,6 +45,7 @@ class BatchInfo:
     any_truncation: bool  # top-k or top-p
     any_min_p: bool
     any_banned: bool
+    any_bias: bool
     history_len: int  # > 0: penalties; the rows' token histories are this long
 
     @property
@@ -55,7 +56,7 @@ class BatchInfo:
     def is_greedy_only(self) -> bool:
         """Greedy tokens are all the batch wants: the decode graph's sampling suffices."""
         return (self.all_greedy and not self.want_logprobs and not self.num_top_logprobs
-                and not self.any_banned and not self.history_len)
+                and not self.any_banned and not self.any_bias and not self.history_len)
 
     @classmethod
     def read(cls, view: S.SlotView) -> BatchInfo:
@@ -71,6 +72,7 @@ class BatchInfo:
             any_truncation=bool(np.any((top_k > 0) | (top_p < 1))),
             any_min_p=bool(np.any(view.min_p[:rows] > 0)),
             any_banned=bool(np.any(view.banned_ids[:rows] >= 0)),
+            any_bias=bool(np.any(view.bias_ids[:rows] >= 0)),
             history_len=int(h[S.H_HISTORY_LEN]),
         )
 
@@ -180,6 +182,7 @@ class ModelRunner:
             all_greedy=info.all_greedy, any_truncation=info.any_truncation,
             banned_ids=v["banned_ids"][:r] if info.any_banned else None,
             min_p=v["min_p"][:r] if info.any_min_p else None,
+            bias=(v["bias_ids"][:r], v["bias_values"][:r]) if info.any_bias else None,
             penalties=self._penalties(k, info))
         out = sample(logits, batch)
         o["sampled_ids"][:r].copy_(out.token_ids)

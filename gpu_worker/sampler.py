@@ -1,4 +1,5 @@
-"""Per-row sampling: greedy, temperature, top-k, top-p, min-p, with reproducible seeds.
+"""Per-row sampling: logit biases, penalties, bans, greedy, temperature, top-k, top-p,
+min-p, with reproducible seeds.
 
 Randomness is counter-based: the noise for row ``b`` is a hash of
 ``(seed[b], position of the token being sampled, vocabulary index)``. A request's
@@ -42,6 +43,7 @@ class SamplingBatch:
     any_truncation: bool
     banned_ids: torch.Tensor | None = None  # [rows, n] int, -1 padded; None: nothing banned
     min_p: torch.Tensor | None = None  # [rows] float32, 0 = off; None: off for every row
+    bias: tuple[torch.Tensor, torch.Tensor] | None = None  # ids [rows, n] (-1 padded), values
     penalties: Penalties | None = None
 
 
@@ -104,6 +106,16 @@ def _ban(logits: torch.Tensor, banned_ids: torch.Tensor) -> torch.Tensor:
     return padded.scatter(-1, index, float("-inf"))[:, :vocab]
 
 
+def _add_bias(logits: torch.Tensor, ids: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Add each row's biases to its logits (padding, and ids outside the vocabulary, go to
+    a spare column)."""
+    vocab = logits.shape[-1]
+    valid = (ids >= 0) & (ids < vocab)
+    index = torch.where(valid, ids.long(), vocab)
+    padded = F.pad(logits, (0, 1))
+    return padded.scatter_add(-1, index, torch.where(valid, values, 0.0))[:, :vocab]
+
+
 def _penalise(logits: torch.Tensor, p: Penalties) -> torch.Tensor:
     """Repetition penalty over all tokens so far; presence/frequency over the output."""
     rows, vocab = logits.shape
@@ -122,8 +134,10 @@ def _penalise(logits: torch.Tensor, p: Penalties) -> torch.Tensor:
 
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
     """logits: [rows, vocab], sampled in float32. Logprobs describe the distribution before
-    bans, temperature, top-k and top-p."""
+    biases, penalties, bans, temperature, top-k, top-p and min-p."""
     logits = raw = logits.float()
+    if batch.bias is not None:
+        logits = _add_bias(logits, *batch.bias)
     if batch.penalties is not None:
         logits = _penalise(logits, batch.penalties)
     if batch.banned_ids is not None:

@@ -192,5 +192,6 @@ def _write_warmup_batch(view: S.SlotView, seq: int, tokens: int, start: int, blo
     view.context_lens[0] = end
     view.block_tables[0, :] = block
     view.banned_ids[0, :] = -1
+    view.bias_ids[0, :] = -1
     view.temperature[0], view.top_p[0], view.top_k[0], view.seed[0] = 1.0, 0.9, 5, 1
     view.min_p[0] = 0.05

@@ -8,3 +8,6 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # what the worker's --dtype and --kernels accept, checked by the engine too before it starts one
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 KERNELS = ("auto", "triton", "torch")
+
+# SamplingParams.logit_bias: the most ids a request may bias (what a slot row holds)
+MAX_LOGIT_BIAS = 64

@@ -63,6 +63,8 @@ def build_parser(default_address: str,
     gen.add_argument("--top-k", type=_bounded(0, 2**31 - 1), metavar="K")
     gen.add_argument("--min-p", type=float, metavar="P",
                      help="drop tokens below P times the most likely one's probability")
+    gen.add_argument("--logit-bias", type=_token_bias, action="append", metavar="ID=BIAS",
+                     help="add BIAS (-100 to 100) to token ID's logit (repeatable)")
     gen.add_argument("--seed", type=_bounded(0, 2**64 - 1), metavar="S")
     gen.add_argument("--stop", action="append", metavar="STR", help="a stop string (repeatable)")
     gen.add_argument("--ignore-eos", action="store_true", default=None,
@@ -117,6 +119,17 @@ def _bounded(low: int, high: int):
     return parse
 
 
+def _token_bias(text: str) -> tuple[int, float]:
+    """An argparse type: ID=BIAS, a token id and the bias added to its logit."""
+    token_id, sep, bias = text.partition("=")
+    try:
+        if sep:
+            return int(token_id), float(bias)
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"expected ID=BIAS, like 42=-100, got {text!r}")
+
+
 def connect(args: argparse.Namespace) -> Client:
     root = None
     if args.root_certificates:
@@ -139,7 +152,8 @@ def input_of(args: argparse.Namespace) -> dict[str, Any]:
 def run_generate(client: Client, args: argparse.Namespace, out: TextIO) -> int:
     sampling = {"max_tokens": args.max_tokens, "temperature": args.temperature,
                 "top_p": args.top_p, "top_k": args.top_k, "min_p": args.min_p, "seed": args.seed,
-                "stop": args.stop, "ignore_eos": args.ignore_eos}
+                "stop": args.stop, "ignore_eos": args.ignore_eos,
+                "logit_bias": dict(args.logit_bias) if args.logit_bias else None}
     if args.json:
         print(json.dumps(completion_json(client.generate(**input_of(args), **sampling))), file=out)
         return 0

@@ -8,8 +8,9 @@
             print(delta.text, end="", flush=True)
 
 Sampling keywords are the fields of `SamplingParams` (`max_tokens`, `temperature`, `top_p`,
-`top_k`, `min_p`, `seed`, `stop`, `stop_token_ids`, `ignore_eos`, `logprobs`, `top_logprobs`, ...);
-`None` leaves a field unset. Every RPC failure is raised as a `TandemError`.
+`top_k`, `min_p`, `seed`, `stop`, `stop_token_ids`, `logit_bias` (a dict), `ignore_eos`,
+`logprobs`, `top_logprobs`, ...); `None` leaves a field unset. Every RPC failure is raised as a
+`TandemError`.
 """
 
 from __future__ import annotations

@@ -20,6 +20,8 @@ from multiprocessing import shared_memory
 
 import numpy as np
 
+import tandem
+
 # Input-header fields (int64 each).
 H_SEQ = 0  # batch sequence number (1, 2, ...)
 H_NUM_TOKENS = 1  # tokens in the batch
@@ -33,6 +35,7 @@ H_WANT_LOGPROBS = 8  # 1 if any row wants the sampled token's logprob
 H_HISTORY_LEN = 9  # >0: rows carry token histories this long for penalties
 NUM_HEADER_FIELDS = 16
 MAX_BANNED_IDS = 32  # per row: tokens that may not be sampled (min_tokens)
+MAX_LOGIT_BIAS = tandem.MAX_LOGIT_BIAS  # per row: tokens whose logits get a bias
 
 # Output-header fields (int64 each).
 O_SEQ = 0  # the batch these outputs belong to
@@ -88,6 +91,8 @@ def _input_fields(s: SlotShape) -> list[tuple[str, str, tuple[int, ...]]]:
         ("num_top_logprobs", "int32", (r,)),
         ("block_tables", "int32", (r, m)),
         ("banned_ids", "int32", (r, MAX_BANNED_IDS)),  # -1: unused
+        ("bias_ids", "int32", (r, MAX_LOGIT_BIAS)),  # -1: unused
+        ("bias_values", "float32", (r, MAX_LOGIT_BIAS)),
         ("repetition_penalty", "float32", (r,)),  # 1: off
         ("presence_penalty", "float32", (r,)),
         ("frequency_penalty", "float32", (r,)),

@@ -109,10 +109,15 @@ def _write_sampling(view: S.SlotView, rows: list[ScheduledRow], opts: list,
     view.frequency_penalty[:n] = [o.frequency_penalty for o in opts]
     view.prompt_lens[:n] = [len(row.req.prompt_ids) for row in rows]
     view.banned_ids[:n] = -1
+    view.bias_ids[:n] = -1
     for r, row in enumerate(rows):
         banned = banned_ids(row.req, eos_token_ids) if row.samples else []
         if banned:
             view.banned_ids[r, : len(banned)] = banned
+        bias = row.req.options.logit_bias[: S.MAX_LOGIT_BIAS] if row.samples else ()
+        if bias:
+            view.bias_ids[r, : len(bias)], view.bias_values[r, : len(bias)] = zip(*bias,
+                                                                                strict=True)
     return max(top_n, default=0)
 
 

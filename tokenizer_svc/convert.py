@@ -90,6 +90,7 @@ def sampling_options(sp: pb.SamplingParams, num_prompt: int, max_context: int,
     if sp.min_tokens:
         _check_banned(sp, eos_token_ids)
     _check_penalties(sp)
+    _check_logit_bias(sp)
     if max_top_logprobs is not None and sp.logprobs and sp.top_logprobs > max_top_logprobs:
         raise InvalidRequest(f"sampling.top_logprobs: {sp.top_logprobs} exceeds the limit of "
                              f"{max_top_logprobs}")
@@ -103,6 +104,7 @@ def sampling_options(sp: pb.SamplingParams, num_prompt: int, max_context: int,
         top_p=sp.top_p if sp.HasField("top_p") else 1.0,
         top_k=sp.top_k,
         min_p=sp.min_p,
+        logit_bias=tuple(sorted(sp.logit_bias.items())),
         seed=_seed(sp.seed) if sp.HasField("seed") else random.getrandbits(63),
         stop=tuple(sp.stop),
         stop_token_ids=frozenset(sp.stop_token_ids),
@@ -135,6 +137,18 @@ def _check_penalties(sp: pb.SamplingParams) -> None:
         value = getattr(sp, name)
         if not (math.isfinite(value) and -2 <= value <= 2):
             raise InvalidRequest(f"sampling.{name}: {value} must lie in [-2, 2]")
+
+
+def _check_logit_bias(sp: pb.SamplingParams) -> None:
+    """What a slot holds and the worker can add (the gateway also checks the ids against
+    the vocabulary; the worker drops ids outside it)."""
+    if len(sp.logit_bias) > slots.MAX_LOGIT_BIAS:
+        raise InvalidRequest(f"sampling.logit_bias: {len(sp.logit_bias)} ids, more than the "
+                             f"{slots.MAX_LOGIT_BIAS} allowed")
+    for token_id, bias in sorted(sp.logit_bias.items()):
+        if not (math.isfinite(bias) and -100 <= bias <= 100):
+            raise InvalidRequest(f"sampling.logit_bias[{token_id}]: {bias} must lie in "
+                                 "[-100, 100]")
 
 
 def _seed(seed: int) -> int:

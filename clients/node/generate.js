@@ -3,7 +3,8 @@
 /**
  * node generate.js [--address HOST:PORT] [--stream] [--json] [--chat] [--max-tokens N]
  *                  [--temperature T] [--top-p P] [--top-k K] [--min-p P] [--seed S]
- *                  [--stop STR]... [--ignore-eos] [--api-key KEY] [--timeout SECONDS] "prompt"
+ *                  [--stop STR]... [--logit-bias ID=BIAS]... [--ignore-eos] [--api-key KEY]
+ *                  [--timeout SECONDS] "prompt"
  *
  * Prints the completion's text (token by token with --stream) or, with --json, one JSON
  * object: { text, token_ids, finish_reason, usage, timing, request_id }, like `tandem
@@ -16,7 +17,8 @@ const { Client, TandemError, DEFAULT_ADDRESS } = require('./tandem');
 
 const USAGE = 'usage: node generate.js [--address HOST:PORT] [--stream] [--json] [--chat] '
   + '[--max-tokens N] [--temperature T] [--top-p P] [--top-k K] [--min-p P] [--seed S] '
-  + '[--stop STR]... [--ignore-eos] [--api-key KEY] [--timeout SECONDS] "prompt"';
+  + '[--stop STR]... [--logit-bias ID=BIAS]... [--ignore-eos] [--api-key KEY] '
+  + '[--timeout SECONDS] "prompt"';
 
 const OPTIONS = {
   address: { type: 'string', default: process.env.TANDEM_ADDRESS || DEFAULT_ADDRESS },
@@ -32,6 +34,7 @@ const OPTIONS = {
   'min-p': { type: 'string' },
   seed: { type: 'string' },
   stop: { type: 'string', multiple: true },
+  'logit-bias': { type: 'string', multiple: true },
   'ignore-eos': { type: 'boolean' },
   help: { type: 'boolean', short: 'h' },
 };
@@ -44,6 +47,21 @@ function number(values, name, parse = Number) {
   const value = parse(raw);
   if (Number.isNaN(value) || raw.trim() === '') throw new UsageError(`--${name}: not a number: ${raw}`);
   return value;
+}
+
+/** --logit-bias ID=BIAS (repeatable) as the map field's object: { ID: BIAS }. */
+function logitBias(entries) {
+  if (entries === undefined) return undefined;
+  const bias = {};
+  for (const entry of entries) {
+    const match = /^(-?\d+)=(.+)$/.exec(entry);
+    const value = match ? Number(match[2]) : Number.NaN;
+    if (Number.isNaN(value)) {
+      throw new UsageError(`--logit-bias: expected ID=BIAS, like 42=-100, got ${entry}`);
+    }
+    bias[match[1]] = value;
+  }
+  return bias;
 }
 
 function parse(argv) {
@@ -64,6 +82,7 @@ function parse(argv) {
     min_p: number(values, 'min-p'),
     seed: values.seed, // uint64: passed on as a string, exactly
     stop: values.stop,
+    logit_bias: logitBias(values['logit-bias']),
     ignore_eos: values['ignore-eos'],
   };
   const prompt = positionals[0];

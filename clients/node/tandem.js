@@ -14,8 +14,8 @@
  *
  * An input is a prompt string, an array of chat messages ({ role, content }), or
  * { token_ids: [...] }. Sampling keys are SamplingParams' field names (max_tokens,
- * temperature, top_p, top_k, min_p, seed, stop, stop_token_ids, ignore_eos, logprobs, ...);
- * undefined or null leaves a field unset. Failed calls reject with a TandemError.
+ * temperature, top_p, top_k, min_p, seed, stop, stop_token_ids, logit_bias ({ id: bias }),
+ * ignore_eos, logprobs, ...); undefined or null leaves a field unset. Failed calls reject with a TandemError.
  */
 
 const path = require('node:path');

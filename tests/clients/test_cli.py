@@ -36,7 +36,7 @@ def run(fake, capsys, *argv):
 def test_generate_streams_text(fake, capsys):
     code, out, err = run(fake, capsys, "generate", "Hello", "--max-tokens", "8",
                          "--temperature", "0", "--top-p", "0.5", "--top-k", "3", "--min-p", "0.25",
-                         "--seed", "9",
+                         "--logit-bias", "5=-100", "--logit-bias", "7=2.5", "--seed", "9",
                          "--stop", "a", "--stop", "b", "--ignore-eos")
     assert (code, out, err) == (0, "Hello world\n", "")
     request = fake.generation.requests[-1]
@@ -44,6 +44,7 @@ def test_generate_streams_text(fake, capsys):
     s = request.sampling
     assert (s.max_tokens, s.temperature, s.top_p, s.top_k, s.min_p, s.seed, list(s.stop),
             s.ignore_eos) == (8, 0.0, 0.5, 3, 0.25, 9, ["a", "b"], True)
+    assert dict(s.logit_bias) == {5: -100.0, 7: 2.5}
     assert s.HasField("temperature")
 
 
@@ -135,6 +136,14 @@ def test_bad_flags_exit_2(capsys):
         cli.main(["generate", "Hello", "--max-tokens", "many"])
     assert info.value.code == 2
     assert "--max-tokens" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["42", "x=1", "42=much"])
+def test_a_logit_bias_that_is_not_id_eq_bias_exits_2(capsys, value):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["generate", "Hello", "--logit-bias", value])
+    assert info.value.code == 2
+    assert "argument --logit-bias: expected ID=BIAS" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flag, value", [("--max-tokens", "-1"), ("--seed", "-1"),

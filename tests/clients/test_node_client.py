@@ -32,7 +32,8 @@ def node(fake, *args):
 def test_flags_become_the_request(fake):
     proc = node(fake, "--max-tokens", "8", "--temperature", "0", "--top-p", "0.5", "--top-k", "3",
                 "--min-p", "0.25", "--seed", "18446744073709551615", "--stop", "a", "--stop", "b",
-                "--ignore-eos", "--api-key", "k1", "Hello")
+                "--ignore-eos", "--logit-bias", "5=-100", "--logit-bias", "7=2.5",
+                "--api-key", "k1", "Hello")
     assert (proc.returncode, proc.stdout, proc.stderr) == (0, "Hello world\n", "")
     request = fake.generation.requests[-1]
     assert request.text == "Hello"
@@ -40,6 +41,7 @@ def test_flags_become_the_request(fake):
     assert s.HasField("temperature") and s.temperature == 0  # greedy, not "unset"
     assert (s.max_tokens, s.top_p, s.top_k, s.min_p, s.seed, list(s.stop), s.ignore_eos) == (
         8, 0.5, 3, 0.25, 2**64 - 1, ["a", "b"], True)
+    assert dict(s.logit_bias) == {5: -100.0, 7: 2.5}
     assert fake.generation.metadata[-1]["authorization"] == "Bearer k1"
 
 
@@ -49,6 +51,11 @@ def test_unset_flags_stay_unset_and_chat(fake):
     assert [(m.role, m.content) for m in request.messages.messages] == [("user", "Hi")]
     assert not request.sampling.HasField("temperature") and not request.sampling.HasField("seed")
     assert "authorization" not in fake.generation.metadata[-1]
+
+
+def test_a_logit_bias_that_is_not_id_eq_bias_exits_2(fake):
+    proc = node(fake, "--logit-bias", "42", "Hello")
+    assert proc.returncode == 2 and "--logit-bias: expected ID=BIAS" in proc.stderr
 
 
 def test_stream_and_json_match_the_python_cli(fake, capsys):

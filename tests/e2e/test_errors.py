@@ -38,6 +38,8 @@ CASES = {
     "top_p above one": (pb.GenerateRequest(text="hi", sampling=sp(top_p=1.5)), "top_p"),
     "negative top_k": (pb.GenerateRequest(text="hi", sampling=sp(top_k=-3)), "top_k"),
     "min_p above one": (pb.GenerateRequest(text="hi", sampling=sp(min_p=1.5)), "min_p"),
+    "logit_bias outside the vocabulary": (
+        pb.GenerateRequest(text="hi", sampling=sp(logit_bias={10**9: 1.0})), "logit_bias"),
     "unknown role": (pb.GenerateRequest(messages=chat(("wizard", "hi"))), "role"),
     "no messages": (pb.GenerateRequest(messages=chat()), "messages"),
     "empty user message": (pb.GenerateRequest(messages=chat(("user", ""))), "content"),

@@ -191,6 +191,16 @@ def test_min_p_one_samples_the_greedy_tokens(async_service, async_results):
     assert list(async_service.stub.Generate(req, timeout=120).token_ids) != ids
 
 
+def test_logit_bias_forces_and_bans_tokens(async_service, async_results):
+    _, ids, _ = async_results[0]
+    forced = chat_request(CHATS[0], max_tokens=4, temperature=0, ignore_eos=True,
+                          logit_bias={42: 100.0})
+    assert list(async_service.stub.Generate(forced, timeout=120).token_ids) == [42] * 4
+    banned = chat_request(CHATS[0], max_tokens=NEW_TOKENS, temperature=0,
+                          logit_bias={ids[0]: -100.0})
+    assert async_service.stub.Generate(banned, timeout=120).token_ids[0] != ids[0]
+
+
 def test_seeded_output_does_not_depend_on_batch_neighbours(async_service):
     req = chat_request(CHATS[2], max_tokens=16, temperature=0.8, seed=99)
     alone = async_service.stub.Generate(req, timeout=120)

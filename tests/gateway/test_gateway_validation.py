@@ -142,6 +142,17 @@ def test_min_p_in_zero_one_is_fine(min_p: float) -> None:
     validate_generate_request(text_request(temperature=1.0, min_p=min_p), INFO)
 
 
+def test_logit_bias_rules() -> None:
+    validate_generate_request(text_request(logit_bias={0: -100.0, 99: 100.0, 5: 0.5}), INFO)
+    error = rejected(text_request(logit_bias={i: 1.0 for i in range(65)}))
+    assert error.field == "sampling.logit_bias" and "at most 64" in error.message
+    error = rejected(text_request(logit_bias={3: 1.0, 100: 1.0}))
+    assert error.field == "sampling.logit_bias[100]" and "[0, 100)" in error.message
+    for bias in (float("nan"), -101.0):
+        error = rejected(text_request(logit_bias={7: bias}))
+        assert error.field == "sampling.logit_bias[7]" and "[-100, 100]" in error.message
+
+
 def test_too_many_stop_strings() -> None:
     error = rejected(text_request(stop=["a"] * 17))
     assert error.field == "sampling.stop"

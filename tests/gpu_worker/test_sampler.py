@@ -1,12 +1,14 @@
 """The sampler: greedy, bans, top-k/top-p/min-p, seeds and the distribution it draws from."""
 
+import dataclasses
+
 import torch
 
 from gpu_worker.sampler import SamplingBatch, sample, uniform_noise
 
 
 def batch(rows, temperature=1.0, top_p=1.0, top_k=0, seed=7, position=None, banned=None,
-          min_p=None):
+          min_p=None, bias=None):
     return SamplingBatch(
         temperature=torch.full((rows,), temperature), top_p=torch.full((rows,), top_p),
         top_k=torch.full((rows,), top_k, dtype=torch.long),
@@ -14,7 +16,8 @@ def batch(rows, temperature=1.0, top_p=1.0, top_k=0, seed=7, position=None, bann
         position=torch.arange(rows) if position is None else position,
         num_top_logprobs=0, want_logprobs=False, all_greedy=temperature <= 0,
         any_truncation=top_k > 0 or top_p < 1, banned_ids=banned,
-        min_p=None if min_p is None else torch.as_tensor(min_p, dtype=torch.float32))
+        min_p=None if min_p is None else torch.as_tensor(min_p, dtype=torch.float32),
+        bias=bias)
 
 
 def test_greedy_is_argmax_and_bans_apply():
@@ -66,6 +69,25 @@ def test_min_p_is_taken_after_temperature_and_with_top_k():
     both = sample(logits, batch(3000, temperature=2.0, top_k=2,
                                 min_p=torch.full((3000,), 0.5)))
     assert set(both.token_ids.tolist()) == {0, 1}
+
+
+def test_logit_bias_moves_greedy_and_drawn_tokens_but_not_the_logprobs():
+    logits = torch.randn(3, 40)
+    top = logits.argmax(-1)
+    ids = torch.tensor([[7, -1], [int(top[1]), 50], [-1, -1]], dtype=torch.int32)
+    values = torch.tensor([[100.0, 5.0], [-100.0, 100.0], [9.0, 9.0]])
+    out = sample(logits, dataclasses.replace(batch(3, temperature=0, bias=(ids, values)),
+                                             want_logprobs=True))
+    # row 0 is forced to 7; row 1 loses its best (id 50 is outside the vocabulary:
+    # dropped); row 2's padding biases nothing
+    second = logits[1].clone()
+    second[top[1]] = float("-inf")
+    assert out.token_ids.tolist() == [7, int(second.argmax()), int(top[2])]
+    assert torch.allclose(out.logprobs, logits.log_softmax(-1).gather(
+        -1, out.token_ids[:, None]).squeeze(-1))
+    hot = sample(logits.repeat(100, 1), batch(300, bias=(ids.repeat(100, 1),
+                                                         values.repeat(100, 1)))).token_ids
+    assert (hot[0::3] == 7).all() and (hot[1::3] != top[1]).all()
 
 
 def test_noise_is_a_function_of_seed_and_position_only():

@@ -45,6 +45,9 @@ def reference_write(view, plan, blocks, eos_token_ids):
         view.banned_ids[r, :] = -1
         banned = banned_ids(row.req, eos_token_ids) if row.samples else []
         view.banned_ids[r, : len(banned)] = banned
+        view.bias_ids[r, :] = -1
+        for j, (token_id, bias) in enumerate(o.logit_bias if row.samples else ()):
+            view.bias_ids[r, j], view.bias_values[r, j] = token_id, bias
     h = view.header
     h[S.H_HISTORY_LEN] = _write_histories(view, plan)
     h[S.H_NUM_TOKENS], h[S.H_NUM_ROWS], h[S.H_NUM_PLACEHOLDERS] = t, len(plan.rows), k
@@ -63,7 +66,8 @@ REQUESTS = [
                          top_logprobs=2, min_p=0.1)),
     (3, SamplingOptions(6, min_tokens=3, stop_token_ids=frozenset({5, 9}),
                         repetition_penalty=1.3)),
-    (7, SamplingOptions(4, presence_penalty=0.5, frequency_penalty=0.25)),
+    (7, SamplingOptions(4, presence_penalty=0.5, frequency_penalty=0.25,
+                        logit_bias=((3, -2.5), (70, 100.0)))),
     (1, SamplingOptions(3, logprobs=True)),
 ]
 

@@ -76,3 +76,15 @@ def test_the_engine_refuses_more_top_logprobs_than_a_slot_holds():
     assert top(20).top_logprobs == 20
     with pytest.raises(convert.InvalidRequest, match="top_logprobs: 25 exceeds the limit of 20"):
         top(25)
+
+
+def test_logit_bias_is_sorted_and_the_engine_checks_what_a_slot_holds():
+    assert options(logit_bias={9: 1.5, 4: -100.0}).logit_bias == ((4, -100.0), (9, 1.5))
+    too_many = {i: 1.0 for i in range(S.MAX_LOGIT_BIAS + 1)}
+    with pytest.raises(convert.InvalidRequest,
+                       match=f"logit_bias: {S.MAX_LOGIT_BIAS + 1} ids, more than the "
+                             f"{S.MAX_LOGIT_BIAS} allowed"):
+        options(logit_bias=too_many)
+    for bad in (float("nan"), float("inf"), 101.0):
+        with pytest.raises(convert.InvalidRequest, match=r"logit_bias\[7\]: .* \[-100, 100\]"):
+            options(logit_bias={7: bad})
