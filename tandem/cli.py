@@ -67,6 +67,15 @@ def build_parser(default_address: str,
                      help="add BIAS (-100 to 100) to token ID's logit (repeatable)")
     gen.add_argument("--seed", type=_bounded(0, 2**64 - 1), metavar="S")
     gen.add_argument("--stop", action="append", metavar="STR", help="a stop string (repeatable)")
+    gen.add_argument("--stop-token-id", type=_bounded(0, 2**31 - 1), action="append",
+                     metavar="ID", help="a token id that ends the completion (repeatable)")
+    gen.add_argument("--min-tokens", type=_bounded(0, 2**32 - 1), metavar="N",
+                     help="no end-of-sequence or stop token before N tokens")
+    gen.add_argument("--repetition-penalty", type=float, metavar="F",
+                     help="over prompt and output (1: off)")
+    gen.add_argument("--presence-penalty", type=float, metavar="F", help="over the output, -2 to 2")
+    gen.add_argument("--frequency-penalty", type=float, metavar="F",
+                     help="over the output, -2 to 2")
     gen.add_argument("--ignore-eos", action="store_true", default=None,
                      help="keep generating past end-of-sequence tokens")
     gen.add_argument("--json", action="store_true",
@@ -153,7 +162,11 @@ def run_generate(client: Client, args: argparse.Namespace, out: TextIO) -> int:
     sampling = {"max_tokens": args.max_tokens, "temperature": args.temperature,
                 "top_p": args.top_p, "top_k": args.top_k, "min_p": args.min_p, "seed": args.seed,
                 "stop": args.stop, "ignore_eos": args.ignore_eos,
-                "logit_bias": dict(args.logit_bias) if args.logit_bias else None}
+                "logit_bias": dict(args.logit_bias) if args.logit_bias else None,
+                "stop_token_ids": args.stop_token_id, "min_tokens": args.min_tokens,
+                "repetition_penalty": args.repetition_penalty,
+                "presence_penalty": args.presence_penalty,
+                "frequency_penalty": args.frequency_penalty}
     if args.json:
         print(json.dumps(completion_json(client.generate(**input_of(args), **sampling))), file=out)
         return 0

@@ -3,7 +3,9 @@
 /**
  * node generate.js [--address HOST:PORT] [--stream] [--json] [--chat] [--max-tokens N]
  *                  [--temperature T] [--top-p P] [--top-k K] [--min-p P] [--seed S]
- *                  [--stop STR]... [--logit-bias ID=BIAS]... [--ignore-eos] [--api-key KEY]
+ *                  [--stop STR]... [--stop-token-id ID]... [--min-tokens N]
+ *                  [--repetition-penalty F] [--presence-penalty F] [--frequency-penalty F]
+ *                  [--logit-bias ID=BIAS]... [--ignore-eos] [--api-key KEY]
  *                  [--timeout SECONDS] "prompt"
  *
  * Prints the completion's text (token by token with --stream) or, with --json, one JSON
@@ -17,7 +19,9 @@ const { Client, TandemError, DEFAULT_ADDRESS } = require('./tandem');
 
 const USAGE = 'usage: node generate.js [--address HOST:PORT] [--stream] [--json] [--chat] '
   + '[--max-tokens N] [--temperature T] [--top-p P] [--top-k K] [--min-p P] [--seed S] '
-  + '[--stop STR]... [--logit-bias ID=BIAS]... [--ignore-eos] [--api-key KEY] '
+  + '[--stop STR]... [--stop-token-id ID]... [--min-tokens N] [--repetition-penalty F] '
+  + '[--presence-penalty F] [--frequency-penalty F] '
+  + '[--logit-bias ID=BIAS]... [--ignore-eos] [--api-key KEY] '
   + '[--timeout SECONDS] "prompt"';
 
 const OPTIONS = {
@@ -35,6 +39,11 @@ const OPTIONS = {
   seed: { type: 'string' },
   stop: { type: 'string', multiple: true },
   'logit-bias': { type: 'string', multiple: true },
+  'stop-token-id': { type: 'string', multiple: true },
+  'min-tokens': { type: 'string' },
+  'repetition-penalty': { type: 'string' },
+  'presence-penalty': { type: 'string' },
+  'frequency-penalty': { type: 'string' },
   'ignore-eos': { type: 'boolean' },
   help: { type: 'boolean', short: 'h' },
 };
@@ -83,6 +92,15 @@ function parse(argv) {
     seed: values.seed, // uint64: passed on as a string, exactly
     stop: values.stop,
     logit_bias: logitBias(values['logit-bias']),
+    stop_token_ids: values['stop-token-id']?.map((raw) => {
+      const id = Number.parseInt(raw, 10);
+      if (Number.isNaN(id)) throw new UsageError(`--stop-token-id: not a number: ${raw}`);
+      return id;
+    }),
+    min_tokens: number(values, 'min-tokens', (s) => Number.parseInt(s, 10)),
+    repetition_penalty: number(values, 'repetition-penalty'),
+    presence_penalty: number(values, 'presence-penalty'),
+    frequency_penalty: number(values, 'frequency-penalty'),
     ignore_eos: values['ignore-eos'],
   };
   const prompt = positionals[0];

@@ -48,6 +48,19 @@ def test_generate_streams_text(fake, capsys):
     assert s.HasField("temperature")
 
 
+def test_generate_passes_stop_ids_min_tokens_and_penalties(fake, capsys):
+    code, _, err = run(fake, capsys, "generate", "Hello", "--stop-token-id", "4",
+                       "--stop-token-id", "9", "--min-tokens", "2", "--repetition-penalty", "1.2",
+                       "--presence-penalty", "0.5", "--frequency-penalty", "-0.25")
+    assert (code, err) == (0, "")
+    s = fake.generation.requests[-1].sampling
+    assert (list(s.stop_token_ids), s.min_tokens, s.presence_penalty, s.frequency_penalty) == (
+        [4, 9], 2, 0.5, -0.25)
+    assert s.HasField("repetition_penalty") and s.repetition_penalty == pytest.approx(1.2)
+    run(fake, capsys, "generate", "Hello")
+    assert not fake.generation.requests[-1].sampling.HasField("repetition_penalty")
+
+
 def test_generate_flushes_each_delta(fake):
     class Recorder:
         def __init__(self):

@@ -53,6 +53,17 @@ def test_unset_flags_stay_unset_and_chat(fake):
     assert "authorization" not in fake.generation.metadata[-1]
 
 
+def test_stop_ids_min_tokens_and_penalties_become_the_request(fake):
+    proc = node(fake, "--stop-token-id", "4", "--stop-token-id", "9", "--min-tokens", "2",
+                "--repetition-penalty", "1.25", "--presence-penalty", "0.5",
+                "--frequency-penalty=-0.25", "Hello")  # a negative value: with =
+    assert (proc.returncode, proc.stderr) == (0, "")
+    s = fake.generation.requests[-1].sampling
+    assert (list(s.stop_token_ids), s.min_tokens, s.repetition_penalty, s.presence_penalty,
+            s.frequency_penalty) == ([4, 9], 2, 1.25, 0.5, -0.25)
+    assert s.HasField("repetition_penalty")
+
+
 def test_a_logit_bias_that_is_not_id_eq_bias_exits_2(fake):
     proc = node(fake, "--logit-bias", "42", "Hello")
     assert proc.returncode == 2 and "--logit-bias: expected ID=BIAS" in proc.stderr
