@@ -10,7 +10,7 @@ import math
 from collections.abc import Iterable, Sequence
 
 from gateway.errors import InvalidRequest
-from tandem import MAX_LOGIT_BIAS
+from tandem import MAX_ABS_LOGIT_BIAS, MAX_LOGIT_BIAS
 from tandem.v1 import generation_pb2 as pb
 
 __all__ = [
@@ -131,8 +131,9 @@ def _check_logit_bias(sampling: pb.SamplingParams, vocab_size: int) -> None:
             raise InvalidRequest(
                 field, f"token id {token_id} is outside the vocabulary [0, {vocab_size})"
             )
-        if not (math.isfinite(bias) and -100 <= bias <= 100):
-            raise InvalidRequest(field, f"the bias must lie in [-100, 100], got {bias}")
+        if not (math.isfinite(bias) and abs(bias) <= MAX_ABS_LOGIT_BIAS):
+            raise InvalidRequest(field, f"the bias must lie in [-{MAX_ABS_LOGIT_BIAS}, "
+                                        f"{MAX_ABS_LOGIT_BIAS}], got {bias}")
 
 
 def _check_stop(sampling: pb.SamplingParams, vocab_size: int) -> None:

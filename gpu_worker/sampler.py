@@ -98,22 +98,24 @@ def _min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(logits < floor, float("-inf"))
 
 
+def _columns(ids: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Token ids as columns of the logits padded by one spare column: padding (< 0) and ids
+    outside the vocabulary land on the spare one, which is cut off again."""
+    return torch.where((ids >= 0) & (ids < vocab), ids.long(), vocab)
+
+
 def _ban(logits: torch.Tensor, banned_ids: torch.Tensor) -> torch.Tensor:
-    """Set each row's banned tokens to -inf (padding entries go to a spare column)."""
+    """Set each row's banned tokens to -inf."""
     vocab = logits.shape[-1]
-    index = torch.where(banned_ids >= 0, banned_ids.long(), vocab).clamp(max=vocab)
     padded = F.pad(logits, (0, 1))
-    return padded.scatter(-1, index, float("-inf"))[:, :vocab]
+    return padded.scatter(-1, _columns(banned_ids, vocab), float("-inf"))[:, :vocab]
 
 
 def _add_bias(logits: torch.Tensor, ids: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """Add each row's biases to its logits (padding, and ids outside the vocabulary, go to
-    a spare column)."""
+    """Add each row's biases to its logits."""
     vocab = logits.shape[-1]
-    valid = (ids >= 0) & (ids < vocab)
-    index = torch.where(valid, ids.long(), vocab)
     padded = F.pad(logits, (0, 1))
-    return padded.scatter_add(-1, index, torch.where(valid, values, 0.0))[:, :vocab]
+    return padded.scatter_add(-1, _columns(ids, vocab), values)[:, :vocab]
 
 
 def _penalise(logits: torch.Tensor, p: Penalties) -> torch.Tensor:

@@ -9,5 +9,7 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 KERNELS = ("auto", "triton", "torch")
 
-# SamplingParams.logit_bias: the most ids a request may bias (what a slot row holds)
+# SamplingParams.logit_bias: the most ids a request may bias (what a slot row holds), and
+# the largest bias either way
 MAX_LOGIT_BIAS = 64
+MAX_ABS_LOGIT_BIAS = 100

@@ -48,12 +48,13 @@ def parse_args(argv: list[str]) -> EngineConfig:
     p.add_argument("--dtype", default="auto",
                    help="auto (default: bfloat16 on a GPU, float32 on the CPU), bfloat16, "
                         "float16, float32")
-    p.add_argument("--seed", type=int, default=0, help="weights of random presets (default 0)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="weights of random presets (default %(default)s)")
     p.add_argument("--kernels", default="auto",
                    help="worker kernels: auto (Triton on CUDA, torch on the CPU), triton, torch")
     p.add_argument("--sync", action="store_true", help="no overlap: the benchmark baseline")
     p.add_argument("--block-size", type=int, default=16, metavar="N",
-                   help="tokens per KV cache block (default 16)")
+                   help="tokens per KV cache block (default %(default)s)")
     p.add_argument("--num-kv-blocks", type=int, default=None, metavar="N",
                    help="KV cache blocks (default: from --kv-cache-gib)")
     p.add_argument("--kv-cache-gib", type=float, default=None, metavar="GIB",
@@ -61,39 +62,40 @@ def parse_args(argv: list[str]) -> EngineConfig:
                         "--gpu-memory-utilization leaves)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85, metavar="F",
                    help="fraction of the GPU's memory the worker may fill, weights and KV "
-                        "cache included (default 0.85)")
+                        "cache included (default %(default)s)")
     p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
                    help="compute every prompt in full, even where a cached block holds the "
                         "same prefix")
     p.add_argument("--max-num-seqs", type=int, default=64, metavar="N",
-                   help="requests in a batch at most (default 64)")
+                   help="requests in a batch at most (default %(default)s)")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, metavar="N",
                    help="tokens in a batch at most; longer prompts are prefilled in chunks "
-                        "(default 2048)")
+                        "(default %(default)s)")
     p.add_argument("--max-model-len", type=int, default=None, metavar="N",
                    help="context length, prompt plus output (default: the model's, at most "
                         "8192)")
     p.add_argument("--default-max-tokens", type=int, default=256, metavar="N",
-                   help="max_tokens of a request that sets none (default 256)")
+                   help="max_tokens of a request that sets none (default %(default)s)")
     p.add_argument("--batch-wait-ms", type=float, default=0.0, metavar="MS",
                    help="when idle, gather requests this long before the first batch "
-                        "(default 0)")
+                        "(default %(default)s)")
     p.add_argument("--max-waiting-requests", type=int, default=1024, metavar="N",
                    help="queued requests beyond which new ones get RESOURCE_EXHAUSTED "
-                        "(default 1024)")
+                        "(default %(default)s)")
     p.add_argument("--max-waiting-tokens", type=int, default=1 << 20, metavar="N",
                    help="queued prompt tokens beyond which new requests get RESOURCE_EXHAUSTED "
-                        "(default 1048576)")
+                        "(default %(default)s)")
     p.add_argument("--grace-period", type=float, default=30.0, metavar="S",
-                   help="on SIGTERM, seconds in-flight requests get to finish (default 30)")
+                   help="on SIGTERM, seconds in-flight requests get to finish "
+                        "(default %(default)s)")
     p.add_argument("--stall-timeout", type=float, default=120.0, metavar="S",
                    help="seconds a batch may stay in flight before health says NOT_SERVING "
-                        "(default 120)")
+                        "(default %(default)s)")
     p.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
                    help="serve Prometheus metrics on this port (0: any free port; default: "
                         "off)")
     p.add_argument("--metrics-host", default="127.0.0.1", metavar="HOST",
-                   help="address of the metrics endpoint (default 127.0.0.1; 0.0.0.0 to "
+                   help="address of the metrics endpoint (default %(default)s; 0.0.0.0 to "
                         "expose it)")
     a = p.parse_args(argv)
     try:

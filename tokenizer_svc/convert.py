@@ -7,7 +7,7 @@ import random
 
 from jinja2 import TemplateError, TemplateSyntaxError
 
-from tandem import slots
+from tandem import MAX_ABS_LOGIT_BIAS, slots
 from tandem.v1 import generation_pb2 as pb
 from tokenizer_svc.request import FinishReason, RequestOutput, SamplingOptions, ending_eos
 from tokenizer_svc.tokenization import ModelTokenizer
@@ -146,9 +146,9 @@ def _check_logit_bias(sp: pb.SamplingParams) -> None:
         raise InvalidRequest(f"sampling.logit_bias: {len(sp.logit_bias)} ids, more than the "
                              f"{slots.MAX_LOGIT_BIAS} allowed")
     for token_id, bias in sorted(sp.logit_bias.items()):
-        if not (math.isfinite(bias) and -100 <= bias <= 100):
+        if not (math.isfinite(bias) and abs(bias) <= MAX_ABS_LOGIT_BIAS):
             raise InvalidRequest(f"sampling.logit_bias[{token_id}]: {bias} must lie in "
-                                 "[-100, 100]")
+                                 f"[-{MAX_ABS_LOGIT_BIAS}, {MAX_ABS_LOGIT_BIAS}]")
 
 
 def _seed(seed: int) -> int:

@@ -26,7 +26,7 @@ from gateway_fakes import (
 )
 
 from gateway.config import SpawnConfig
-from gateway.supervisor import EngineSupervisor
+from gateway.supervisor import DIR_PREFIX, EngineSupervisor
 from tandem.v1 import generation_pb2 as pb
 
 pytestmark = pytest.mark.timeout(60)
@@ -213,7 +213,7 @@ def test_spawned_engine_stops_when_the_gateway_is_killed(tmp_path: Path) -> None
     try:
         asyncio.run(wait_until(lambda: pids(tmp_path), timeout=20))
         [pid] = pids(tmp_path)
-        [left] = Path(tempfile.gettempdir()).glob(f"tandem-gateway-{gateway.pid}-*")
+        [left] = Path(tempfile.gettempdir()).glob(f"{DIR_PREFIX}{gateway.pid}-*")
         gateway.kill()
         gateway.wait()
         asyncio.run(wait_until(lambda: not _running(pid), timeout=10))
