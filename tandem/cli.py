@@ -76,6 +76,8 @@ def build_parser(default_address: str,
     gen.add_argument("--presence-penalty", type=float, metavar="F", help="over the output, -2 to 2")
     gen.add_argument("--frequency-penalty", type=float, metavar="F",
                      help="over the output, -2 to 2")
+    gen.add_argument("--priority", type=_bounded(-2**31, 2**31 - 1), default=0, metavar="N",
+                     help="scheduling priority: higher goes first (default: 0)")
     gen.add_argument("--ignore-eos", action="store_true", default=None,
                      help="keep generating past end-of-sequence tokens")
     gen.add_argument("--json", action="store_true",
@@ -167,12 +169,13 @@ def run_generate(client: Client, args: argparse.Namespace, out: TextIO) -> int:
                 "repetition_penalty": args.repetition_penalty,
                 "presence_penalty": args.presence_penalty,
                 "frequency_penalty": args.frequency_penalty}
+    request = {**input_of(args), "priority": args.priority, **sampling}
     if args.json:
-        print(json.dumps(completion_json(client.generate(**input_of(args), **sampling))), file=out)
+        print(json.dumps(completion_json(client.generate(**request))), file=out)
         return 0
     text = ""
     try:
-        for delta in client.stream(**input_of(args), **sampling):
+        for delta in client.stream(**request):
             out.write(delta.text)
             out.flush()
             text += delta.text

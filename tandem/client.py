@@ -159,9 +159,12 @@ class Client:
 
     def generate(self, prompt: str | None = None, *, messages: Sequence[Message] | None = None,
                  token_ids: Sequence[int] | None = None, request_id: str | None = None,
-                 timeout: float | None = None, **sampling: Any) -> Completion:
-        """Generates a completion of exactly one of `prompt`, `messages` or `token_ids`."""
-        request = build_request(prompt, messages, token_ids, request_id, sampling, "generate")
+                 priority: int = 0, timeout: float | None = None,
+                 **sampling: Any) -> Completion:
+        """Generates a completion of exactly one of `prompt`, `messages` or `token_ids`.
+        A higher `priority` is scheduled first (see `GenerateRequest.priority`)."""
+        request = build_request(prompt, messages, token_ids, request_id, sampling, "generate",
+                                priority)
         response = self._call(self._stub.Generate, request, timeout)
         return Completion(
             text=response.text,
@@ -177,10 +180,12 @@ class Client:
 
     def stream(self, prompt: str | None = None, *, messages: Sequence[Message] | None = None,
                token_ids: Sequence[int] | None = None, request_id: str | None = None,
-               timeout: float | None = None, **sampling: Any) -> Iterator[Delta]:
+               priority: int = 0, timeout: float | None = None,
+               **sampling: Any) -> Iterator[Delta]:
         """Streams a completion as it is produced. Stopping the iteration early (or closing
         the iterator) cancels the generation on the server."""
-        request = build_request(prompt, messages, token_ids, request_id, sampling, "stream")
+        request = build_request(prompt, messages, token_ids, request_id, sampling, "stream",
+                                priority)
         call = self._stub.GenerateStream(request, timeout=self._timeout(timeout),
                                          metadata=self._metadata)
         return _deltas(call)
@@ -233,7 +238,8 @@ def _deltas(call: Any) -> Iterator[Delta]:
 
 def build_request(prompt: str | None, messages: Sequence[Message] | None,
                   token_ids: Sequence[int] | None, request_id: str | None,
-                  sampling: Mapping[str, Any], caller: str) -> pb.GenerateRequest:
+                  sampling: Mapping[str, Any], caller: str,
+                  priority: int = 0) -> pb.GenerateRequest:
     """The `GenerateRequest` for one input and the sampling keywords (None: unset)."""
     unknown = sorted(set(sampling) - SAMPLING_FIELDS)
     if unknown:
@@ -249,6 +255,7 @@ def build_request(prompt: str | None, messages: Sequence[Message] | None,
     request = pb.GenerateRequest(
         sampling=pb.SamplingParams(**fields),
         request_id=request_id or "",
+        priority=priority,
     )
     if prompt is not None:
         request.text = prompt

@@ -102,6 +102,7 @@ class Request:
     prompt_ids: list[int]
     options: SamplingOptions
     arrival: float
+    priority: int = 0  # higher is scheduled first (see tokenizer_svc.scheduler)
     output_ids: list[int] = dataclasses.field(default_factory=list)
     num_computed: int = 0
     pending: deque[tuple[int, int]] = dataclasses.field(default_factory=deque)

@@ -1,10 +1,13 @@
 """Continuous batching over the paged KV cache. Plain Python, no torch.
 
 Each step shares one token budget between the running requests (decodes and
-continuing prefill chunks, in arrival order) and then the waiting ones (new or
-preempted requests, prefilled in chunks). A running request that cannot get a
-block preempts the most recently admitted one: its blocks are freed and it goes
-back to the front of the queue to be recomputed later.
+continuing prefill chunks) and then the waiting ones (new or preempted requests,
+prefilled in chunks). Both lists are kept in priority order, higher first, and in
+arrival order within a priority (the waiting list) or admission order (the running
+one). A running request that cannot get a block preempts the last running one: its
+blocks are freed and it goes back to the front of its priority's queue, to be
+recomputed later. A waiting request that cannot be admitted (no row or no blocks
+free) preempts running requests of strictly lower priority until it can.
 
 A request admitted from the queue first takes the cached blocks that hold the
 longest whole-block prefix of its tokens (prefix caching, see
@@ -62,6 +65,18 @@ class BatchPlan:
         return sum(len(r.placeholders) for r in self.rows)
 
 
+def _insert(queue: deque[Request] | list[Request], req: Request, first: bool) -> None:
+    """Put ``req`` into ``queue``, which is in priority order (higher first): behind the
+    requests of its priority, or ahead of them if ``first``."""
+    if first:
+        i = next((i for i, r in enumerate(queue) if r.priority <= req.priority), len(queue))
+    else:
+        i = len(queue)
+        while i and queue[i - 1].priority < req.priority:
+            i -= 1
+    queue.insert(i, req)
+
+
 class Scheduler:
     def __init__(self, limits: SchedulerLimits, blocks: BlockManager) -> None:
         self.limits = limits
@@ -78,7 +93,7 @@ class Scheduler:
         return bool(self.waiting) or any(r.wants_more_tokens for r in self.running)
 
     def add(self, req: Request) -> None:
-        self.waiting.append(req)
+        _insert(self.waiting, req, first=False)
 
     def written(self, row: ScheduledRow) -> None:
         """The batch of ``row`` has completed: its tokens' KV is in the cache, and the full
@@ -103,6 +118,7 @@ class Scheduler:
         plan = BatchPlan(self.next_seq, [], prev_seq=self.next_seq - 1)
         budget = self.limits.max_num_batched_tokens
         preempted: list[Request] = []
+        self._make_way(preempted)
         budget = self._schedule_running(plan, budget, preempted)
         self._schedule_waiting(plan, budget, preempted)
         if not plan.rows:
@@ -139,12 +155,29 @@ class Scheduler:
             blocks.allocate(req.req_id, num_tokens)
         return True
 
+    def _make_way(self, preempted: list) -> None:
+        """Preempt running requests of lower priority than the head of the queue, last
+        first, until the head has a row and the blocks of its first chunk (counted
+        without its cached prefix: this may free a little more than it needs)."""
+        limits, blocks = self.limits, self.blocks
+        while self.waiting and self.running:
+            head, victim = self.waiting[0], self.running[-1]
+            if victim.priority >= head.priority or not head.wants_more_tokens:
+                return
+            chunk = min(head.num_total, limits.max_num_batched_tokens)
+            if (len(self.running) < limits.max_num_seqs
+                    and blocks.can_allocate(head.req_id, chunk, limits.watermark_blocks)):
+                return
+            self._preempt(victim)
+            preempted.append(victim)
+
     def _preempt(self, req: Request) -> None:
+        """Free ``req``'s blocks and queue it ahead of the waiting requests of its priority."""
         self.running.remove(req)
         self.blocks.free(req.req_id)
         req.num_computed = 0
         req.status = Status.WAITING
-        self.waiting.appendleft(req)
+        _insert(self.waiting, req, first=True)
         self.num_preemptions += 1
 
     def _schedule_waiting(self, plan: BatchPlan, budget: int, preempted: list) -> None:
@@ -168,7 +201,7 @@ class Scheduler:
             self.waiting.popleft()
             self.blocks.allocate(req.req_id, req.num_computed + n)
             req.status = Status.RUNNING
-            self.running.append(req)
+            _insert(self.running, req, first=False)
             self._add_row(plan, req, n)
             budget -= n
 

@@ -324,7 +324,8 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         # unique on the engine even if a client reuses an id (the gateway never does)
         req_id = f"{request.request_id}.{next(self._num_requests)}"
-        return Request(req_id, ids, options, arrival=time.monotonic())
+        return Request(req_id, ids, options, arrival=time.monotonic(),
+                       priority=request.request.priority)
 
     def _admit(self, engine: Engine, req: Request) -> None:
         """Refuse at once, with the limit named, when the waiting queue is full."""

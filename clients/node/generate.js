@@ -5,8 +5,8 @@
  *                  [--temperature T] [--top-p P] [--top-k K] [--min-p P] [--seed S]
  *                  [--stop STR]... [--stop-token-id ID]... [--min-tokens N]
  *                  [--repetition-penalty F] [--presence-penalty F] [--frequency-penalty F]
- *                  [--logit-bias ID=BIAS]... [--ignore-eos] [--api-key KEY]
- *                  [--timeout SECONDS] "prompt"
+ *                  [--logit-bias ID=BIAS]... [--ignore-eos] [--priority N]
+ *                  [--api-key KEY] [--timeout SECONDS] "prompt"
  *
  * Prints the completion's text (token by token with --stream) or, with --json, one JSON
  * object: { text, token_ids, finish_reason, usage, timing, request_id }, like `tandem
@@ -21,7 +21,7 @@ const USAGE = 'usage: node generate.js [--address HOST:PORT] [--stream] [--json]
   + '[--max-tokens N] [--temperature T] [--top-p P] [--top-k K] [--min-p P] [--seed S] '
   + '[--stop STR]... [--stop-token-id ID]... [--min-tokens N] [--repetition-penalty F] '
   + '[--presence-penalty F] [--frequency-penalty F] '
-  + '[--logit-bias ID=BIAS]... [--ignore-eos] [--api-key KEY] '
+  + '[--logit-bias ID=BIAS]... [--ignore-eos] [--priority N] [--api-key KEY] '
   + '[--timeout SECONDS] "prompt"';
 
 const OPTIONS = {
@@ -45,6 +45,7 @@ const OPTIONS = {
   'presence-penalty': { type: 'string' },
   'frequency-penalty': { type: 'string' },
   'ignore-eos': { type: 'boolean' },
+  priority: { type: 'string' },
   help: { type: 'boolean', short: 'h' },
 };
 
@@ -105,7 +106,8 @@ function parse(argv) {
   };
   const prompt = positionals[0];
   const input = values.chat ? [{ role: 'user', content: prompt }] : prompt;
-  return { values, sampling, input, timeout: number(values, 'timeout') };
+  const priority = number(values, 'priority', (s) => Number.parseInt(s, 10)) ?? 0;
+  return { values, sampling, input, priority, timeout: number(values, 'timeout') };
 }
 
 /** The --json object, the same shape as `tandem generate --json` prints. */
@@ -124,10 +126,10 @@ function toJson(result) {
   };
 }
 
-async function stream(client, { input, sampling, timeout, values }) {
+async function stream(client, { input, sampling, priority, timeout, values }) {
   const whole = { text: '', token_ids: [], finish_reason: null, usage: null, timing: null };
   try {
-    for await (const delta of client.generateStream(input, sampling, { timeout })) {
+    for await (const delta of client.generateStream(input, sampling, { priority, timeout })) {
       if (!values.json) process.stdout.write(delta.text);
       whole.text += delta.text;
       whole.token_ids.push(...delta.token_ids);
@@ -159,7 +161,8 @@ async function main(argv) {
   try {
     const result = args.values.stream
       ? await stream(client, args)
-      : await client.generate(args.input, args.sampling, { timeout: args.timeout });
+      : await client.generate(args.input, args.sampling,
+        { priority: args.priority, timeout: args.timeout });
     if (args.values.json) process.stdout.write(`${JSON.stringify(toJson(result))}\n`);
     else if (!args.values.stream) {
       process.stdout.write(result.text.endsWith('\n') ? result.text : `${result.text}\n`);

@@ -63,8 +63,11 @@ class TandemError extends Error {
   }
 }
 
-/** A GenerateRequest from an input (string, messages array or { token_ids }) and sampling. */
-function buildRequest(input, sampling = {}, requestId = '') {
+/**
+ * A GenerateRequest from an input (string, messages array or { token_ids }), sampling, and
+ * the request's id and priority (higher is scheduled first).
+ */
+function buildRequest(input, sampling = {}, requestId = '', priority = 0) {
   const { samplingFields } = loadProto();
   const params = {};
   for (const [key, value] of Object.entries(sampling)) {
@@ -72,7 +75,7 @@ function buildRequest(input, sampling = {}, requestId = '') {
     if (value === undefined || value === null) continue;
     params[key] = key === 'stop' && typeof value === 'string' ? [value] : value;
   }
-  const request = { sampling: params, request_id: requestId };
+  const request = { sampling: params, request_id: requestId, priority };
   if (typeof input === 'string') request.text = input;
   else if (Array.isArray(input)) request.messages = { messages: input };
   else if (input && Array.isArray(input.token_ids)) request.token_ids = { ids: input.token_ids };
@@ -122,8 +125,8 @@ class Client {
   }
 
   /** Resolves to the whole completion: { text, token_ids, finish_reason, usage, timing, ... }. */
-  generate(input, sampling = {}, { requestId = '', timeout } = {}) {
-    const request = buildRequest(input, sampling, requestId);
+  generate(input, sampling = {}, { requestId = '', priority = 0, timeout } = {}) {
+    const request = buildRequest(input, sampling, requestId, priority);
     return new Promise((resolve, reject) => {
       this.stub.Generate(request, this.metadata, this.callOptions(timeout), (error, response) => {
         if (error) reject(TandemError.fromServiceError(error));
@@ -136,8 +139,8 @@ class Client {
    * Yields the completion's deltas as they come; the last one carries finish_reason, usage
    * and timing. Leaving the loop early cancels the generation on the server.
    */
-  async *generateStream(input, sampling = {}, { requestId = '', timeout } = {}) {
-    const request = buildRequest(input, sampling, requestId);
+  async *generateStream(input, sampling = {}, { requestId = '', priority = 0, timeout } = {}) {
+    const request = buildRequest(input, sampling, requestId, priority);
     const call = this.stub.GenerateStream(request, this.metadata, this.callOptions(timeout));
     let finished = false;
     try {

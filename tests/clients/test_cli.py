@@ -51,8 +51,10 @@ def test_generate_streams_text(fake, capsys):
 def test_generate_passes_stop_ids_min_tokens_and_penalties(fake, capsys):
     code, _, err = run(fake, capsys, "generate", "Hello", "--stop-token-id", "4",
                        "--stop-token-id", "9", "--min-tokens", "2", "--repetition-penalty", "1.2",
-                       "--presence-penalty", "0.5", "--frequency-penalty", "-0.25")
+                       "--presence-penalty", "0.5", "--frequency-penalty", "-0.25",
+                       "--priority", "-7")
     assert (code, err) == (0, "")
+    assert fake.generation.requests[-1].priority == -7
     s = fake.generation.requests[-1].sampling
     assert (list(s.stop_token_ids), s.min_tokens, s.presence_penalty, s.frequency_penalty) == (
         [4, 9], 2, 0.5, -0.25)

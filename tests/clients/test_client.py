@@ -21,10 +21,10 @@ def client(fake):
 def test_generate_sends_text_and_sampling(fake, client):
     out = client.generate("Hello", max_tokens=8, temperature=0, top_p=0.9, top_k=40, seed=7,
                           stop=["\n", "END"], stop_token_ids=[5], ignore_eos=True, logprobs=True,
-                          top_logprobs=2, request_id="r-1")
+                          top_logprobs=2, request_id="r-1", priority=-3)
     request = fake.generation.requests[-1]
     assert request.WhichOneof("input") == "text" and request.text == "Hello"
-    assert request.request_id == "r-1"
+    assert (request.request_id, request.priority) == ("r-1", -3)
     s = request.sampling
     assert s.HasField("temperature") and s.temperature == 0  # greedy, not "unset"
     assert (s.max_tokens, s.top_k, s.seed, s.ignore_eos, s.logprobs, s.top_logprobs) == (

@@ -56,8 +56,9 @@ def test_unset_flags_stay_unset_and_chat(fake):
 def test_stop_ids_min_tokens_and_penalties_become_the_request(fake):
     proc = node(fake, "--stop-token-id", "4", "--stop-token-id", "9", "--min-tokens", "2",
                 "--repetition-penalty", "1.25", "--presence-penalty", "0.5",
-                "--frequency-penalty=-0.25", "Hello")  # a negative value: with =
+                "--frequency-penalty=-0.25", "--priority=-7", "Hello")  # negative: with =
     assert (proc.returncode, proc.stderr) == (0, "")
+    assert fake.generation.requests[-1].priority == -7
     s = fake.generation.requests[-1].sampling
     assert (list(s.stop_token_ids), s.min_tokens, s.repetition_penalty, s.presence_penalty,
             s.frequency_penalty) == ([4, 9], 2, 1.25, 0.5, -0.25)

@@ -89,6 +89,34 @@ def test_full_queue_is_refused_at_once_with_the_limit_named(small_queue_service)
     assert rejected == len(refused)
 
 
+def test_a_higher_priority_request_preempts_a_running_one_that_then_ends_unchanged(
+        small_queue_service):
+    """One row: the urgent request takes it from the running one, which is recomputed later
+    and streams exactly what it streams alone."""
+    service = small_queue_service
+    background = long_request(4 * LONG)
+    alone = list(service.stub.Generate(background, timeout=120).token_ids)
+    preemptions = service.stats().num_preemptions
+    finished = []
+    low = service.stub.GenerateStream(background, timeout=120)
+    tokens = list(next(low).token_ids)  # running, and holding the only row
+
+    def drain():
+        tokens.extend(t for msg in low for t in msg.token_ids)
+        finished.append("low")
+
+    thread = threading.Thread(target=drain)
+    thread.start()
+    urgent = pb.GenerateRequest(text="Say hello.", priority=5, sampling=pb.SamplingParams(
+        max_tokens=4, temperature=0, ignore_eos=True))
+    assert len(service.stub.Generate(urgent, timeout=120).token_ids) == 4
+    finished.append("urgent")
+    thread.join()
+    assert finished == ["urgent", "low"]  # in arrival order the urgent one would wait
+    assert service.stats().num_preemptions > preemptions
+    assert tokens == alone
+
+
 def test_engine_requests_reusing_an_id_run_side_by_side(async_service):
     """The internal API asks for ids unique in flight; a client that breaks that gets two
     independent requests, not a broken engine."""

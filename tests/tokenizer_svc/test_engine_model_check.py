@@ -4,9 +4,11 @@ The real ``Engine._step``, scheduler, block manager, slot writer and output proc
 against a fake worker that executes batches strictly in order, sometimes as soon as they
 are submitted and sometimes only when the engine waits for them, and keeps a shadow KV
 cache: each slot holds the tokens that produced it. Random requests (shared prefixes,
-multi-turn continuations, a tiny vocabulary so that blocks collide), aborts and preemptions
-(small caches) on random configurations. After every step and every batch it checks:
+multi-turn continuations, a tiny vocabulary so that blocks collide, mixed priorities),
+aborts and preemptions (small caches, higher priorities) on random configurations. After
+every step and every batch it checks:
 
+- the waiting and the running requests are each in priority order;
 - every block is in exactly one place (tables with matching ref counts, the free list, the
   evictable LRU), and every registered block holds exactly its digest's tokens;
 - every context position a row reads holds that request's true tokens, and every
@@ -149,6 +151,7 @@ class Sim:
         self.vocab = cfg.get("vocab", rng.choice([2, 3, 8]))
         self.p_abort = cfg.get("p_abort", rng.choice([0.0, 0.05, 0.2]))
         self.prefix_caching = cfg.get("prefix_caching", True)
+        self.priorities = cfg.get("priorities", rng.choice([(0,), (0, 1), (-1, 0, 0, 2)]))
         # preempt a running request between steps, batches in flight or not (the engine
         # only preempts inside schedule(); this reaches orders it never produces)
         self.p_preempt = cfg.get("p_preempt", 0.0)
@@ -201,6 +204,12 @@ class Sim:
             if block_digests(list(last), bs, L // bs)[-1] != d:
                 raise Bug(f"{when}: registered block {b} content {last!r} does not match digest")
 
+    def check_priority_order(self, when):
+        for name in ("waiting", "running"):
+            order = [r.priority for r in getattr(self.sched, name)]
+            if order != sorted(order, reverse=True):
+                raise Bug(f"{when}: {name} requests out of priority order: {order}")
+
     def new_request(self):
         rng = self.rng
         self.n += 1
@@ -224,7 +233,8 @@ class Sim:
             mt, ignore_eos=ignore_eos, stop_token_ids=stop if rng.random() < 0.5 else frozenset(),
             min_tokens=rng.randint(0, mt) if rng.random() < 0.5 else 0,
             repetition_penalty=1.3 if rng.random() < 0.3 else 1.0)
-        req = Request(rid, prompt, opts, arrival=time.monotonic())
+        req = Request(rid, prompt, opts, arrival=time.monotonic(),
+                      priority=rng.choice(self.priorities))
         self.truth[rid] = list(prompt)
         self.got[rid] = []
         def sink(out, rid=rid):
@@ -258,6 +268,7 @@ class Sim:
                 self.sched._preempt(rng.choice(self.sched.running))
             eng._step()
             self.check_registry(f"after step {step}")
+            self.check_priority_order(f"after step {step}")
         for _ in range(10000):  # drain
             if not (eng.in_flight or self.sched.has_work or not eng.inbox.empty()):
                 break
