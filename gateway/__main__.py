@@ -82,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: off)")
     parser.add_argument("--metrics-host", default="127.0.0.1",
                         help="address of the metrics endpoint (0.0.0.0 to expose it)")
+    parser.add_argument("--http-listen", metavar="HOST:PORT",
+                        help="also serve an OpenAI-compatible HTTP API here (/v1/completions, "
+                        "/v1/chat/completions, /v1/models; TLS and API keys as on the gRPC "
+                        "port; port 0: any free port; default: off)")
     parser.add_argument("--health-interval", type=float, default=0.5, metavar="S",
                         help="how often each engine's health is polled (default 0.5)")
     parser.add_argument("--grace-period", type=float, default=5.0, metavar="S",
@@ -135,6 +139,7 @@ FLAG_OF_FIELD = {
     "health_poll_interval_s": "--health-interval",
     "grace_period_s": "--grace-period",
     "metrics_port": "--metrics-port",
+    "http_listen": "--http-listen",
     "engine_streams": "--engine-streams",
     "listen address": "--listen",
     "engine addresses": "--engine",
@@ -175,6 +180,7 @@ def _build_config(args: argparse.Namespace, engine_args: tuple[str, ...]) -> Gat
         engine_streams=args.engine_streams,
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,
+        http_listen=args.http_listen,
         tls=_tls_config(args),
         api_keys=_api_keys(args),
     )
@@ -208,7 +214,11 @@ async def serve(config: GatewayConfig) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, _on_signal, server, sig)
     try:
-        await server.start()
+        try:
+            await server.start()
+        except RuntimeError as exc:  # the HTTP API's address in use
+            logger.error("cannot start: %s", exc)
+            return 1
         exit_code = await server.wait()
     finally:
         await server.drain()

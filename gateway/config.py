@@ -105,6 +105,8 @@ class GatewayConfig:
     engine_streams: str = "multiplexed"
     metrics_port: int | None = None  # Prometheus /metrics over HTTP (None: off; 0: any port)
     metrics_host: str = "127.0.0.1"
+    # The OpenAI-compatible HTTP API (gateway.openai_api), HOST:PORT (None: off; port 0: any)
+    http_listen: str | None = None
 
     def __post_init__(self) -> None:
         if not self.listen:
@@ -138,6 +140,8 @@ class GatewayConfig:
             raise ValueError(f"routing must be one of {', '.join(ROUTINGS)}, not {self.routing!r}")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics_port must be 0-65535, got {self.metrics_port}")
+        if self.http_listen is not None:
+            split_host_port(self.http_listen)
         if self.engine_streams not in ENGINE_STREAMS:
             raise ValueError(f"engine_streams must be one of {', '.join(ENGINE_STREAMS)}, "
                              f"not {self.engine_streams!r}")
@@ -156,6 +160,14 @@ class GatewayConfig:
     @property
     def spawn_engine(self) -> bool:
         return self.spawn is not None
+
+
+def split_host_port(address: str) -> tuple[str, int]:
+    """HOST:PORT (an IPv6 host in brackets) as (host, port); ValueError if it is not one."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"http_listen must be HOST:PORT with a port 0-65535, got {address!r}")
+    return host.strip("[]"), int(port)
 
 
 def _require_positive(name: str, value: float) -> None:

@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import shutil
+import tempfile
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from gateway.admission import Admission
-from gateway.config import GatewayConfig
+from gateway.config import GatewayConfig, split_host_port
 from gateway.engines import EnginePool
 from gateway.errors import ShuttingDown
 from gateway.health import NOT_SERVING, SERVING, HealthServicer
@@ -31,7 +34,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.relay import Relay
 from gateway.security import ApiKeyAuth, server_credentials
 from gateway.servicer import GenerationServicer
-from gateway.supervisor import EngineSupervisor
+from gateway.supervisor import DIR_PREFIX, EngineSupervisor
 from tandem.v1 import generation_pb2, generation_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -60,6 +63,8 @@ class GatewayServer:
             options=_server_options(config), interceptors=_interceptors(config)
         )
         self.port = _bind(self._server, config)  # fail before starting anything else
+        self.http = self._make_http_api(config)
+        self.http_port: int | None = None  # where the HTTP API is served, once started
         self.health = HealthServicer(HEALTH_SERVICES)
         self.admission = Admission()
         self.metrics = GatewayMetrics()
@@ -70,6 +75,19 @@ class GatewayServer:
             addresses = (*addresses, self.supervisor.address)
         self.pool = EnginePool(addresses, config, on_change=self._update_health)
         self._add_services()
+
+    def _make_http_api(self, config: GatewayConfig):
+        """The OpenAI-compatible HTTP API, calling this server over a Unix socket of its own
+        (in a folder only this user can enter) so that every gRPC rule applies to it."""
+        if config.http_listen is None:
+            return None
+        from gateway.openai_api import OpenAIApi  # needs aiohttp, only when asked for
+
+        self._http_dir = tempfile.mkdtemp(prefix=f"{DIR_PREFIX}{os.getpid()}-")
+        target = f"unix:{self._http_dir}/http-api.sock"
+        if self._server.add_insecure_port(target) == 0:
+            raise RuntimeError(f"cannot listen on {target}")
+        return OpenAIApi(target, config.max_request_bytes, config.max_response_bytes)
 
     def _make_supervisor(self, config: GatewayConfig) -> EngineSupervisor | None:
         if config.spawn is None:
@@ -92,6 +110,14 @@ class GatewayServer:
             (grpc.method_handlers_generic_handler(REFLECTION_V1, {"ServerReflectionInfo": v1}),))
 
     async def start(self) -> None:
+        if self.http is not None:
+            host, port = split_host_port(self.config.http_listen)
+            try:
+                self.http_port = await self.http.start(host, port, self.config.tls)
+            except OSError as exc:
+                raise RuntimeError(f"cannot listen on {self.config.http_listen} ({exc})") from exc
+            logger.info("OpenAI-compatible HTTP API on %s (port %d)", self.config.http_listen,
+                        self.http_port)
         await self._server.start()
         self.pool.start()
         if self.supervisor is not None:
@@ -146,6 +172,9 @@ class GatewayServer:
             num_cut_off = self.pool.abort_all(error)
             logger.warning("grace period over: cut off %d requests", num_cut_off)
             await self.admission.wait_idle(CUT_OFF_WAIT_S)
+        if self.http is not None:
+            await self.http.stop()  # its calls are done: it only relays them
+            shutil.rmtree(self._http_dir, ignore_errors=True)
         await self._server.stop(0)  # ends what is left: health watches, stragglers
         await self.pool.close()  # no more health polls: the engine's exit is no news now
         if self.supervisor is not None:

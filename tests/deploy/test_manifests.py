@@ -325,9 +325,13 @@ def test_gateway_service_targets_the_gateway_port() -> None:
     assert len(services) == 1
     spec = services[0]["spec"]
     assert spec.get("type", "ClusterIP") == "ClusterIP"
-    [port] = spec["ports"]
+    ports = {port["name"]: port for port in spec["ports"]}
+    assert set(ports) == {"grpc", "http"}
+    port = ports["grpc"]
     assert int(port["port"]) == 50051 and port.get("appProtocol") == "grpc"
     assert port_number(GATEWAY_CONTAINER, port.get("targetPort", port["port"])) == gateway_port
+    http = ports["http"]  # the OpenAI-compatible API
+    assert port_number(GATEWAY_CONTAINER, http["targetPort"]) == listen_port(cfg.http_listen)
 
 
 def test_gateway_probes_and_shutdown_timing() -> None:

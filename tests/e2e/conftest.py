@@ -6,6 +6,7 @@ script runs these tests on CUDA with them)."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import pytest
@@ -39,7 +40,12 @@ def model_folder():
 
 @pytest.fixture(scope="session")
 def async_service(request, model_folder):
-    return _start(request, [], "async")
+    """With the OpenAI-compatible HTTP API too, where aiohttp is installed."""
+    http_port = free_port() if importlib.util.find_spec("aiohttp") else None
+    http_args = ("--http-listen", f"127.0.0.1:{http_port}") if http_port else ()
+    service = _start(request, [], "async", http_args)
+    service.http_url = f"http://127.0.0.1:{http_port}/v1" if http_port else None
+    return service
 
 
 @pytest.fixture(scope="session")

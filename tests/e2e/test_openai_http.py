@@ -1,0 +1,69 @@
+"""The OpenAI-compatible HTTP API of a live gateway, through OpenAI's own Python library: the
+same tokens as the gRPC API, streamed or not, and its errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from tandem.v1 import generation_pb2 as pb
+
+openai = pytest.importorskip("openai")
+
+pytestmark = pytest.mark.e2e
+CHAT = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def client(async_service):
+    if async_service.http_url is None:
+        pytest.skip("aiohttp is not installed: the service runs without its HTTP API")
+    with openai.OpenAI(base_url=async_service.http_url, api_key="none", timeout=120,
+                       max_retries=0) as c:
+        yield c
+
+
+def grpc_chat(service, max_tokens):
+    return service.stub.Generate(pb.GenerateRequest(
+        messages=pb.ChatMessages(messages=[pb.ChatMessage(**m) for m in CHAT]),
+        sampling=pb.SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)),
+        timeout=120)
+
+
+def test_a_chat_completion_has_the_tokens_of_the_grpc_api(client, async_service):
+    (model,) = [m.id for m in client.models.list()]
+    expected = grpc_chat(async_service, 12)
+    out = client.chat.completions.create(model=model, messages=CHAT, max_tokens=12,
+                                         temperature=0, extra_body={"ignore_eos": True})
+    assert out.choices[0].message.content == expected.text
+    assert out.choices[0].finish_reason == "length"
+    assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (
+        expected.usage.prompt_tokens, 12)
+
+
+def test_a_streamed_chat_completion_concatenates_to_the_same_text(client, async_service):
+    expected = grpc_chat(async_service, 12)
+    stream = client.chat.completions.create(
+        model="", messages=CHAT, max_tokens=12, temperature=0, stream=True,
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == \
+        expected.text
+    assert chunks[-1].usage.completion_tokens == 12
+
+
+def test_a_completion_with_logprobs(client, async_service):
+    expected = async_service.stub.Generate(pb.GenerateRequest(
+        text="Once upon a time", sampling=pb.SamplingParams(max_tokens=6, temperature=0)),
+        timeout=120)
+    out = client.completions.create(model="", prompt="Once upon a time", max_tokens=6,
+                                    temperature=0, logprobs=2)
+    assert out.choices[0].text == expected.text
+    assert out.choices[0].logprobs.tokens == [f"token_id:{t}" for t in expected.token_ids]
+    assert all(len(top) == 2 for top in out.choices[0].logprobs.top_logprobs)
+
+
+def test_bad_input_is_a_400_naming_the_field(client):
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.completions.create(model="", prompt="Hi", temperature=-1)
+    with pytest.raises(openai.NotFoundError, match="not served"):
+        client.completions.create(model="gpt-4", prompt="Hi")
