@@ -4,15 +4,18 @@ of a fake engine (responses, streams, errors, API keys, cancellation)."""
 from __future__ import annotations
 
 import json
+import ssl
 
 import grpc
 import pytest
 
 aiohttp = pytest.importorskip("aiohttp")
 
+from gateway_certs import make_certs  # noqa: E402
 from gateway_fakes import gateway_with_engine, run, wait_until  # noqa: E402
 
 from gateway.__main__ import config_from_args  # noqa: E402
+from gateway.config import TlsConfig  # noqa: E402
 from gateway.openai_api import BadRequest, generate_request  # noqa: E402
 
 pytestmark = pytest.mark.timeout(60)
@@ -211,6 +214,29 @@ def test_api_keys_apply_to_http_too():
             assert r.status == 200 and (await r.json())["choices"][0]["text"] == "Hello world"
         finally:
             await close()
+    run(body())
+
+
+def test_with_mutual_tls_the_http_port_serves_https_to_trusted_clients_only(tmp_path):
+    certs = make_certs(tmp_path)
+
+    async def body():
+        tls = TlsConfig(str(certs.server_cert), str(certs.server_key), str(certs.ca))
+        credentials = grpc.ssl_channel_credentials(
+            certs.ca.read_bytes(), certs.client_key.read_bytes(), certs.client_cert.read_bytes())
+        async with gateway_with_engine(tls=tls, credentials=credentials,
+                                       http_listen="127.0.0.1:0") as (server, _, _):
+            url = f"https://localhost:{server.http_port}/v1/completions"
+            trusted = ssl.create_default_context(cafile=str(certs.ca))
+            trusted.load_cert_chain(str(certs.client_cert), str(certs.client_key))
+            async with aiohttp.ClientSession() as session:
+                r = await session.post(url, json={"prompt": "a"}, ssl=trusted)
+                assert r.status == 200 and (await r.json())["choices"][0]["text"] == \
+                    "Hello world"
+                anonymous = ssl.create_default_context(cafile=str(certs.ca))
+                with pytest.raises(aiohttp.ClientError):
+                    r = await session.post(url, json={"prompt": "a"}, ssl=anonymous)
+                    await r.read()
     run(body())
 
 
