@@ -346,6 +346,9 @@ class OpenAIApi:
             body = await request.json()
         except (ValueError, UnicodeDecodeError):
             return http_error(400, "the body is not valid JSON", "invalid_request_error")
+        except web.HTTPRequestEntityTooLarge:
+            return http_error(413, f"the body is over {request.client_max_size} bytes "
+                              "(--max-request-bytes)", "invalid_request_error")
         try:
             message, stream, include_usage = generate_request(body, chat, request_id)
             model = await self._check_model(body.get("model"), metadata)

@@ -188,6 +188,8 @@ def test_errors_have_the_http_status_of_their_grpc_code():
             assert "top_p" in error["message"]
             code, error = await status("/v1/completions", "{not json")
             assert code == 400 and "JSON" in error["message"]
+            code, error = await status("/v1/completions", {"prompt": "a" * (5 << 20)})
+            assert code == 413 and "--max-request-bytes" in error["message"]
             code, error = await status("/v1/completions", {"prompt": "a", "model": "gpt-4"})
             assert (code, error["code"]) == (404, "model_not_found")
             engine.error = (grpc.StatusCode.RESOURCE_EXHAUSTED, "the engine's queue is full")
