@@ -8,6 +8,8 @@ Modes, run in this order by default:
 - ``tandem-gateway``: tandem-async's engine with a gateway (``python -m gateway``) in front;
   the same requests go as concurrent ``GenerateStream`` calls of the public API, so the
   summary's ``gateway_over_engine`` is what the gateway keeps of the engine's throughput;
+- ``tandem-http``: the same through the gateway's OpenAI-compatible HTTP API (streamed
+  ``POST /v1/completions``, one connection per request; ``http_over_engine``);
 - ``hf-sync``, ``hf-async``: Transformers' ``generate_batch`` (async needs CUDA).
 
 On a GPU (defaults): a random-weight Llama-3-8B-shaped model, 32 requests of 256 prompt
@@ -35,7 +37,7 @@ from bench import analysis, report
 from bench.device import NvmlSampler
 from bench.services import REPO, EngineSpec
 from bench.tandem_run import run_mode
-from bench.workload import GATEWAY_MODE, MODES, ModelInfo, Workload, make_prompts, warmup_prompts
+from bench.workload import GATEWAY_MODE, HTTP_MODE, MODES, ModelInfo, Workload, make_prompts, warmup_prompts
 from tandem import models
 
 log = logging.getLogger("bench")
@@ -59,7 +61,7 @@ class BenchConfig:
     hf_trace: bool
     hf_timeout_s: float
     hf_cb: str = "tuned"  # Transformers' ContinuousBatchingConfig: tuned or its defaults
-    gateway_args: tuple[str, ...] = ()  # extra arguments of the tandem-gateway mode's gateway
+    gateway_args: tuple[str, ...] = ()  # extra arguments of the gateway modes' gateway
     trace: bool = True  # Tandem modes: the kernel profiler in the worker while measuring
 
     def __post_init__(self) -> None:
@@ -185,7 +187,7 @@ def run_one(cfg: BenchConfig, mode: str, device: dict[str, Any], model: ModelInf
                     warmup_prompts(wl, model, WARMUP_REQUESTS), wl.new_tokens, sampler,
                     cfg.timeline_ms * 1e3, log_dir, cfg.keep_traces,
                     via_gateway=mode == GATEWAY_MODE, gateway_args=cfg.gateway_args,
-                    trace=cfg.trace)
+                    trace=cfg.trace, via_http=mode == HTTP_MODE)
 
 
 def add_floor(rows: list[dict], floor: analysis.Floor) -> None:

@@ -54,12 +54,15 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "sync_busy_ceiling": ratio(1.0, busy) if busy else None,
         "sync_busy_source": source,
         "gateway_over_engine": ratio(tps("tandem-gateway"), tps("tandem-async")),
+        "http_over_engine": ratio(tps("tandem-http"), tps("tandem-async")),
         "tandem_async_outputs_equal_sync": _same_outputs(by_mode, "tandem-async", "tandem-sync"),
         "tandem_gateway_outputs_equal_async": _same_outputs(by_mode, "tandem-gateway",
                                                             "tandem-async"),
         "tandem_async_vs_sync_outputs": _compared(by_mode, "tandem-async", "tandem-sync"),
         "tandem_gateway_vs_async_outputs": _compared(by_mode, "tandem-gateway",
                                                      "tandem-async"),
+        "tandem_http_outputs_equal_async": _same_outputs(by_mode, "tandem-http", "tandem-async"),
+        "tandem_http_vs_async_outputs": _compared(by_mode, "tandem-http", "tandem-async"),
     }
 
 
@@ -137,9 +140,12 @@ def _summary_lines(result: dict[str, Any]) -> list[str]:
                  f"Tandem async vs HF async: {x(s['tandem_async_over_hf_async'])}")
     lines.append(f"Tandem through the gateway vs the engine's own (async): "
                  f"{x(s.get('gateway_over_engine'))} (target {GATEWAY_TARGET:.2f}x)")
+    lines.append(f"Tandem through the gateway's HTTP API vs the engine's own (async): "
+                 f"{x(s.get('http_over_engine'))}")
     lines.append(f"Tandem async outputs equal sync: "
                  f"{_same(s, 'tandem_async', 'sync')}; gateway outputs equal async: "
-                 f"{_same(s, 'tandem_gateway', 'async')}")
+                 f"{_same(s, 'tandem_gateway', 'async')}; HTTP outputs equal async: "
+                 f"{_same(s, 'tandem_http', 'async')}")
     for row in result["modes"]:
         lines += [f"note [{row['mode']}]: {note}" for note in row.get("notes", [])]
         lines += _idle_line(row)

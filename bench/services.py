@@ -137,10 +137,15 @@ class GatewayProcess(ServiceProcess):
     start_timeout_s = GATEWAY_START_TIMEOUT_S
 
     def __init__(self, engine_address: str, log_path: Path,
-                 extra_args: tuple[str, ...] = ()) -> None:
+                 extra_args: tuple[str, ...] = (), http: bool = False) -> None:
         address = f"127.0.0.1:{free_port()}"
         argv = [sys.executable, "-m", "gateway", "--listen", address, "--engine", engine_address,
                 *extra_args]
+        self.http_url = None  # with http: the base URL of its OpenAI-compatible API
+        if http:
+            http_address = f"127.0.0.1:{free_port()}"
+            argv += ["--http-listen", http_address]
+            self.http_url = f"http://{http_address}/v1"
         super().__init__(argv, address, log_path)
 
 

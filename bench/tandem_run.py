@@ -4,8 +4,9 @@
 (``tandem.internal.v1.Engine``), without a gateway, so that the numbers are the engine's own:
 every request on one ``GenerateMany`` stream, as a gateway sends them by default.
 ``tandem-gateway`` sends the same requests as ``GenerateStream`` calls of the public API
-(``tandem.v1.Generation``) to a gateway in front of the same kind of engine. The trace and
-the engine's statistics always come from the engine's internal API.
+(``tandem.v1.Generation``) to a gateway in front of the same kind of engine, and
+``tandem-http`` as streamed ``POST /v1/completions`` of that gateway's OpenAI-compatible HTTP
+API. The trace and the engine's statistics always come from the engine's internal API.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import grpc
 
@@ -94,6 +96,39 @@ def gateway_send(channel: grpc.aio.Channel) -> Send:
         generate_request(prompt, max_tokens, req_id), timeout=RPC_TIMEOUT_S)
 
 
+def http_send(session, base_url: str) -> Send:
+    """Streamed ``POST /v1/completions`` of the OpenAI-compatible HTTP API (``session``: an
+    aiohttp one), with the token ids asked back (``return_token_ids``)."""
+    def send(req_id: str, prompt: list[int], max_tokens: int) -> AsyncIterator:
+        body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
+                "ignore_eos": True, "stream": True, "return_token_ids": True}
+        return _sse_replies(session, f"{base_url}/completions", body, req_id)
+    return send
+
+
+async def _sse_replies(session, url: str, body: dict, req_id: str) -> AsyncIterator:
+    """Each server-sent chunk as a reply with the ``token_ids`` it carries."""
+    async with session.post(url, json=body, headers={"X-Request-Id": req_id}) as response:
+        if response.status != 200:
+            raise RuntimeError(f"{url}: HTTP {response.status}: {await response.text()}")
+        async for line in response.content:
+            if not line.startswith(b"data: {"):
+                continue
+            event = json.loads(line[len(b"data: "):])
+            if "error" in event:
+                raise RuntimeError(f"{url}: {event['error']}")
+            for choice in event["choices"]:
+                yield SimpleNamespace(token_ids=choice["token_ids"])
+
+
+async def _http_session(stack: AsyncExitStack):
+    import aiohttp  # only the tandem-http mode needs it
+
+    return await stack.enter_async_context(aiohttp.ClientSession(
+        timeout=aiohttp.ClientTimeout(total=RPC_TIMEOUT_S),
+        connector=aiohttp.TCPConnector(limit=0)))  # a connection per request
+
+
 async def _stream(send: Send, req_id: str, prompt: list[int], max_tokens: int) -> Arrivals:
     chunks: Arrivals = []
     token_ids: list[int] = []
@@ -153,13 +188,16 @@ class Measured:
 
 async def measure(engine_address: str, gateway_address: str | None,
                   prompts: list[list[int]], warm: list[list[int]], new_tokens: int,
-                  trace_path: Path, sampler: NvmlSampler, trace: bool = True) -> Measured:
-    """Warm up, then trace and time all prompts sent at once: through the gateway when
-    there is one, else to the engine directly."""
+                  trace_path: Path, sampler: NvmlSampler, trace: bool = True,
+                  http_url: str | None = None) -> Measured:
+    """Warm up, then trace and time all prompts sent at once: through the gateway's HTTP
+    API at ``http_url``, or its gRPC API, when there is one, else to the engine directly."""
     async with AsyncExitStack() as stack:
         channel = await stack.enter_async_context(grpc.aio.insecure_channel(engine_address))
         stub = engine_pb2_grpc.EngineStub(channel)
-        if gateway_address is None:
+        if http_url is not None:
+            send = http_send(await _http_session(stack), http_url)
+        elif gateway_address is None:
             send = engine_mux_send(channel, stack)
         else:
             send = gateway_send(await stack.enter_async_context(
@@ -183,19 +221,22 @@ async def measure(engine_address: str, gateway_address: str | None,
 def run_mode(mode: str, spec: EngineSpec, prompts: list[list[int]], warm: list[list[int]],
              new_tokens: int, sampler: NvmlSampler, slice_us: float, run_dir: Path,
              keep_trace: bool, via_gateway: bool = False,
-             gateway_args: tuple[str, ...] = (), trace: bool = True) -> dict:
+             gateway_args: tuple[str, ...] = (), trace: bool = True,
+             via_http: bool = False) -> dict:
     """One Tandem mode, start to stop: its table row (without the floor)."""
     trace_path = (run_dir / f"trace-{mode}.json").resolve()
     OUTPUTS.clear()
     with ExitStack() as processes:  # on exit: the gateway stops first, then the engine
         engine = processes.enter_context(EngineProcess(spec, run_dir / f"{mode}.log"))
         gateway = None
-        if via_gateway:
+        if via_gateway or via_http:
             gateway = processes.enter_context(
-                GatewayProcess(engine.address, run_dir / f"{mode}-gateway.log", gateway_args))
+                GatewayProcess(engine.address, run_dir / f"{mode}-gateway.log", gateway_args,
+                               http=via_http))
         log.info("%s: %s SERVING, measuring", mode, "gateway" if gateway else "engine")
         got = asyncio.run(measure(engine.address, gateway.address if gateway else None,
-                                  prompts, warm, new_tokens, trace_path, sampler, trace))
+                                  prompts, warm, new_tokens, trace_path, sampler, trace,
+                                  http_url=gateway.http_url if gateway else None))
     timeline = analysis.analyse_timeline(got.trace, slice_us) if got.trace else None
     if timeline is not None and timeline["busy"] is None:
         got.notes.append(f"trace on {timeline['device'] or 'the device'} holds no kernels")

@@ -9,8 +9,9 @@ from pathlib import Path
 
 from bench.analysis import ModelShape, average_context
 
-MODES = ("tandem-sync", "tandem-async", "tandem-gateway", "hf-sync", "hf-async")
+MODES = ("tandem-sync", "tandem-async", "tandem-gateway", "tandem-http", "hf-sync", "hf-async")
 GATEWAY_MODE = "tandem-gateway"  # tandem-async's engine, measured through a gateway
+HTTP_MODE = "tandem-http"  # the same, through the gateway's OpenAI-compatible HTTP API
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,8 @@ A client that disconnects cancels its call.
 Differences from OpenAI's API: one prompt and one choice per request (`n` 1); logprobs name
 each token as `token_id:<id>`; Tandem's own sampling fields (`top_k`, `min_p`,
 `repetition_penalty`, `min_tokens`, `ignore_eos`, `stop_token_ids`) and `priority` are taken
-too; fields Tandem has no use for (`user`, `metadata`, ...) are ignored.
+too, and `return_token_ids` adds each choice's (or delta's) `token_ids`; fields Tandem has no
+use for (`user`, `metadata`, ...) are ignored.
 """
 
 from __future__ import annotations
@@ -233,8 +234,9 @@ def usage_json(usage: pb.Usage) -> dict:
 class Completion:
     """The ids and the envelope of one HTTP completion, and its JSON shapes."""
 
-    def __init__(self, chat: bool, model: str, request_id: str) -> None:
-        self.chat, self.model = chat, model
+    def __init__(self, chat: bool, model: str, request_id: str,
+                 token_ids: bool = False) -> None:
+        self.chat, self.model, self.token_ids = chat, model, token_ids
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{request_id}"
         self.created = int(time.time())
 
@@ -252,6 +254,8 @@ class Completion:
             choice["message"] = {"role": "assistant", "content": response.text}
         else:
             choice["text"] = response.text
+        if self.token_ids:
+            choice["token_ids"] = list(response.token_ids)
         return self.envelope(False, choices=[choice], usage=usage_json(response.usage))
 
     def chunk(self, msg: pb.GenerateStreamResponse, first: bool, offset: int) -> dict:
@@ -265,6 +269,8 @@ class Completion:
             choice["delta"] = delta
         else:
             choice["text"] = msg.text
+        if self.token_ids:
+            choice["token_ids"] = list(msg.token_ids)
         return self.envelope(True, choices=[choice])
 
     def usage_chunk(self, usage: pb.Usage) -> dict:
@@ -358,7 +364,8 @@ class OpenAIApi:
             return http_error(404, str(exc), "not_found_error", "model", "model_not_found")
         except grpc.aio.AioRpcError as exc:
             return rpc_error_response(exc)
-        completion = Completion(chat, model, request_id)
+        completion = Completion(chat, model, request_id,
+                                _typed(body, "return_token_ids", bool, False))
         headers = {"X-Request-Id": request_id}
         if not stream:
             try:

@@ -71,11 +71,11 @@ def engine():
     server.stop(0)
 
 
-def _measure(engine_address, gateway_address, tmp_path) -> tandem_run.Measured:
+def _measure(engine_address, gateway_address, tmp_path, http_url=None) -> tandem_run.Measured:
     tandem_run.OUTPUTS.clear()
     return asyncio.run(tandem_run.measure(engine_address, gateway_address, PROMPTS, WARM,
                                           NEW_TOKENS, tmp_path / "trace.json",
-                                          NvmlSampler(False, None)))
+                                          NvmlSampler(False, None), http_url=http_url))
 
 
 def _as_sent(requests: list[engine_pb2.EngineRequest]) -> list[bytes]:
@@ -104,6 +104,19 @@ def test_through_the_gateway_the_engine_gets_the_same_requests_and_outputs(engin
             [NEW_TOKENS] * len(PROMPTS)
         assert measured.trace is None and "StartTrace" in measured.notes[0]
         assert measured.engine_stats["num_batches"] == len(PROMPTS)
+
+
+def test_through_the_http_api_the_engine_gets_the_same_requests_and_outputs(engine, tmp_path):
+    pytest.importorskip("aiohttp")
+    servicer, address = engine
+    _measure(address, None, tmp_path)
+    direct_digest, direct_sent = tandem_run.outputs_digest("bench"), _as_sent(servicer.requests)
+    servicer.requests.clear()
+    with GatewayProcess(address, tmp_path / "gateway.log", http=True) as gateway:
+        via = _measure(address, gateway.address, tmp_path, http_url=gateway.http_url)
+    assert tandem_run.outputs_digest("bench") == direct_digest
+    assert _as_sent(servicer.requests) == direct_sent  # token ids, greedy, EOS ignored
+    assert [sum(n for _, n in chunks) for chunks in via.arrivals] == [NEW_TOKENS] * len(PROMPTS)
 
 
 def test_the_request_is_greedy_token_ids_with_eos_ignored():

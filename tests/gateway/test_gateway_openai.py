@@ -164,10 +164,13 @@ def test_streams_are_server_sent_events_that_concatenate_to_the_text():
                 "Hello world"
             assert [c["choices"][0]["finish_reason"] for c in chunks][-1] == "stop"
             assert len({c["id"] for c in chunks}) == 1
-            r = await session.post("/v1/completions", json={"prompt": "Hi", "stream": True})
+            r = await session.post("/v1/completions", json={"prompt": "Hi", "stream": True,
+                                                             "return_token_ids": True})
             plain = events(await r.text())
             assert plain[-1] == "[DONE]" and "usage" not in plain[-2]
             assert "".join(c["choices"][0]["text"] for c in plain[:-1]) == "Hello world"
+            assert [c["choices"][0]["token_ids"] for c in plain[:-1]] == [[11], [12, 13], [14]]
+            assert "token_ids" not in chunks[0]["choices"][0]  # only when asked for
         finally:
             await close()
     run(body())
