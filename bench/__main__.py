@@ -37,7 +37,15 @@ from bench import analysis, report
 from bench.device import NvmlSampler
 from bench.services import REPO, EngineSpec
 from bench.tandem_run import run_mode
-from bench.workload import GATEWAY_MODE, HTTP_MODE, MODES, ModelInfo, Workload, make_prompts, warmup_prompts
+from bench.workload import (
+    GATEWAY_MODE,
+    HTTP_MODE,
+    MODES,
+    ModelInfo,
+    Workload,
+    make_prompts,
+    warmup_prompts,
+)
 from tandem import models
 
 log = logging.getLogger("bench")
