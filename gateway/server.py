@@ -81,7 +81,11 @@ class GatewayServer:
         (in a folder only this user can enter) so that every gRPC rule applies to it."""
         if config.http_listen is None:
             return None
-        from gateway.openai_api import OpenAIApi  # needs aiohttp, only when asked for
+        try:  # aiohttp, needed only when asked for
+            from gateway.openai_api import OpenAIApi
+        except ImportError as exc:
+            raise RuntimeError(f"--http-listen needs aiohttp, which is not installed ({exc})") \
+                from exc
 
         self._http_dir = tempfile.mkdtemp(prefix=f"{DIR_PREFIX}{os.getpid()}-")
         target = f"unix:{self._http_dir}/http-api.sock"
