@@ -206,8 +206,7 @@ def token_name(token_id: int) -> str:
     return f"token_id:{token_id}"
 
 
-def logprobs_json(logprobs: Any, chat: bool, text_offset: int = 0,
-                  texts: list[str] | None = None) -> dict | None:
+def logprobs_json(logprobs: Any, chat: bool, text_offset: int = 0) -> dict | None:
     """The `logprobs` of a choice (chat: `content` entries; completions: the legacy
     parallel arrays)."""
     if not logprobs:
@@ -287,10 +286,16 @@ def http_error(status: int, message: str, kind: str, param: str | None = None,
     return web.json_response(error_json(message, kind, param, code), status=status)
 
 
-def rpc_error_response(error: grpc.aio.AioRpcError) -> web.Response:
+def rpc_error_json(error: grpc.aio.AioRpcError) -> tuple[int, dict]:
+    """The HTTP status and the OpenAI error body of a failed gRPC call."""
     status, kind = HTTP_OF_STATUS.get(error.code(), (500, "server_error"))
-    return http_error(status, error.details() or error.code().name, kind,
-                      code=error.code().name)
+    return status, error_json(error.details() or error.code().name, kind,
+                              code=error.code().name)
+
+
+def rpc_error_response(error: grpc.aio.AioRpcError) -> web.Response:
+    status, body = rpc_error_json(error)
+    return web.json_response(body, status=status)
 
 
 # --- the server ----------------------------------------------------------------------------
@@ -394,9 +399,7 @@ class OpenAIApi:
                 async for event in events:
                     await response.write(_sse(event))
             except grpc.aio.AioRpcError as exc:  # after the headers: an error event
-                _, kind = HTTP_OF_STATUS.get(exc.code(), (500, "server_error"))
-                await response.write(_sse(error_json(exc.details() or exc.code().name, kind,
-                                                     code=exc.code().name)))
+                await response.write(_sse(rpc_error_json(exc)[1]))
             await response.write(b"data: [DONE]\n\n")
             await response.write_eof()
             return response
