@@ -1,21 +1,24 @@
 """An OpenAI-compatible HTTP API in front of the gateway's own gRPC service (`--http-listen`).
 
 `POST /v1/completions` and `POST /v1/chat/completions` (both streamed as server-sent events
-with `"stream": true`), `GET /v1/models` and `GET /health`. Each HTTP request becomes one call
+with `"stream": true`), `GET /v1/models` and `GET /health`. Each choice becomes one call
 to `tandem.v1.Generation` over a private Unix socket of the same gateway, so validation, API
 keys (the `Authorization` header is passed on), deadlines (`--request-timeout`), routing,
 metrics and draining are the gRPC API's own: this module only translates, in both directions.
 A client that disconnects cancels its call.
 
-Differences from OpenAI's API: one prompt and one choice per request (`n` 1); logprobs name
-each token as `token_id:<id>`; Tandem's own sampling fields (`top_k`, `min_p`,
-`repetition_penalty`, `min_tokens`, `ignore_eos`, `stop_token_ids`) and `priority` are taken
-too, and `return_token_ids` adds each choice's (or delta's) `token_ids`; fields Tandem has no
-use for (`user`, `metadata`, ...) are ignored.
+Differences from OpenAI's API: one prompt per request; `n` choices (up to `MAX_CHOICES`) are
+`n` gRPC calls made at once, choice `i` seeded with `seed + i` where a seed is given, so that
+it equals a request of its own with that seed; logprobs name each token as `token_id:<id>`;
+Tandem's own sampling fields (`top_k`, `min_p`, `repetition_penalty`, `min_tokens`,
+`ignore_eos`, `stop_token_ids`) and `priority` are taken too, and `return_token_ids` adds each
+choice's (or delta's) `token_ids`; fields Tandem has no use for (`user`, `metadata`, ...) are
+ignored.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import ssl
@@ -54,8 +57,9 @@ SAMPLING_FIELDS = {
     "min_tokens": int, "ignore_eos": bool,
 }
 # accepted only at their default: anything else is refused rather than ignored
-UNSUPPORTED = {"n": 1, "best_of": 1, "echo": False, "suffix": None, "tools": None,
+UNSUPPORTED = {"best_of": 1, "echo": False, "suffix": None, "tools": None,
                "tool_choice": None, "functions": None, "function_call": None}
+MAX_CHOICES = 16  # `n`: each choice is an engine request of its own
 
 
 class BadRequest(Exception):
@@ -70,10 +74,10 @@ class BadRequest(Exception):
 
 
 def generate_request(body: Any, chat: bool,
-                     request_id: str) -> tuple[pb.GenerateRequest, bool, bool]:
-    """The gRPC request for a completions (or, with `chat`, chat completions) body, whether
-    it is to be streamed, and whether its stream ends with the usage
-    (`stream_options.include_usage`)."""
+                     request_id: str) -> tuple[list[pb.GenerateRequest], bool, bool]:
+    """The gRPC requests for a completions (or, with `chat`, chat completions) body, one per
+    choice (`n`), whether they are to be streamed, and whether the stream ends with the
+    usage (`stream_options.include_usage`)."""
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object")
     for name, default in UNSUPPORTED.items():
@@ -93,7 +97,26 @@ def generate_request(body: Any, chat: bool,
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise BadRequest("stream_options: must be an object", "stream_options")
-    return request, _typed(body, "stream", bool, False), bool(options.get("include_usage"))
+    return (_choices(request, _typed(body, "n", int, 1)), _typed(body, "stream", bool, False),
+            bool(options.get("include_usage")))
+
+
+def _choices(request: pb.GenerateRequest, n: int) -> list[pb.GenerateRequest]:
+    """`n` copies of `request`, the i-th with request id `<id>-<i>` and, when seeded, seed
+    `seed + i` (so that each choice is what a request of its own with that seed gives)."""
+    if not 1 <= n <= MAX_CHOICES:
+        raise BadRequest(f"n: must be in [1, {MAX_CHOICES}], got {n}", "n")
+    if n == 1:
+        return [request]
+    out = []
+    for i in range(n):
+        choice = pb.GenerateRequest()
+        choice.CopyFrom(request)
+        choice.request_id = f"{request.request_id}-{i}"
+        if request.sampling.HasField("seed"):
+            choice.sampling.seed = (request.sampling.seed + i) % (1 << 64)
+        out.append(choice)
+    return out
 
 
 def _typed(body: dict, name: str, kind: type, default: Any = None) -> Any:
@@ -224,6 +247,14 @@ def logprobs_json(logprobs: Any, chat: bool, text_offset: int = 0) -> dict | Non
             "text_offset": [text_offset] * len(logprobs)}
 
 
+def total_usage(usages: list[pb.Usage]) -> pb.Usage:
+    """The usage of a request's choices together: its prompt once (as OpenAI counts it) and
+    every choice's completion."""
+    return pb.Usage(prompt_tokens=usages[0].prompt_tokens,
+                    cached_prompt_tokens=usages[0].cached_prompt_tokens,
+                    completion_tokens=sum(u.completion_tokens for u in usages))
+
+
 def usage_json(usage: pb.Usage) -> dict:
     return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
             "total_tokens": usage.prompt_tokens + usage.completion_tokens,
@@ -245,20 +276,28 @@ class Completion:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model,
                 **fields}
 
-    def whole(self, response: pb.GenerateResponse) -> dict:
-        choice: dict[str, Any] = {"index": 0,
-                                  "finish_reason": FINISH_REASONS.get(response.finish_reason),
-                                  "logprobs": logprobs_json(response.logprobs, self.chat)}
-        if self.chat:
-            choice["message"] = {"role": "assistant", "content": response.text}
-        else:
-            choice["text"] = response.text
-        if self.token_ids:
-            choice["token_ids"] = list(response.token_ids)
-        return self.envelope(False, choices=[choice], usage=usage_json(response.usage))
+    def whole(self, responses: list[pb.GenerateResponse]) -> dict:
+        """The completion of every choice, `responses[i]` being choice i."""
+        choices = []
+        for index, response in enumerate(responses):
+            choice: dict[str, Any] = {
+                "index": index, "finish_reason": FINISH_REASONS.get(response.finish_reason),
+                "logprobs": logprobs_json(response.logprobs, self.chat)}
+            if self.chat:
+                choice["message"] = {"role": "assistant", "content": response.text}
+            else:
+                choice["text"] = response.text
+            if self.token_ids:
+                choice["token_ids"] = list(response.token_ids)
+            choices.append(choice)
+        usage = total_usage([r.usage for r in responses])
+        return self.envelope(False, choices=choices, usage=usage_json(usage))
 
-    def chunk(self, msg: pb.GenerateStreamResponse, first: bool, offset: int) -> dict:
-        choice: dict[str, Any] = {"index": 0,
+    def chunk(self, msg: pb.GenerateStreamResponse, first: bool, offset: int,
+              index: int = 0) -> dict:
+        """Choice `index`'s next delta; `first` for its first, `offset` the length of the
+        text it streamed before."""
+        choice: dict[str, Any] = {"index": index,
                                   "finish_reason": FINISH_REASONS.get(msg.finish_reason),
                                   "logprobs": logprobs_json(msg.logprobs, self.chat, offset)}
         if self.chat:
@@ -361,7 +400,7 @@ class OpenAIApi:
             return http_error(413, f"the body is over {request.client_max_size} bytes "
                               "(--max-request-bytes)", "invalid_request_error")
         try:
-            message, stream, include_usage = generate_request(body, chat, request_id)
+            messages, stream, include_usage = generate_request(body, chat, request_id)
             model = await self._check_model(body.get("model"), metadata)
         except BadRequest as exc:
             return http_error(400, str(exc), "invalid_request_error", exc.param)
@@ -374,19 +413,20 @@ class OpenAIApi:
         headers = {"X-Request-Id": request_id}
         if not stream:
             try:
-                response = await self._stub.Generate(message, metadata=metadata)
+                responses = await _gather(
+                    [self._stub.Generate(m, metadata=metadata) for m in messages])
             except grpc.aio.AioRpcError as exc:
                 return rpc_error_response(exc)
-            return web.json_response(completion.whole(response), headers=headers)
-        return await self._stream(request, message, metadata, completion, include_usage,
+            return web.json_response(completion.whole(responses), headers=headers)
+        return await self._stream(request, messages, metadata, completion, include_usage,
                                   headers)
 
-    async def _stream(self, request: web.Request, message: pb.GenerateRequest,
+    async def _stream(self, request: web.Request, messages: list[pb.GenerateRequest],
                       metadata: tuple, completion: Completion, include_usage: bool,
                       headers: dict) -> web.StreamResponse:
-        call = self._stub.GenerateStream(message, metadata=metadata)
+        calls = [self._stub.GenerateStream(m, metadata=metadata) for m in messages]
+        events = _events(calls, completion, include_usage)
         try:
-            events = _events(call, completion, include_usage)
             try:  # the first event before the headers: an early error keeps its status
                 first = await anext(events)
             except grpc.aio.AioRpcError as exc:
@@ -404,7 +444,9 @@ class OpenAIApi:
             await response.write_eof()
             return response
         finally:
-            call.cancel()  # a no-op once it ended; stops the generation of a gone client
+            await events.aclose()
+            for call in calls:
+                call.cancel()  # a no-op once it ended; stops the generation of a gone client
 
     async def _models(self, request: web.Request) -> web.Response:
         try:
@@ -441,17 +483,65 @@ class _ModelNotServed(Exception):
     pass
 
 
-async def _events(call: Any, completion: Completion,
+async def _gather(calls: list) -> list:
+    """The responses of unary calls already under way, in order; the first error cancels
+    the others and is raised."""
+    tasks = [asyncio.ensure_future(call) for call in calls]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        return [task.result() for task in tasks]  # raises the first error in choice order
+    finally:
+        for call in calls:
+            call.cancel()
+
+
+async def _events(calls: list, completion: Completion,
                   include_usage: bool) -> AsyncIterator[dict]:
-    """The stream's chunks as OpenAI JSON, then the usage chunk if asked for."""
-    first, offset, usage = True, 0, None
-    async for msg in call:
-        yield completion.chunk(msg, first, offset)
-        first, offset = False, offset + len(msg.text)
+    """The chunks of the choices' streams (`calls[i]`: choice i) as OpenAI JSON, in the order
+    they come, then the usage chunk if asked for."""
+    first, offsets = [True] * len(calls), [0] * len(calls)
+    usages: list[pb.Usage | None] = [None] * len(calls)
+    async for index, msg in _merge(calls):
+        yield completion.chunk(msg, first[index], offsets[index], index)
+        first[index], offsets[index] = False, offsets[index] + len(msg.text)
         if msg.HasField("usage"):
-            usage = msg.usage
-    if include_usage and usage is not None:
-        yield completion.usage_chunk(usage)
+            usages[index] = msg.usage
+    if include_usage and None not in usages:
+        yield completion.usage_chunk(total_usage(usages))
+
+
+async def _merge(calls: list) -> AsyncIterator[tuple[int, Any]]:
+    """(i, message) for the messages of streaming calls, as they come; the first error of any
+    call is raised at once (the caller cancels the others)."""
+    if len(calls) == 1:  # no task nor queue in between: gRPC's flow control reaches the client
+        async for msg in calls[0]:
+            yield 0, msg
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, call: Any) -> None:
+        try:
+            async for msg in call:
+                queue.put_nowait((index, msg))
+        except grpc.aio.AioRpcError as exc:
+            queue.put_nowait((index, exc))
+        else:
+            queue.put_nowait((index, None))
+
+    tasks = [asyncio.create_task(pump(i, call)) for i, call in enumerate(calls)]
+    try:
+        left = len(calls)
+        while left:
+            index, item = await queue.get()
+            if item is None:
+                left -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 def _sse(event: dict) -> bytes:

@@ -67,3 +67,20 @@ def test_bad_input_is_a_400_naming_the_field(client):
         client.completions.create(model="", prompt="Hi", temperature=-1)
     with pytest.raises(openai.NotFoundError, match="not served"):
         client.completions.create(model="gpt-4", prompt="Hi")
+
+
+def test_n_seeded_choices_are_each_what_a_request_with_its_seed_gives(client):
+    sampled = {"model": "", "prompt": "Once upon a time", "max_tokens": 8,
+               "temperature": 1.0, "extra_body": {"ignore_eos": True}}
+    out = client.completions.create(n=3, seed=11, **sampled)
+    assert [c.index for c in out.choices] == [0, 1, 2]
+    alone = [client.completions.create(seed=11 + i, **sampled).choices[0].text
+             for i in range(3)]
+    assert [c.text for c in out.choices] == alone
+    assert out.usage.completion_tokens == 24
+    stream = client.completions.create(n=3, seed=11, stream=True, **sampled)
+    texts = ["", "", ""]
+    for chunk in stream:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+    assert texts == alone

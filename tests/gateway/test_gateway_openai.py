@@ -24,7 +24,7 @@ CHAT = {"messages": [{"role": "user", "content": "Hi"}]}
 
 
 def test_a_completions_body_becomes_the_request():
-    request, stream, include_usage = generate_request({
+    (request,), stream, include_usage = generate_request({
         "model": "m", "prompt": "Once", "stream": True, "max_tokens": 7, "temperature": 0,
         "top_p": 0.5, "seed": 3, "stop": "END", "presence_penalty": 0.5, "frequency_penalty": -0.5,
         "logit_bias": {"42": -100, "7": 2}, "logprobs": 2, "top_k": 4, "min_p": 0.1,
@@ -41,13 +41,13 @@ def test_a_completions_body_becomes_the_request():
     assert dict(s.logit_bias) == {42: -100.0, 7: 2.0}
     assert s.min_p == pytest.approx(0.1) and s.repetition_penalty == pytest.approx(1.1)
     assert stream and include_usage
-    unset, _, _ = generate_request({"prompt": [[1, 2, 3]]}, chat=False, request_id="r2")
+    (unset,), _, _ = generate_request({"prompt": [[1, 2, 3]]}, chat=False, request_id="r2")
     assert list(unset.token_ids.ids) == [1, 2, 3]
     assert not unset.sampling.HasField("temperature") and unset.sampling.max_tokens == 0
 
 
 def test_a_chat_body_becomes_the_request():
-    request, stream, include_usage = generate_request({
+    (request,), stream, include_usage = generate_request({
         "messages": [{"role": "system", "content": "Be brief."},
                      {"role": "user", "content": [{"type": "text", "text": "Hi "},
                                                   {"type": "text", "text": "there"}]}],
@@ -64,7 +64,10 @@ def test_a_chat_body_becomes_the_request():
     ([], False, None),
     ({"prompt": ["a", "b"]}, False, "prompt"),
     ({"prompt": 5}, False, "prompt"),
-    ({"prompt": "a", "n": 2}, False, "n"),
+    ({"prompt": "a", "n": 0}, False, "n"),
+    ({"prompt": "a", "n": 17}, False, "n"),
+    ({"prompt": "a", "n": 2.0}, False, "n"),
+    ({"prompt": "a", "best_of": 2}, False, "best_of"),
     ({"prompt": "a", "echo": True}, False, "echo"),
     ({"prompt": "a", "temperature": "hot"}, False, "temperature"),
     ({"prompt": "a", "max_tokens": True}, False, "max_tokens"),
@@ -84,6 +87,16 @@ def test_bodies_it_cannot_serve_are_refused_naming_the_field(body, chat, param):
     with pytest.raises(BadRequest) as caught:
         generate_request(body, chat, "r")
     assert caught.value.param == param
+
+
+def test_n_choices_are_n_requests_seeded_apart():
+    requests, _, _ = generate_request({"prompt": "a", "n": 3, "seed": 2**64 - 2,
+                                       "temperature": 0.5}, chat=False, request_id="r")
+    assert [r.request_id for r in requests] == ["r-0", "r-1", "r-2"]
+    assert [r.sampling.seed for r in requests] == [2**64 - 2, 2**64 - 1, 0]
+    assert {(r.text, r.sampling.temperature) for r in requests} == {("a", 0.5)}
+    unseeded, _, _ = generate_request({**CHAT, "n": 2}, chat=True, request_id="r")
+    assert not any(r.sampling.HasField("seed") for r in unseeded)
 
 
 def test_the_flag_is_checked():
@@ -271,3 +284,51 @@ def test_an_address_in_use_is_a_clear_start_error():
             await close()
     run(body())
 
+
+
+def test_n_choices_come_back_together_and_streamed_by_index():
+    async def body():
+        session, engine, close = await http()
+        try:
+            r = await session.post("/v1/completions", json={"prompt": "a", "n": 3},
+                                   headers={"X-Request-Id": "abc"})
+            out = await r.json()
+            assert r.status == 200 and out["id"] == "cmpl-abc"
+            assert [(c["index"], c["text"]) for c in out["choices"]] == [
+                (0, "Hello world"), (1, "Hello world"), (2, "Hello world")]
+            assert (out["usage"]["prompt_tokens"], out["usage"]["completion_tokens"]) == (5, 12)
+            assert sorted(e.request.request_id for e in engine.requests) == [
+                "abc-0", "abc-1", "abc-2"]
+            r = await session.post("/v1/chat/completions", json={
+                **CHAT, "n": 2, "stream": True, "stream_options": {"include_usage": True}})
+            chat = events(await r.text())
+            assert chat[-1] == "[DONE]" and chat[-2]["usage"]["completion_tokens"] == 8
+            for index in (0, 1):
+                deltas = [c["choices"][0] for c in chat[:-2]
+                          if c["choices"][0]["index"] == index]
+                assert deltas[0]["delta"]["role"] == "assistant"
+                assert "".join(d["delta"].get("content", "") for d in deltas) == "Hello world"
+                assert deltas[-1]["finish_reason"] == "stop"
+            engine.error = (grpc.StatusCode.RESOURCE_EXHAUSTED, "the engine's queue is full")
+            r = await session.post("/v1/completions", json={"prompt": "a", "n": 2})
+            assert r.status == 429
+        finally:
+            await close()
+    run(body())
+
+
+def test_a_client_that_disconnects_cancels_every_choice():
+    async def body():
+        session, engine, close = await http()
+        engine.hang = True
+        try:
+            r = await session.post("/v1/completions",
+                                   json={"prompt": "a", "stream": True, "n": 2})
+            assert (await r.content.readuntil(b"\n\n")).startswith(b"data: ")
+            await wait_until(lambda: engine.num_active == 2)
+            r.close()
+            await wait_until(lambda: engine.num_cancelled == 2)
+            assert engine.num_active == 0
+        finally:
+            await close()
+    run(body())
