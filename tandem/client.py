@@ -7,6 +7,9 @@
         for delta in client.stream(messages=[{"role": "user", "content": "Hi!"}]):
             print(delta.text, end="", flush=True)
 
+`AsyncClient` is the same for asyncio programs: `await client.generate(...)`, `async for delta
+in client.stream(...)`, `async with AsyncClient(...) as client`.
+
 Sampling keywords are the fields of `SamplingParams` (`max_tokens`, `temperature`, `top_p`,
 `top_k`, `min_p`, `seed`, `stop`, `stop_token_ids`, `logit_bias` (a dict), `ignore_eos`,
 `logprobs`, `top_logprobs`, ...); `None` leaves a field unset. Every RPC failure is raised as a
@@ -16,7 +19,7 @@ Sampling keywords are the fields of `SamplingParams` (`max_tokens`, `temperature
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any, TypeAlias
 
 import grpc
@@ -26,7 +29,8 @@ from tandem.v1 import generation_pb2 as pb
 from tandem.v1 import generation_pb2_grpc
 
 __all__ = [
-    "Client", "Completion", "Delta", "ModelInfo", "Timing", "TokenLogprob", "Tokens", "TandemError",
+    "AsyncClient", "Client", "Completion", "Delta", "ModelInfo", "Timing", "TokenLogprob",
+    "Tokens", "TandemError",
 ]
 
 DEFAULT_ADDRESS = "localhost:50051"
@@ -126,27 +130,43 @@ class ModelInfo:
     kv_num_blocks: int
 
 
-class Client:
-    """A connection to a Tandem gateway. Use it as a context manager, or call `close()`.
+class _Connection:
+    """The channel, stubs, metadata and default deadline that both clients share."""
 
-    `api_key` is sent as `authorization: Bearer <key>` metadata on every call. `tls` (or
-    `root_certificates`, PEM bytes) opens a secure channel. `timeout` is the default deadline
-    of each call in seconds (None: none); every method takes `timeout=` to override it.
-    """
+    _grpc: Any = grpc  # AsyncClient: grpc.aio
 
     def __init__(self, address: str = DEFAULT_ADDRESS, *, api_key: str | None = None,
                  tls: bool = False, root_certificates: bytes | None = None,
                  timeout: float | None = None) -> None:
         if tls or root_certificates is not None:
             creds = grpc.ssl_channel_credentials(root_certificates=root_certificates)
-            self._channel = grpc.secure_channel(address, creds)
+            self._channel = self._grpc.secure_channel(address, creds)
         else:
-            self._channel = grpc.insecure_channel(address)
+            self._channel = self._grpc.insecure_channel(address)
         self.address = address
         self.timeout = timeout
         self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
         self._stub = generation_pb2_grpc.GenerationStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def _timeout(self, timeout: float | None) -> float | None:
+        return self.timeout if timeout is None else timeout
+
+    def _stream_call(self, prompt, messages, token_ids, request_id, priority, timeout,
+                     sampling) -> Any:
+        request = build_request(prompt, messages, token_ids, request_id, sampling, "stream",
+                                priority)
+        return self._stub.GenerateStream(request, timeout=self._timeout(timeout),
+                                         metadata=self._metadata)
+
+
+class Client(_Connection):
+    """A connection to a Tandem gateway. Use it as a context manager, or call `close()`.
+
+    `api_key` is sent as `authorization: Bearer <key>` metadata on every call. `tls` (or
+    `root_certificates`, PEM bytes) opens a secure channel. `timeout` is the default deadline
+    of each call in seconds (None: none); every method takes `timeout=` to override it.
+    """
 
     def __enter__(self) -> Client:
         return self
@@ -165,18 +185,7 @@ class Client:
         A higher `priority` is scheduled first (see `GenerateRequest.priority`)."""
         request = build_request(prompt, messages, token_ids, request_id, sampling, "generate",
                                 priority)
-        response = self._call(self._stub.Generate, request, timeout)
-        return Completion(
-            text=response.text,
-            token_ids=list(response.token_ids),
-            finish_reason=finish_reason_name(response.finish_reason),
-            prompt_tokens=response.usage.prompt_tokens,
-            completion_tokens=response.usage.completion_tokens,
-            logprobs=[token_logprob(lp) for lp in response.logprobs],
-            request_id=response.request_id,
-            timing=timing(response),
-            cached_prompt_tokens=response.usage.cached_prompt_tokens,
-        )
+        return completion(self._call(self._stub.Generate, request, timeout))
 
     def stream(self, prompt: str | None = None, *, messages: Sequence[Message] | None = None,
                token_ids: Sequence[int] | None = None, request_id: str | None = None,
@@ -184,44 +193,90 @@ class Client:
                **sampling: Any) -> Iterator[Delta]:
         """Streams a completion as it is produced. Stopping the iteration early (or closing
         the iterator) cancels the generation on the server."""
-        request = build_request(prompt, messages, token_ids, request_id, sampling, "stream",
-                                priority)
-        call = self._stub.GenerateStream(request, timeout=self._timeout(timeout),
-                                         metadata=self._metadata)
-        return _deltas(call)
+        return _deltas(self._stream_call(prompt, messages, token_ids, request_id, priority,
+                                         timeout, sampling))
 
     def tokenize(self, prompt: str | None = None, *, messages: Sequence[Message] | None = None,
                  timeout: float | None = None) -> Tokens:
         """Tokenizes `prompt` or `messages` exactly as `generate` would."""
-        if (prompt is None) == (messages is None):
-            raise ValueError("tokenize() takes exactly one of prompt or messages")
-        if prompt is not None:
-            request = pb.TokenizeRequest(text=prompt)
-        else:
-            request = pb.TokenizeRequest(messages=chat_messages(messages))
-        response = self._call(self._stub.Tokenize, request, timeout)
+        response = self._call(self._stub.Tokenize, tokenize_request(prompt, messages), timeout)
         return Tokens(token_ids=list(response.token_ids), tokens=list(response.tokens))
 
     def model_info(self, *, timeout: float | None = None) -> ModelInfo:
         """Describes the model being served."""
-        info = self._call(self._stub.GetModelInfo, pb.GetModelInfoRequest(), timeout)
-        fields = {f.name: getattr(info, f.name) for f in dataclasses.fields(ModelInfo)}
-        fields["eos_token_ids"] = list(info.eos_token_ids)
-        return ModelInfo(**fields)
+        return model_info(self._call(self._stub.GetModelInfo, pb.GetModelInfoRequest(),
+                                     timeout))
 
     def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """The gRPC health status of `service` ("" is the whole server): "SERVING",
         "NOT_SERVING", ..."""
         request = health_pb2.HealthCheckRequest(service=service)
-        response = self._call(self._health.Check, request, timeout)
-        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
-
-    def _timeout(self, timeout: float | None) -> float | None:
-        return self.timeout if timeout is None else timeout
+        return health_status(self._call(self._health.Check, request, timeout))
 
     def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
         try:
             return method(request, timeout=self._timeout(timeout), metadata=self._metadata)
+        except grpc.RpcError as error:
+            raise TandemError.from_rpc_error(error) from None
+
+
+class AsyncClient(_Connection):
+    """`Client` for asyncio (grpc.aio): the same arguments, and the same methods as
+    coroutines; `stream()` is an async iterator, and leaving it early (or `aclose()`)
+    cancels the generation on the server. Use it as an async context manager, or `await
+    close()`."""
+
+    _grpc = grpc.aio
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def generate(self, prompt: str | None = None, *,
+                       messages: Sequence[Message] | None = None,
+                       token_ids: Sequence[int] | None = None, request_id: str | None = None,
+                       priority: int = 0, timeout: float | None = None,
+                       **sampling: Any) -> Completion:
+        """Generates a completion of exactly one of `prompt`, `messages` or `token_ids`."""
+        request = build_request(prompt, messages, token_ids, request_id, sampling, "generate",
+                                priority)
+        return completion(await self._call(self._stub.Generate, request, timeout))
+
+    def stream(self, prompt: str | None = None, *, messages: Sequence[Message] | None = None,
+               token_ids: Sequence[int] | None = None, request_id: str | None = None,
+               priority: int = 0, timeout: float | None = None,
+               **sampling: Any) -> AsyncIterator[Delta]:
+        """Streams a completion as it is produced (an async iterator)."""
+        return _async_deltas(self._stream_call(prompt, messages, token_ids, request_id,
+                                               priority, timeout, sampling))
+
+    async def tokenize(self, prompt: str | None = None, *,
+                       messages: Sequence[Message] | None = None,
+                       timeout: float | None = None) -> Tokens:
+        """Tokenizes `prompt` or `messages` exactly as `generate` would."""
+        response = await self._call(self._stub.Tokenize, tokenize_request(prompt, messages),
+                                    timeout)
+        return Tokens(token_ids=list(response.token_ids), tokens=list(response.tokens))
+
+    async def model_info(self, *, timeout: float | None = None) -> ModelInfo:
+        """Describes the model being served."""
+        return model_info(await self._call(self._stub.GetModelInfo, pb.GetModelInfoRequest(),
+                                           timeout))
+
+    async def health(self, service: str = "", *, timeout: float | None = None) -> str:
+        """The gRPC health status of `service` ("" is the whole server)."""
+        request = health_pb2.HealthCheckRequest(service=service)
+        return health_status(await self._call(self._health.Check, request, timeout))
+
+    async def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
+        try:
+            return await method(request, timeout=self._timeout(timeout),
+                                metadata=self._metadata)
         except grpc.RpcError as error:
             raise TandemError.from_rpc_error(error) from None
 
@@ -234,6 +289,49 @@ def _deltas(call: Any) -> Iterator[Delta]:
         raise TandemError.from_rpc_error(error) from None
     finally:
         call.cancel()  # a no-op once the stream has ended; stops the server when abandoned
+
+
+async def _async_deltas(call: Any) -> AsyncIterator[Delta]:
+    try:
+        async for msg in call:
+            yield delta(msg)
+    except grpc.RpcError as error:
+        raise TandemError.from_rpc_error(error) from None
+    finally:
+        call.cancel()
+
+
+def completion(response: pb.GenerateResponse) -> Completion:
+    return Completion(
+        text=response.text,
+        token_ids=list(response.token_ids),
+        finish_reason=finish_reason_name(response.finish_reason),
+        prompt_tokens=response.usage.prompt_tokens,
+        completion_tokens=response.usage.completion_tokens,
+        logprobs=[token_logprob(lp) for lp in response.logprobs],
+        request_id=response.request_id,
+        timing=timing(response),
+        cached_prompt_tokens=response.usage.cached_prompt_tokens,
+    )
+
+
+def tokenize_request(prompt: str | None,
+                     messages: Sequence[Message] | None) -> pb.TokenizeRequest:
+    if (prompt is None) == (messages is None):
+        raise ValueError("tokenize() takes exactly one of prompt or messages")
+    if prompt is not None:
+        return pb.TokenizeRequest(text=prompt)
+    return pb.TokenizeRequest(messages=chat_messages(messages))
+
+
+def model_info(info: pb.ModelInfo) -> ModelInfo:
+    fields = {f.name: getattr(info, f.name) for f in dataclasses.fields(ModelInfo)}
+    fields["eos_token_ids"] = list(info.eos_token_ids)
+    return ModelInfo(**fields)
+
+
+def health_status(response: health_pb2.HealthCheckResponse) -> str:
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
 
 def build_request(prompt: str | None, messages: Sequence[Message] | None,
