@@ -1,8 +1,9 @@
-"""The clients against the real service: `tandem` (Python CLI) and clients/node, both giving
-what tandem.client gives for the same greedy request."""
+"""The clients against the real service: `tandem` (Python CLI), tandem.client.AsyncClient and
+clients/node, all giving what tandem.client gives for the same greedy request."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -11,7 +12,7 @@ import sys
 
 import pytest
 
-from tandem.client import Client
+from tandem.client import AsyncClient, Client
 from tests.e2e.service import REPO
 
 pytestmark = pytest.mark.e2e
@@ -42,6 +43,23 @@ def check_json(stdout, expected):
     assert got["finish_reason"] == "length"
     assert got["usage"] == {"prompt_tokens": expected.prompt_tokens, "completion_tokens": 8,
                             "cached_prompt_tokens": 0}  # shorter than a block: never cached
+
+
+def test_async_client(async_service, expected):
+    async def main():
+        async with AsyncClient(async_service.address, timeout=120) as client:
+            whole, deltas = await asyncio.gather(
+                client.generate(PROMPT, max_tokens=8, temperature=0, ignore_eos=True),
+                _collect(client.stream(PROMPT, max_tokens=8, temperature=0, ignore_eos=True)))
+        return whole, deltas
+    whole, deltas = asyncio.run(main())
+    assert (whole.token_ids, whole.text) == (expected.token_ids, expected.text)
+    assert [t for d in deltas for t in d.token_ids] == expected.token_ids
+    assert deltas[-1].finish_reason == "length"
+
+
+async def _collect(stream):
+    return [d async for d in stream]
 
 
 def test_python_cli(async_service, expected):
