@@ -62,7 +62,8 @@ class Engine:
         self._reported: dict[str, int] = {}  # the scheduler's counters, as last reported
         self.last_progress = time.monotonic()  # a batch finished, or the loop went idle
         self._queue_lock = threading.Lock()
-        self._queued: dict[str, int] = {}  # req_id -> prompt tokens, until first scheduled
+        # req_id -> (prompt tokens, priority), in arrival order, until first scheduled
+        self._queued: dict[str, tuple[int, int]] = {}
         self.fatal: Exception | None = None
         self.on_fatal: Callable[[Exception], None] = lambda exc: None
         self._stop = threading.Event()
@@ -74,13 +75,37 @@ class Engine:
 
     def add_request(self, req: Request, sink: Sink) -> None:
         with self._queue_lock:
-            self._queued[req.req_id] = len(req.prompt_ids)
+            self._queued[req.req_id] = (len(req.prompt_ids), req.priority)
         self.inbox.put(("add", req, sink))
 
     def queued(self) -> tuple[int, int]:
         """Requests admitted but not yet scheduled, and their prompt tokens (any thread)."""
         with self._queue_lock:
-            return len(self._queued), sum(self._queued.values())
+            return len(self._queued), sum(n for n, _ in self._queued.values())
+
+    def make_way(self, req: Request, max_requests: int, max_tokens: int) -> bool:
+        """Whether `req` fits in the waiting queue (`max_requests` requests, `max_tokens`
+        prompt tokens), once the fewest lowest-priority requests of strictly lower priority
+        than its own, the latest first, are displaced: those end with RESOURCE_EXHAUSTED.
+        When even displacing all of them would not make room, none is (any thread)."""
+        with self._queue_lock:
+            count = len(self._queued) + 1
+            tokens = sum(n for n, _ in self._queued.values()) + len(req.prompt_ids)
+            lower = sorted(((p, -i, rid, n) for i, (rid, (n, p)) in
+                            enumerate(self._queued.items()) if p < req.priority))
+            victims = []
+            for _, _, rid, n in lower:
+                if count <= max_requests and tokens <= max_tokens:
+                    break
+                victims.append(rid)
+                count, tokens = count - 1, tokens - n
+            if count > max_requests or tokens > max_tokens:
+                return False
+            for rid in victims:
+                del self._queued[rid]
+        for rid in victims:
+            self.inbox.put(("displace", rid, req.priority))
+        return True
 
     def _dequeue(self, req_id: str) -> None:
         with self._queue_lock:
@@ -146,6 +171,8 @@ class Engine:
                 self.scheduler.add(item)
             elif kind == "abort":
                 self._abort(item)
+            elif kind == "displace":
+                self._displace(item, sink)
             elif kind == "trace":
                 self._trace(*item, done=sink)
 
@@ -160,15 +187,34 @@ class Engine:
 
     def _abort(self, req_id: str) -> None:
         self._dequeue(req_id)
-        req = self.requests.pop(req_id, None)
+        req = self.requests.get(req_id)
         if req is None:
             return
-        req.finish_reason = FinishReason.ABORTED
         self.metrics.cancelled.inc()
+        self._drop(req)
+
+    def _drop(self, req: Request) -> None:
+        """Forgets a request that ends without output: its KV blocks and its sink."""
+        self.requests.pop(req.req_id, None)
+        req.finish_reason = FinishReason.ABORTED
         self.scheduler.finish(req)
         self.outputs.discard(req)
-        self.sinks.pop(req_id, None)
+        self.sinks.pop(req.req_id, None)
         self.num_finished += 1
+
+    def _displace(self, req_id: str, priority: int) -> None:
+        """Ends a waiting request to make room for one of `priority`, unless it was
+        scheduled (or ended) since it was chosen: then it goes on as it is."""
+        req = self.requests.get(req_id)
+        if req is None or req.first_scheduled is not None:
+            return
+        sink = self.sinks[req_id]
+        self._drop(req)
+        self.metrics.displaced.inc()
+        sink(RequestOutput(req_id, finish_reason=FinishReason.ABORTED,
+                           error_code="RESOURCE_EXHAUSTED",
+                           error=f"displaced from the engine's full queue by a request of "
+                                 f"higher priority ({priority} > {req.priority}); retry later"))
 
     def _submit(self, plan: BatchPlan) -> None:
         now = time.monotonic()

@@ -62,6 +62,9 @@ class EngineMetrics:
         self.cancelled = Counter("tandem_requests_cancelled",
                                  "Requests aborted by their client (cancel, disconnect, deadline)",
                                  registry=r)
+        self.displaced = Counter("tandem_requests_displaced",
+                                 "Waiting requests ended to make room in a full queue for one "
+                                 "of higher priority", registry=r)
         self.finished = Counter("tandem_requests_finished", "Requests finished",
                                 ["finish_reason"], registry=r)
         self.generated = Counter("tandem_generated_tokens", "Tokens generated", registry=r)

@@ -74,6 +74,7 @@ class RequestOutput:
     first_token_seconds: float = 0.0
     total_seconds: float = 0.0
     error: str | None = None  # set when the engine failed the request
+    error_code: str = "UNAVAILABLE"  # the gRPC status of `error`, by name
 
     def extend(self, later: RequestOutput) -> None:
         """Append ``later`` (the same request's next output): one delta for both."""

@@ -166,7 +166,7 @@ def _fill_event(event: engine_pb2.EngineEvent, rid: str, item: RequestOutput | R
     if isinstance(item, Refused):
         event.error_code, event.error_message = item.code.value[0], item.message
     elif item.error is not None:
-        event.error_code = grpc.StatusCode.UNAVAILABLE.value[0]
+        event.error_code = grpc.StatusCode[item.error_code].value[0]
         event.error_message = item.error
     else:
         convert.output_to_pb(item, rid, event.output)
@@ -219,7 +219,7 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
         try:
             async for out in _deltas(outputs):
                 if out.error is not None:
-                    await context.abort(grpc.StatusCode.UNAVAILABLE, out.error)
+                    await context.abort(grpc.StatusCode[out.error_code], out.error)
                 finished = out.finish_reason is not None
                 yield convert.output_to_pb(out, request.request.request_id or request.request_id)
         finally:
@@ -328,8 +328,11 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
                        priority=request.request.priority)
 
     def _admit(self, engine: Engine, req: Request) -> None:
-        """Refuse at once, with the limit named, when the waiting queue is full."""
+        """Refuse at once, with the limit named, when the waiting queue is full, unless
+        waiting requests of lower priority can make way (`Engine.make_way`)."""
         sched = self.cfg.scheduler
+        if engine.make_way(req, sched.max_waiting_requests, sched.max_waiting_tokens):
+            return
         num_requests, num_tokens = engine.queued()
         if num_requests >= sched.max_waiting_requests:
             reason = (f"the engine's queue is full: {num_requests} requests waiting "

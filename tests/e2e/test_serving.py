@@ -117,6 +117,30 @@ def test_a_higher_priority_request_preempts_a_running_one_that_then_ends_unchang
     assert tokens == alone
 
 
+def test_a_full_queue_makes_way_for_a_higher_priority_request(small_queue_service):
+    """One row, one waiting place: the urgent request displaces the waiting one of lower
+    priority (RESOURCE_EXHAUSTED, saying why), takes the row from the running one, and both
+    it and the running one end whole."""
+    service = small_queue_service
+    running = service.stub.GenerateStream(long_request(2 * LONG), timeout=120)
+    tokens = list(next(running).token_ids)  # holding the only row
+    waiting = service.stub.GenerateStream(long_request(4), timeout=120)
+    deadline = time.monotonic() + 30
+    while service.stats().num_waiting == 0:
+        assert time.monotonic() < deadline, "the second request never queued"
+        time.sleep(0.02)
+    urgent = pb.GenerateRequest(text="Say hello.", priority=5, sampling=pb.SamplingParams(
+        max_tokens=4, temperature=0, ignore_eos=True))
+    assert len(service.stub.Generate(urgent, timeout=120).token_ids) == 4
+    with pytest.raises(grpc.RpcError) as displaced:
+        list(waiting)
+    assert displaced.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "higher priority" in displaced.value.details()
+    tokens.extend(t for msg in running for t in msg.token_ids)
+    assert len(tokens) == 2 * LONG
+    assert scrape(service)["tandem_requests_displaced_total"] == 1
+
+
 def test_engine_requests_reusing_an_id_run_side_by_side(async_service):
     """The internal API asks for ids unique in flight; a client that breaks that gets two
     independent requests, not a broken engine."""

@@ -39,6 +39,9 @@ class FakeEngine:
     def queued(self) -> tuple[int, int]:
         return 0, 0
 
+    def make_way(self, req, max_requests: int, max_tokens: int) -> bool:
+        return True  # an empty queue
+
 
 def make_servicer(listen: str = "unused") -> EngineServicer:
     servicer = EngineServicer(EngineConfig(listen=listen), FakeTokenizer(), "m", EngineMetrics())
