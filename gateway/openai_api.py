@@ -11,9 +11,9 @@ Differences from OpenAI's API: one prompt per request; `n` choices (up to `MAX_C
 `n` gRPC calls made at once, choice `i` seeded with `seed + i` where a seed is given, so that
 it equals a request of its own with that seed; logprobs name each token as `token_id:<id>`;
 Tandem's own sampling fields (`top_k`, `min_p`, `repetition_penalty`, `min_tokens`,
-`ignore_eos`, `stop_token_ids`) and `priority` are taken too, and `return_token_ids` adds each
-choice's (or delta's) `token_ids`; fields Tandem has no use for (`user`, `metadata`, ...) are
-ignored.
+`ignore_eos`, `stop_token_ids`), `priority` and chat's `continue_final_message` are taken too,
+and `return_token_ids` adds each choice's (or delta's) `token_ids`; fields Tandem has no use
+for (`user`, `metadata`, ...) are ignored.
 """
 
 from __future__ import annotations
@@ -91,6 +91,8 @@ def generate_request(body: Any, chat: bool,
                                  priority=_typed(body, "priority", int, 0))
     if chat:
         request.messages.CopyFrom(_messages(body.get("messages")))
+        request.messages.continue_final_message = _typed(body, "continue_final_message", bool,
+                                                         False)
     else:
         _prompt(body.get("prompt"), request)
     request.sampling.CopyFrom(_sampling(body, chat))
@@ -491,8 +493,14 @@ async def _gather(calls: list) -> list:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
         return [task.result() for task in tasks]  # raises the first error in choice order
     finally:
-        for call in calls:
+        for call, task in zip(calls, tasks, strict=True):
             call.cancel()
+            task.add_done_callback(_retrieved)  # the other choices' errors: nobody's to report
+
+
+def _retrieved(task: asyncio.Future) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 async def _events(calls: list, completion: Completion,

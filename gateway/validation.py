@@ -37,7 +37,7 @@ def validate_generate_request(request: pb.GenerateRequest, info: pb.ModelInfo) -
     elif kind == "token_ids":
         _check_prompt_ids(request.token_ids.ids, info.vocab_size)
     else:
-        _check_messages(request.messages.messages)
+        _check_messages(request.messages)
     _check_sampling(request.sampling, info)
 
 
@@ -49,7 +49,7 @@ def validate_tokenize_request(request: pb.TokenizeRequest) -> None:
     if kind == "text":
         _check_text(request.text)
     else:
-        _check_messages(request.messages.messages)
+        _check_messages(request.messages)
 
 
 def _check_text(text: str) -> None:
@@ -72,9 +72,15 @@ def _check_vocab(field: str, ids: Iterable[int], vocab_size: int) -> None:
             )
 
 
-def _check_messages(messages: Sequence[pb.ChatMessage]) -> None:
+def _check_messages(chat: pb.ChatMessages) -> None:
+    messages = chat.messages
     if not messages:
         raise InvalidRequest("messages.messages", "at least one message is required")
+    if chat.continue_final_message and messages[-1].role != "assistant":
+        raise InvalidRequest(
+            "messages.continue_final_message",
+            f"the last message must be an assistant turn to continue, not {messages[-1].role!r}",
+        )
     for i, message in enumerate(messages):
         field = f"messages.messages[{i}]"
         if message.role not in ALLOWED_ROLES:

@@ -152,10 +152,7 @@ class _Connection:
     def _timeout(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is None else timeout
 
-    def _stream_call(self, prompt, messages, token_ids, request_id, priority, timeout,
-                     sampling) -> Any:
-        request = build_request(prompt, messages, token_ids, request_id, sampling, "stream",
-                                priority)
+    def _stream_call(self, request: pb.GenerateRequest, timeout: float | None) -> Any:
         return self._stub.GenerateStream(request, timeout=self._timeout(timeout),
                                          metadata=self._metadata)
 
@@ -179,27 +176,31 @@ class Client(_Connection):
 
     def generate(self, prompt: str | None = None, *, messages: Sequence[Message] | None = None,
                  token_ids: Sequence[int] | None = None, request_id: str | None = None,
-                 priority: int = 0, timeout: float | None = None,
-                 **sampling: Any) -> Completion:
+                 priority: int = 0, continue_final_message: bool = False,
+                 timeout: float | None = None, **sampling: Any) -> Completion:
         """Generates a completion of exactly one of `prompt`, `messages` or `token_ids`.
-        A higher `priority` is scheduled first (see `GenerateRequest.priority`)."""
+        A higher `priority` is scheduled first (see `GenerateRequest.priority`);
+        `continue_final_message` continues the last, assistant, message instead of starting
+        a new turn (see `ChatMessages.continue_final_message`)."""
         request = build_request(prompt, messages, token_ids, request_id, sampling, "generate",
-                                priority)
+                                priority, continue_final_message)
         return completion(self._call(self._stub.Generate, request, timeout))
 
     def stream(self, prompt: str | None = None, *, messages: Sequence[Message] | None = None,
                token_ids: Sequence[int] | None = None, request_id: str | None = None,
-               priority: int = 0, timeout: float | None = None,
-               **sampling: Any) -> Iterator[Delta]:
+               priority: int = 0, continue_final_message: bool = False,
+               timeout: float | None = None, **sampling: Any) -> Iterator[Delta]:
         """Streams a completion as it is produced. Stopping the iteration early (or closing
         the iterator) cancels the generation on the server."""
-        return _deltas(self._stream_call(prompt, messages, token_ids, request_id, priority,
-                                         timeout, sampling))
+        return _deltas(self._stream_call(
+            build_request(prompt, messages, token_ids, request_id, sampling, "stream",
+                          priority, continue_final_message), timeout))
 
     def tokenize(self, prompt: str | None = None, *, messages: Sequence[Message] | None = None,
-                 timeout: float | None = None) -> Tokens:
+                 continue_final_message: bool = False, timeout: float | None = None) -> Tokens:
         """Tokenizes `prompt` or `messages` exactly as `generate` would."""
-        response = self._call(self._stub.Tokenize, tokenize_request(prompt, messages), timeout)
+        request = tokenize_request(prompt, messages, continue_final_message)
+        response = self._call(self._stub.Tokenize, request, timeout)
         return Tokens(token_ids=list(response.token_ids), tokens=list(response.tokens))
 
     def model_info(self, *, timeout: float | None = None) -> ModelInfo:
@@ -240,27 +241,29 @@ class AsyncClient(_Connection):
     async def generate(self, prompt: str | None = None, *,
                        messages: Sequence[Message] | None = None,
                        token_ids: Sequence[int] | None = None, request_id: str | None = None,
-                       priority: int = 0, timeout: float | None = None,
-                       **sampling: Any) -> Completion:
+                       priority: int = 0, continue_final_message: bool = False,
+                       timeout: float | None = None, **sampling: Any) -> Completion:
         """Generates a completion of exactly one of `prompt`, `messages` or `token_ids`."""
         request = build_request(prompt, messages, token_ids, request_id, sampling, "generate",
-                                priority)
+                                priority, continue_final_message)
         return completion(await self._call(self._stub.Generate, request, timeout))
 
     def stream(self, prompt: str | None = None, *, messages: Sequence[Message] | None = None,
                token_ids: Sequence[int] | None = None, request_id: str | None = None,
-               priority: int = 0, timeout: float | None = None,
-               **sampling: Any) -> AsyncIterator[Delta]:
+               priority: int = 0, continue_final_message: bool = False,
+               timeout: float | None = None, **sampling: Any) -> AsyncIterator[Delta]:
         """Streams a completion as it is produced (an async iterator)."""
-        return _async_deltas(self._stream_call(prompt, messages, token_ids, request_id,
-                                               priority, timeout, sampling))
+        return _async_deltas(self._stream_call(
+            build_request(prompt, messages, token_ids, request_id, sampling, "stream",
+                          priority, continue_final_message), timeout))
 
     async def tokenize(self, prompt: str | None = None, *,
                        messages: Sequence[Message] | None = None,
+                       continue_final_message: bool = False,
                        timeout: float | None = None) -> Tokens:
         """Tokenizes `prompt` or `messages` exactly as `generate` would."""
-        response = await self._call(self._stub.Tokenize, tokenize_request(prompt, messages),
-                                    timeout)
+        request = tokenize_request(prompt, messages, continue_final_message)
+        response = await self._call(self._stub.Tokenize, request, timeout)
         return Tokens(token_ids=list(response.token_ids), tokens=list(response.tokens))
 
     async def model_info(self, *, timeout: float | None = None) -> ModelInfo:
@@ -315,13 +318,13 @@ def completion(response: pb.GenerateResponse) -> Completion:
     )
 
 
-def tokenize_request(prompt: str | None,
-                     messages: Sequence[Message] | None) -> pb.TokenizeRequest:
+def tokenize_request(prompt: str | None, messages: Sequence[Message] | None,
+                     continue_final: bool = False) -> pb.TokenizeRequest:
     if (prompt is None) == (messages is None):
         raise ValueError("tokenize() takes exactly one of prompt or messages")
     if prompt is not None:
         return pb.TokenizeRequest(text=prompt)
-    return pb.TokenizeRequest(messages=chat_messages(messages))
+    return pb.TokenizeRequest(messages=chat_messages(messages, continue_final))
 
 
 def model_info(info: pb.ModelInfo) -> ModelInfo:
@@ -337,7 +340,7 @@ def health_status(response: health_pb2.HealthCheckResponse) -> str:
 def build_request(prompt: str | None, messages: Sequence[Message] | None,
                   token_ids: Sequence[int] | None, request_id: str | None,
                   sampling: Mapping[str, Any], caller: str,
-                  priority: int = 0) -> pb.GenerateRequest:
+                  priority: int = 0, continue_final: bool = False) -> pb.GenerateRequest:
     """The `GenerateRequest` for one input and the sampling keywords (None: unset)."""
     unknown = sorted(set(sampling) - SAMPLING_FIELDS)
     if unknown:
@@ -358,13 +361,13 @@ def build_request(prompt: str | None, messages: Sequence[Message] | None,
     if prompt is not None:
         request.text = prompt
     elif messages is not None:
-        request.messages.CopyFrom(chat_messages(messages))
+        request.messages.CopyFrom(chat_messages(messages, continue_final))
     else:
         request.token_ids.ids.extend(token_ids)
     return request
 
 
-def chat_messages(messages: Sequence[Message]) -> pb.ChatMessages:
+def chat_messages(messages: Sequence[Message], continue_final: bool = False) -> pb.ChatMessages:
     turns = []
     for message in messages:
         if isinstance(message, Mapping):
@@ -372,7 +375,7 @@ def chat_messages(messages: Sequence[Message]) -> pb.ChatMessages:
         else:
             role, content = message
             turns.append(pb.ChatMessage(role=role, content=content))
-    return pb.ChatMessages(messages=turns)
+    return pb.ChatMessages(messages=turns, continue_final_message=continue_final)
 
 
 def finish_reason_name(value: int) -> str | None:

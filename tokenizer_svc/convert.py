@@ -44,8 +44,12 @@ def prompt_ids(request: pb.GenerateRequest | pb.TokenizeRequest, tok: ModelToken
         if not tok.has_chat_template:
             raise InvalidRequest("messages: the model has no chat template; send the prompt "
                                  "as text or token_ids")
+        continue_final = request.messages.continue_final_message
+        if continue_final and messages[-1]["role"] != "assistant":
+            raise InvalidRequest("messages.continue_final_message: the last message must be "
+                                 f"an assistant turn to continue, not {messages[-1]['role']!r}")
         try:
-            return tok.encode_chat(messages)
+            return tok.encode_chat(messages, continue_final)
         except TemplateSyntaxError:  # the model folder's fault, not the request's
             raise
         except TemplateError as exc:  # the template's raise_exception: roles it refuses

@@ -50,9 +50,13 @@ class ModelTokenizer:
     def has_chat_template(self) -> bool:
         return bool(getattr(self.tokenizer, "chat_template", None))
 
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                 tokenize=True)
+    def encode_chat(self, messages: list[dict[str, str]],
+                    continue_final: bool = False) -> list[int]:
+        """The conversation through the chat template: with the generation prompt after it,
+        or (`continue_final`) with its last, assistant, turn left open to be continued."""
+        ids = self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=not continue_final,
+            continue_final_message=continue_final, tokenize=True)
         if isinstance(ids, Mapping):
             ids = ids["input_ids"]
         return list(ids)

@@ -48,8 +48,14 @@ def test_messages_and_token_ids(fake, client):
     client.generate(messages=[{"role": "system", "content": "Be brief."}, ("user", "Hi")])
     msgs = fake.generation.requests[-1].messages.messages
     assert [(m.role, m.content) for m in msgs] == [("system", "Be brief."), ("user", "Hi")]
+    assert not fake.generation.requests[-1].messages.continue_final_message
     client.generate(token_ids=[1, 2, 3])
     assert list(fake.generation.requests[-1].token_ids.ids) == [1, 2, 3]
+    list(client.stream(messages=[("user", "Hi"), ("assistant", "{")],
+                       continue_final_message=True))
+    assert fake.generation.requests[-1].messages.continue_final_message
+    client.tokenize(messages=[("assistant", "{")], continue_final_message=True)
+    assert fake.generation.requests[-1].messages.continue_final_message
 
 
 def test_bad_arguments_never_reach_the_server(fake, client):

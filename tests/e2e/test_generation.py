@@ -106,6 +106,31 @@ def test_tokenize_matches_the_model_tokenizer(async_service, hf_model):
     assert prompt_of(async_service, chat_request(CHATS[0])) == list(expected)
 
 
+def test_a_final_assistant_message_is_continued(async_service, hf_model):
+    """continue_final_message: the prompt is the chat template's, the last turn left open,
+    and the completion is the greedy continuation of exactly that prompt."""
+    _, tok = hf_model
+    chat = [{"role": "user", "content": CHATS[0]},
+            {"role": "assistant", "content": "The answer, in one word:"}]
+    expected = tok.apply_chat_template(chat, continue_final_message=True, tokenize=True)
+    expected = list(expected["input_ids"] if hasattr(expected, "keys") else expected)
+    request = pb.GenerateRequest(
+        messages=pb.ChatMessages(messages=[pb.ChatMessage(**m) for m in chat],
+                                 continue_final_message=True),
+        sampling=pb.SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    assert prompt_of(async_service, request) == expected
+    out = async_service.stub.Generate(request, timeout=120)
+    alone = async_service.stub.Generate(pb.GenerateRequest(
+        token_ids=pb.TokenIds(ids=expected), sampling=request.sampling), timeout=120)
+    assert list(out.token_ids) == list(alone.token_ids) and len(out.token_ids) == 8
+    del request.messages.messages[-1]
+    request.messages.messages.add(role="user", content="And?")
+    with pytest.raises(grpc.RpcError) as error:
+        async_service.stub.Generate(request, timeout=30)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "continue_final_message" in error.value.details()
+
+
 def test_async_equals_sync(sync_service, async_results):
     sync_results = run_staggered(sync_service, greedy_requests())
     for (a_text, a_ids, _), (s_text, s_ids, _) in zip(async_results, sync_results, strict=False):

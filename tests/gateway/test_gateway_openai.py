@@ -51,12 +51,13 @@ def test_a_chat_body_becomes_the_request():
         "messages": [{"role": "system", "content": "Be brief."},
                      {"role": "user", "content": [{"type": "text", "text": "Hi "},
                                                   {"type": "text", "text": "there"}]}],
-        "max_tokens": 9, "max_completion_tokens": 5, "logprobs": True, "top_logprobs": 3},
-        chat=True, request_id="r")
+        "max_tokens": 9, "max_completion_tokens": 5, "logprobs": True, "top_logprobs": 3,
+        "continue_final_message": True}, chat=True, request_id="r")
     assert [(m.role, m.content) for m in request.messages.messages] == [
         ("system", "Be brief."), ("user", "Hi there")]
     assert (request.sampling.max_tokens, request.sampling.logprobs,
             request.sampling.top_logprobs) == (5, True, 3)  # max_completion_tokens wins
+    assert request.messages.continue_final_message
     assert not stream and not include_usage
 
 

@@ -97,6 +97,15 @@ def test_empty_content_outside_assistant(role: str) -> None:
     assert "must not be empty" in error.message
 
 
+def test_continuing_the_final_message_needs_an_assistant_turn_last() -> None:
+    request = chat(("user", "hi"), ("assistant", "{"))
+    request.messages.continue_final_message = True
+    validate_generate_request(request, INFO)
+    request.messages.messages.pop()
+    error = rejected(request)
+    assert error.field == "messages.continue_final_message" and "'user'" in error.message
+
+
 def test_max_tokens_over_context() -> None:
     validate_generate_request(text_request(max_tokens=512), INFO)
     error = rejected(text_request(max_tokens=513))

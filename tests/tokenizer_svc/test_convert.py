@@ -67,6 +67,20 @@ def test_a_conversation_the_chat_template_cannot_render_is_invalid(smollm2_tok, 
         in str(error.value)
 
 
+def test_a_final_assistant_turn_is_continued_when_asked(smollm2_tok):
+    request = chat("user", "assistant")
+    opened = convert.prompt_ids(request, smollm2_tok)
+    request.messages.continue_final_message = True
+    continued = convert.prompt_ids(request, smollm2_tok)
+    closed_turn = convert.prompt_ids(chat("user"), smollm2_tok)  # "<|im_start|>assistant\n"
+    assert continued[:len(closed_turn)] == closed_turn
+    assert smollm2_tok.tokenizer.decode(continued[len(closed_turn):]) == "hi"  # left open
+    assert opened[:len(continued)] == continued and len(opened) > len(continued)  # + end, prompt
+    request.messages.messages[-1].role = "user"
+    with pytest.raises(convert.InvalidRequest, match="continue_final_message"):
+        convert.prompt_ids(request, smollm2_tok)
+
+
 def test_the_engine_refuses_more_top_logprobs_than_a_slot_holds():
     def top(n):
         return convert.sampling_options(
