@@ -84,8 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="address of the metrics endpoint (0.0.0.0 to expose it)")
     parser.add_argument("--http-listen", metavar="HOST:PORT",
                         help="also serve an OpenAI-compatible HTTP API here (/v1/completions, "
-                        "/v1/chat/completions, /v1/models; TLS and API keys as on the gRPC "
-                        "port; port 0: any free port; default: off)")
+                        "/v1/chat/completions, /v1/models, /tokenize; TLS and API keys as on "
+                        "the gRPC port; port 0: any free port; default: off)")
     parser.add_argument("--health-interval", type=float, default=0.5, metavar="S",
                         help="how often each engine's health is polled (default 0.5)")
     parser.add_argument("--grace-period", type=float, default=5.0, metavar="S",

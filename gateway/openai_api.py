@@ -1,11 +1,11 @@
 """An OpenAI-compatible HTTP API in front of the gateway's own gRPC service (`--http-listen`).
 
 `POST /v1/completions` and `POST /v1/chat/completions` (both streamed as server-sent events
-with `"stream": true`), `GET /v1/models` and `GET /health`. Each choice becomes one call
-to `tandem.v1.Generation` over a private Unix socket of the same gateway, so validation, API
-keys (the `Authorization` header is passed on), deadlines (`--request-timeout`), routing,
-metrics and draining are the gRPC API's own: this module only translates, in both directions.
-A client that disconnects cancels its call.
+with `"stream": true`), `GET /v1/models` (and `/v1/models/{id}`), `POST /tokenize` and `GET
+/health`. Each choice becomes one call to `tandem.v1.Generation` over a private Unix socket of
+the same gateway, so validation, API keys (the `Authorization` header is passed on), deadlines
+(`--request-timeout`), routing, metrics and draining are the gRPC API's own: this module only
+translates, in both directions. A client that disconnects cancels its call.
 
 Differences from OpenAI's API: one prompt per request; `n` choices (up to `MAX_CHOICES`) are
 `n` gRPC calls made at once, choice `i` seeded with `seed + i` where a seed is given, so that
@@ -358,6 +358,8 @@ class OpenAIApi:
             web.post("/v1/completions", self._completions),
             web.post("/v1/chat/completions", self._chat_completions),
             web.get("/v1/models", self._models),
+            web.get("/v1/models/{model}", self._model_card),
+            web.post("/tokenize", self._tokenize),
             web.get("/health", self._health_check),
         ])
         self._runner: web.AppRunner | None = None
@@ -394,13 +396,9 @@ class OpenAIApi:
     async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
         request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
         metadata = _metadata(request)
-        try:
-            body = await request.json()
-        except (ValueError, UnicodeDecodeError):
-            return http_error(400, "the body is not valid JSON", "invalid_request_error")
-        except web.HTTPRequestEntityTooLarge:
-            return http_error(413, f"the body is over {request.client_max_size} bytes "
-                              "(--max-request-bytes)", "invalid_request_error")
+        body = await _json_body(request)
+        if isinstance(body, web.Response):
+            return body
         try:
             messages, stream, include_usage = generate_request(body, chat, request_id)
             model = await self._check_model(body.get("model"), metadata)
@@ -457,9 +455,44 @@ class OpenAIApi:
         except grpc.aio.AioRpcError as exc:
             return rpc_error_response(exc)
         self._model = info.model
-        return web.json_response({"object": "list", "data": [{
-            "id": info.model, "object": "model", "created": 0, "owned_by": "tandem",
-            "max_model_len": info.max_context_tokens}]})
+        return web.json_response({"object": "list", "data": [_card(info)]})
+
+    async def _model_card(self, request: web.Request) -> web.Response:
+        try:
+            info = await self._stub.GetModelInfo(pb.GetModelInfoRequest(),
+                                                 metadata=_metadata(request))
+        except grpc.aio.AioRpcError as exc:
+            return rpc_error_response(exc)
+        if request.match_info["model"] != info.model:
+            return http_error(404, f"model {json.dumps(request.match_info['model'])} is not "
+                              f"served here (GET /v1/models)", "not_found_error", "model",
+                              "model_not_found")
+        return web.json_response(_card(info))
+
+    async def _tokenize(self, request: web.Request) -> web.Response:
+        """`{"prompt": "..."}` or `{"messages": [...]}` (chat template applied, and
+        `continue_final_message`): `{"tokens": [ids], "count", "max_model_len"}`."""
+        metadata = _metadata(request)
+        body = await _json_body(request)
+        if isinstance(body, web.Response):
+            return body
+        try:
+            if not isinstance(body, dict):
+                raise BadRequest("the body must be a JSON object")
+            if "messages" in body:
+                message = pb.TokenizeRequest(messages=_messages(body["messages"]))
+                message.messages.continue_final_message = _typed(
+                    body, "continue_final_message", bool, False)
+            else:
+                message = pb.TokenizeRequest(text=_typed(body, "prompt", str, ""))
+            info = await self._stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=metadata)
+            reply = await self._stub.Tokenize(message, metadata=metadata)
+        except BadRequest as exc:
+            return http_error(400, str(exc), "invalid_request_error", exc.param)
+        except grpc.aio.AioRpcError as exc:
+            return rpc_error_response(exc)
+        return web.json_response({"tokens": list(reply.token_ids), "count": len(reply.token_ids),
+                                  "max_model_len": info.max_context_tokens})
 
     async def _health_check(self, request: web.Request) -> web.Response:
         try:
@@ -483,6 +516,11 @@ class OpenAIApi:
 
 class _ModelNotServed(Exception):
     pass
+
+
+def _card(info: pb.ModelInfo) -> dict:
+    return {"id": info.model, "object": "model", "created": 0, "owned_by": "tandem",
+            "max_model_len": info.max_context_tokens}
 
 
 async def _gather(calls: list) -> list:
@@ -550,6 +588,17 @@ async def _merge(calls: list) -> AsyncIterator[tuple[int, Any]]:
     finally:
         for task in tasks:
             task.cancel()
+
+
+async def _json_body(request: web.Request) -> Any:
+    """The request's JSON body, or the error response to send instead."""
+    try:
+        return await request.json()
+    except (ValueError, UnicodeDecodeError):
+        return http_error(400, "the body is not valid JSON", "invalid_request_error")
+    except web.HTTPRequestEntityTooLarge:
+        return http_error(413, f"the body is over {request.client_max_size} bytes "
+                          "(--max-request-bytes)", "invalid_request_error")
 
 
 def _sse(event: dict) -> bytes:

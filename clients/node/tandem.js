@@ -65,9 +65,11 @@ class TandemError extends Error {
 
 /**
  * A GenerateRequest from an input (string, messages array or { token_ids }), sampling, and
- * the request's id and priority (higher is scheduled first).
+ * the request's id, priority (higher is scheduled first) and, for messages,
+ * continueFinalMessage (continue the last, assistant, message instead of a new turn).
  */
-function buildRequest(input, sampling = {}, requestId = '', priority = 0) {
+function buildRequest(input, sampling = {}, requestId = '', priority = 0,
+  continueFinalMessage = false) {
   const { samplingFields } = loadProto();
   const params = {};
   for (const [key, value] of Object.entries(sampling)) {
@@ -77,7 +79,9 @@ function buildRequest(input, sampling = {}, requestId = '', priority = 0) {
   }
   const request = { sampling: params, request_id: requestId, priority };
   if (typeof input === 'string') request.text = input;
-  else if (Array.isArray(input)) request.messages = { messages: input };
+  else if (Array.isArray(input)) {
+    request.messages = { messages: input, continue_final_message: continueFinalMessage };
+  }
   else if (input && Array.isArray(input.token_ids)) request.token_ids = { ids: input.token_ids };
   else throw new TypeError('input must be a string, an array of messages or { token_ids }');
   return request;
@@ -125,8 +129,9 @@ class Client {
   }
 
   /** Resolves to the whole completion: { text, token_ids, finish_reason, usage, timing, ... }. */
-  generate(input, sampling = {}, { requestId = '', priority = 0, timeout } = {}) {
-    const request = buildRequest(input, sampling, requestId, priority);
+  generate(input, sampling = {},
+    { requestId = '', priority = 0, continueFinalMessage = false, timeout } = {}) {
+    const request = buildRequest(input, sampling, requestId, priority, continueFinalMessage);
     return new Promise((resolve, reject) => {
       this.stub.Generate(request, this.metadata, this.callOptions(timeout), (error, response) => {
         if (error) reject(TandemError.fromServiceError(error));
@@ -139,8 +144,9 @@ class Client {
    * Yields the completion's deltas as they come; the last one carries finish_reason, usage
    * and timing. Leaving the loop early cancels the generation on the server.
    */
-  async *generateStream(input, sampling = {}, { requestId = '', priority = 0, timeout } = {}) {
-    const request = buildRequest(input, sampling, requestId, priority);
+  async *generateStream(input, sampling = {},
+    { requestId = '', priority = 0, continueFinalMessage = false, timeout } = {}) {
+    const request = buildRequest(input, sampling, requestId, priority, continueFinalMessage);
     const call = this.stub.GenerateStream(request, this.metadata, this.callOptions(timeout));
     let finished = false;
     try {

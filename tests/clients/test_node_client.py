@@ -53,6 +53,19 @@ def test_unset_flags_stay_unset_and_chat(fake):
     assert "authorization" not in fake.generation.metadata[-1]
 
 
+def test_the_library_continues_a_final_assistant_message(fake):
+    script = ("const { Client } = require(process.argv[1]);"
+              "const c = new Client(process.argv[2]);"
+              "c.generate([{ role: 'user', content: 'Hi' }, { role: 'assistant', content: '{' }],"
+              " { max_tokens: 4 }, { continueFinalMessage: true })"
+              ".then((out) => { console.log(out.text); c.close(); });")
+    proc = subprocess.run([NODE, "-e", script, str(NODE_DIR / "tandem.js"), fake.address],
+                          capture_output=True, text=True, timeout=60)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "Hello world\n", "")
+    chat = fake.generation.requests[-1].messages
+    assert chat.continue_final_message and chat.messages[-1].content == "{"
+
+
 def test_stop_ids_min_tokens_and_penalties_become_the_request(fake):
     proc = node(fake, "--stop-token-id", "4", "--stop-token-id", "9", "--min-tokens", "2",
                 "--repetition-penalty", "1.25", "--presence-penalty", "0.5",

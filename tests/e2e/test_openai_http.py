@@ -3,6 +3,9 @@ same tokens as the gRPC API, streamed or not, and its errors."""
 
 from __future__ import annotations
 
+import json
+import urllib.request
+
 import pytest
 
 from tandem.v1 import generation_pb2 as pb
@@ -60,6 +63,19 @@ def test_a_completion_with_logprobs(client, async_service):
     assert out.choices[0].text == expected.text
     assert out.choices[0].logprobs.tokens == [f"token_id:{t}" for t in expected.token_ids]
     assert all(len(top) == 2 for top in out.choices[0].logprobs.top_logprobs)
+
+
+def test_tokenize_and_the_model_card(client, async_service):
+    (model,) = [m.id for m in client.models.list()]
+    assert client.models.retrieve(model).id == model
+    request = urllib.request.Request(
+        async_service.http_url.removesuffix("/v1") + "/tokenize", method="POST",
+        data=json.dumps({"messages": CHAT}).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as reply:
+        out = json.loads(reply.read())
+    expected = async_service.stub.Tokenize(pb.TokenizeRequest(
+        messages=pb.ChatMessages(messages=[pb.ChatMessage(**m) for m in CHAT])), timeout=60)
+    assert out["tokens"] == list(expected.token_ids) and out["count"] == len(out["tokens"])
 
 
 def test_bad_input_is_a_400_naming_the_field(client):

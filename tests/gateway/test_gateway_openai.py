@@ -161,6 +161,33 @@ def test_chat_completion_models_and_health():
     run(body())
 
 
+def test_tokenize_and_the_model_card():
+    async def body():
+        session, engine, close = await http()
+        try:
+            r = await session.post("/tokenize", json={"prompt": "hello"})
+            assert (r.status, await r.json()) == (200, {"tokens": [7, 8], "count": 2,
+                                                        "max_model_len": 2048})
+            assert engine.tokenize_requests[-1].text == "hello"
+            r = await session.post("/tokenize", json={
+                "messages": [{"role": "assistant", "content": "{"}],
+                "continue_final_message": True})
+            sent = engine.tokenize_requests[-1].messages
+            assert r.status == 200 and sent.continue_final_message
+            assert [(m.role, m.content) for m in sent.messages] == [("assistant", "{")]
+            r = await session.post("/tokenize", json={"prompt": 5})
+            assert r.status == 400 and (await r.json())["error"]["param"] == "prompt"
+            r = await session.post("/tokenize", data="{nope")
+            assert r.status == 400
+            r = await session.get("/v1/models/fake-model")
+            assert (await r.json())["id"] == "fake-model"
+            r = await session.get("/v1/models/gpt-4")
+            assert r.status == 404 and (await r.json())["error"]["code"] == "model_not_found"
+        finally:
+            await close()
+    run(body())
+
+
 def test_streams_are_server_sent_events_that_concatenate_to_the_text():
     async def body():
         session, _, close = await http()
