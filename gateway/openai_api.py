@@ -9,11 +9,10 @@ translates, in both directions. A client that disconnects cancels its call.
 
 Differences from OpenAI's API: one prompt per request; `n` choices (up to `MAX_CHOICES`) are
 `n` gRPC calls made at once, choice `i` seeded with `seed + i` where a seed is given, so that
-it equals a request of its own with that seed; logprobs name each token as `token_id:<id>`;
-Tandem's own sampling fields (`top_k`, `min_p`, `repetition_penalty`, `min_tokens`,
-`ignore_eos`, `stop_token_ids`), `priority` and chat's `continue_final_message` are taken too,
-and `return_token_ids` adds each choice's (or delta's) `token_ids`; fields Tandem has no use
-for (`user`, `metadata`, ...) are ignored.
+it equals a request of its own with that seed; Tandem's own sampling fields (`top_k`,
+`min_p`, `repetition_penalty`, `min_tokens`, `ignore_eos`, `stop_token_ids`), `priority` and
+chat's `continue_final_message` are taken too, and `return_token_ids` adds each choice's (or
+delta's) `token_ids`; fields Tandem has no use for (`user`, `metadata`, ...) are ignored.
 """
 
 from __future__ import annotations
@@ -227,8 +226,14 @@ def _sampling(body: dict, chat: bool) -> pb.SamplingParams:
 # --- responses -> OpenAI JSON -------------------------------------------------------------
 
 
-def token_name(token_id: int) -> str:
-    return f"token_id:{token_id}"
+def token_name(lp: Any) -> str:
+    """How OpenAI's logprobs name a token: its text, from the engine (`token_id:<id>` from an
+    engine that sends none)."""
+    return lp.token or f"token_id:{lp.token_id}"
+
+
+def token_bytes(lp: Any) -> list[int] | None:
+    return list(lp.token.encode()) if lp.token else None
 
 
 def logprobs_json(logprobs: Any, chat: bool, text_offset: int = 0) -> dict | None:
@@ -237,15 +242,14 @@ def logprobs_json(logprobs: Any, chat: bool, text_offset: int = 0) -> dict | Non
     if not logprobs:
         return None
     if chat:
-        return {"content": [{"token": token_name(lp.token_id), "logprob": lp.logprob,
-                             "bytes": None,
-                             "top_logprobs": [{"token": token_name(t.token_id),
-                                               "logprob": t.logprob, "bytes": None}
+        return {"content": [{"token": token_name(lp), "logprob": lp.logprob,
+                             "bytes": token_bytes(lp),
+                             "top_logprobs": [{"token": token_name(t), "logprob": t.logprob,
+                                               "bytes": token_bytes(t)}
                                               for t in lp.top]} for lp in logprobs]}
-    return {"tokens": [token_name(lp.token_id) for lp in logprobs],
+    return {"tokens": [token_name(lp) for lp in logprobs],
             "token_logprobs": [lp.logprob for lp in logprobs],
-            "top_logprobs": [{token_name(t.token_id): t.logprob for t in lp.top}
-                             for lp in logprobs],
+            "top_logprobs": [{token_name(t): t.logprob for t in lp.top} for lp in logprobs],
             "text_offset": [text_offset] * len(logprobs)}
 
 

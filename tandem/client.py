@@ -67,11 +67,12 @@ class Timing:
 @dataclasses.dataclass(frozen=True)
 class TokenLogprob:
     """A generated token's log-probability and, when asked, the top alternatives
-    as (token_id, logprob) pairs, most likely first."""
+    as (token_id, logprob) pairs, most likely first; `token` is the token's text."""
 
     token_id: int
     logprob: float
     top: list[tuple[int, float]]
+    token: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -396,7 +397,8 @@ def timing(msg: pb.GenerateResponse | pb.GenerateStreamResponse) -> Timing | Non
 
 
 def token_logprob(lp: pb.TokenLogprob) -> TokenLogprob:
-    return TokenLogprob(lp.token_id, lp.logprob, [(t.token_id, t.logprob) for t in lp.top])
+    return TokenLogprob(lp.token_id, lp.logprob, [(t.token_id, t.logprob) for t in lp.top],
+                        lp.token)
 
 
 def delta(msg: pb.GenerateStreamResponse) -> Delta:

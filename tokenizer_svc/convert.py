@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 
 from jinja2 import TemplateError, TemplateSyntaxError
 
@@ -161,17 +162,21 @@ def _seed(seed: int) -> int:
 
 
 def output_to_pb(out: RequestOutput, request_id: str,
-                 msg: pb.GenerateStreamResponse | None = None) -> pb.GenerateStreamResponse:
+                 msg: pb.GenerateStreamResponse | None = None,
+                 token_text: Callable[[int], str] | None = None) -> pb.GenerateStreamResponse:
     """``out`` as the public API's stream message, filled into ``msg`` if given (a field of
-    an enclosing message: no copy)."""
+    an enclosing message: no copy); logprobs name their tokens with ``token_text``."""
     if msg is None:
         msg = pb.GenerateStreamResponse()
     msg.text, msg.request_id = out.text, request_id
     msg.token_ids.extend(out.token_ids)
     for lp in out.logprobs:
         entry = msg.logprobs.add(token_id=lp.token_id, logprob=lp.logprob)
+        if token_text is not None:
+            entry.token = token_text(lp.token_id)
         for token_id, logprob in lp.top:
-            entry.top.add(token_id=token_id, logprob=logprob)
+            entry.top.add(token_id=token_id, logprob=logprob,
+                          token=token_text(token_id) if token_text is not None else "")
     if out.finish_reason is not None:
         msg.finish_reason = _FINISH.get(out.finish_reason, pb.FINISH_REASON_UNSPECIFIED)
         msg.usage.prompt_tokens = out.prompt_tokens

@@ -118,7 +118,8 @@ class _Muxed:
     """One ``GenerateMany`` stream's state: the requests it runs and the events that wait
     to be sent. Touched on the event loop only (outputs arrive through the OutputBridge)."""
 
-    def __init__(self) -> None:
+    def __init__(self, token_text: Callable[[int], str] | None = None) -> None:
+        self.token_text = token_text  # names the tokens of logprobs
         self.active: dict[str, str] = {}  # caller's request id -> engine's request id
         self.accepting: set[str] = set()  # started, still being checked and tokenized
         self.cancelled: set[str] = set()  # cancelled while being accepted
@@ -152,7 +153,7 @@ class _Muxed:
             order.append((rid, item))
         message = engine_pb2.EngineEvents()
         for rid, item in order:  # filled in place: a field passed to a constructor is copied
-            _fill_event(message.events.add(), rid, item)
+            _fill_event(message.events.add(), rid, item, self.token_text)
         return message
 
 
@@ -161,7 +162,8 @@ def _retrieve(task: asyncio.Task) -> None:
         task.exception()
 
 
-def _fill_event(event: engine_pb2.EngineEvent, rid: str, item: RequestOutput | Refused) -> None:
+def _fill_event(event: engine_pb2.EngineEvent, rid: str, item: RequestOutput | Refused,
+                token_text: Callable[[int], str] | None) -> None:
     event.request_id = rid
     if isinstance(item, Refused):
         event.error_code, event.error_message = item.code.value[0], item.message
@@ -169,7 +171,7 @@ def _fill_event(event: engine_pb2.EngineEvent, rid: str, item: RequestOutput | R
         event.error_code = grpc.StatusCode[item.error_code].value[0]
         event.error_message = item.error
     else:
-        convert.output_to_pb(item, rid, event.output)
+        convert.output_to_pb(item, rid, event.output, token_text)
 
 
 def _batches(message: engine_pb2.EngineEvents, limit: int):
@@ -221,14 +223,15 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
                 if out.error is not None:
                     await context.abort(grpc.StatusCode[out.error_code], out.error)
                 finished = out.finish_reason is not None
-                yield convert.output_to_pb(out, request.request.request_id or request.request_id)
+                yield convert.output_to_pb(out, request.request.request_id or request.request_id,
+                                           token_text=self.tok.token_text)
         finally:
             self.num_calls -= 1
             if not finished:  # the caller went away (or we failed): free its blocks
                 engine.abort(req.req_id)
 
     async def GenerateMany(self, calls, context):
-        muxed = _Muxed()
+        muxed = _Muxed(self.tok.token_text)
         reader = asyncio.create_task(self._read_calls(calls, muxed))
         reader.add_done_callback(_retrieve)  # a caller that broke off: nothing to report
         self.num_calls += 1

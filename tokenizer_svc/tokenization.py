@@ -16,6 +16,7 @@ class ModelTokenizer:
 
         self.folder = Path(folder)
         self.tokenizer = AutoTokenizer.from_pretrained(self.folder)
+        self._token_texts: dict[int, str] = {}
         config = json.loads((self.folder / "config.json").read_text())
         self.vocab_size = int(config["vocab_size"])
         model_max = int(config.get("max_position_embeddings") or MAX_CONTEXT_CAP)
@@ -63,3 +64,11 @@ class ModelTokenizer:
 
     def token_strings(self, ids: list[int]) -> list[str]:
         return list(self.tokenizer.convert_ids_to_tokens(ids))
+
+    def token_text(self, token_id: int) -> str:
+        """One token decoded on its own (U+FFFD for part of a character): how logprobs
+        name it. Cached: logprobs ask for the same few thousand tokens again and again."""
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._token_texts[token_id] = self.tokenizer.decode([token_id])
+        return text

@@ -26,7 +26,8 @@ def canned_chunks() -> list[pb.GenerateStreamResponse]:
     """Three deltas, "Hel" + "lo" + " world"; the last carries finish_reason, usage and timing."""
     return [
         pb.GenerateStreamResponse(text="Hel", token_ids=[11],
-                                  logprobs=[pb.TokenLogprob(token_id=11, logprob=-0.5)]),
+                                  logprobs=[pb.TokenLogprob(token_id=11, logprob=-0.5,
+                                                            token="Hel")]),
         pb.GenerateStreamResponse(text="lo", token_ids=[12, 13]),
         pb.GenerateStreamResponse(text=" world", token_ids=[14],
                                   finish_reason=pb.FINISH_REASON_LENGTH,

@@ -32,7 +32,7 @@ def test_generate_and_stream(fake):
             "END"]
         assert out == Completion(
             text="Hello world", token_ids=[11, 12, 13, 14], finish_reason="length",
-            prompt_tokens=5, completion_tokens=4, logprobs=[TokenLogprob(11, -0.5, [])],
+            prompt_tokens=5, completion_tokens=4, logprobs=[TokenLogprob(11, -0.5, [], "Hel")],
             request_id="r-1", timing=Timing(0.25, 0.5, 1.5), cached_prompt_tokens=2)
         deltas = [d async for d in client.stream(messages=[("user", "Hi")], max_tokens=3)]
         assert [d.text for d in deltas] == ["Hel", "lo", " world"]

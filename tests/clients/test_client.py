@@ -33,7 +33,7 @@ def test_generate_sends_text_and_sampling(fake, client):
     assert list(s.stop) == ["\n", "END"] and list(s.stop_token_ids) == [5]
     assert out == Completion(
         text="Hello world", token_ids=[11, 12, 13, 14], finish_reason="length", prompt_tokens=5,
-        completion_tokens=4, logprobs=[TokenLogprob(11, -0.5, [])], request_id="r-1",
+        completion_tokens=4, logprobs=[TokenLogprob(11, -0.5, [], "Hel")], request_id="r-1",
         timing=Timing(0.25, 0.5, 1.5), cached_prompt_tokens=2)
 
 

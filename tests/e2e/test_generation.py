@@ -280,6 +280,9 @@ def test_logprobs_equal_log_softmax_of_the_model_logits(async_service, hf_model)
         top_values, top_ids = expected.topk(5)
         assert [t.token_id for t in entry.top] == top_ids.tolist()
         assert [t.logprob for t in entry.top] == pytest.approx(top_values.tolist(), abs=2e-4)
+        _, tok = hf_model  # each token named by its text
+        assert [entry.token, *(t.token for t in entry.top)] == [
+            tok.decode([i]) for i in [entry.token_id, *top_ids.tolist()]]
 
 
 def test_min_tokens_bans_the_end_until_reached(async_service, hf_model, async_results):

@@ -56,13 +56,15 @@ def test_a_streamed_chat_completion_concatenates_to_the_same_text(client, async_
 
 def test_a_completion_with_logprobs(client, async_service):
     expected = async_service.stub.Generate(pb.GenerateRequest(
-        text="Once upon a time", sampling=pb.SamplingParams(max_tokens=6, temperature=0)),
-        timeout=120)
+        text="Once upon a time", sampling=pb.SamplingParams(
+            max_tokens=6, temperature=0, logprobs=True, top_logprobs=2)), timeout=120)
     out = client.completions.create(model="", prompt="Once upon a time", max_tokens=6,
                                     temperature=0, logprobs=2)
     assert out.choices[0].text == expected.text
-    assert out.choices[0].logprobs.tokens == [f"token_id:{t}" for t in expected.token_ids]
-    assert all(len(top) == 2 for top in out.choices[0].logprobs.top_logprobs)
+    assert out.choices[0].logprobs.tokens == [lp.token for lp in expected.logprobs]
+    assert all(lp.token for lp in expected.logprobs)  # named by their text
+    assert [list(top) for top in out.choices[0].logprobs.top_logprobs] == [
+        [t.token for t in lp.top] for lp in expected.logprobs]
 
 
 def test_tokenize_and_the_model_card(client, async_service):

@@ -40,7 +40,9 @@ def default_chunks() -> list[pb.GenerateStreamResponse]:
     return [
         pb.GenerateStreamResponse(
             text="Hel", token_ids=[11],
-            logprobs=[pb.TokenLogprob(token_id=11, logprob=-0.5)],
+            logprobs=[pb.TokenLogprob(token_id=11, logprob=-0.5, token="Hel",
+                                      top=[pb.TopLogprob(token_id=11, logprob=-0.5, token="Hel"),
+                                           pb.TopLogprob(token_id=9, logprob=-1.5)])],
         ),
         pb.GenerateStreamResponse(
             text="lo", token_ids=[12, 13],

@@ -144,8 +144,11 @@ def test_chat_completion_models_and_health():
             (choice,) = out["choices"]
             assert choice["message"] == {"role": "assistant", "content": "Hello world"}
             assert choice["finish_reason"] == "stop"
-            assert [c["token"] for c in choice["logprobs"]["content"]] == [
-                "token_id:11", "token_id:12", "token_id:13", "token_id:14"]
+            content = choice["logprobs"]["content"]  # named by their text, else by id
+            assert [c["token"] for c in content] == [
+                "Hel", "token_id:12", "token_id:13", "token_id:14"]
+            assert (content[0]["bytes"], content[1]["bytes"]) == ([72, 101, 108], None)
+            assert [t["token"] for t in content[0]["top_logprobs"]] == ["Hel", "token_id:9"]
             assert out["usage"] == {"prompt_tokens": 5, "completion_tokens": 4,
                                     "total_tokens": 9, "prompt_tokens_details": {
                                         "cached_tokens": 0}}

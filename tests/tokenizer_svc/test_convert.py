@@ -102,3 +102,16 @@ def test_logit_bias_is_sorted_and_the_engine_checks_what_a_slot_holds():
     for bad in (float("nan"), float("inf"), 101.0):
         with pytest.raises(convert.InvalidRequest, match=r"logit_bias\[7\]: .* \[-100, 100\]"):
             options(logit_bias={7: bad})
+
+
+def test_logprobs_name_their_tokens_by_their_text(smollm2_tok):
+    from tokenizer_svc.request import RequestOutput, TokenLogprob
+
+    world, hello = smollm2_tok.encode_text(" world")[0], smollm2_tok.encode_text("Hello")[0]
+    out = RequestOutput("r", text=" world", token_ids=[world],
+                        logprobs=[TokenLogprob(world, -0.5, [(world, -0.5), (hello, -2.0)])])
+    (lp,) = convert.output_to_pb(out, "r", token_text=smollm2_tok.token_text).logprobs
+    assert (lp.token_id, lp.token) == (world, " world")
+    assert [(t.token_id, t.token) for t in lp.top] == [(world, " world"), (hello, "Hello")]
+    (bare,) = convert.output_to_pb(out, "r").logprobs  # no tokenizer: ids only
+    assert bare.token == "" and bare.top[1].token == ""

@@ -21,6 +21,9 @@ from tokenizer_svc.server import EngineServicer, Refused, start_server
 class FakeTokenizer:
     vocab_size, max_context, eos_token_ids = 100, 64, frozenset({2})
 
+    def token_text(self, token_id: int) -> str:
+        return f"<{token_id}>"
+
 
 class FakeEngine:
     """Records what the servicer hands it; 4 KV blocks of 4 tokens, 1 kept free."""
