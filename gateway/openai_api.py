@@ -405,6 +405,7 @@ class OpenAIApi:
             return body
         try:
             messages, stream, include_usage = generate_request(body, chat, request_id)
+            token_ids = _typed(body, "return_token_ids", bool, False)
             model = await self._check_model(body.get("model"), metadata)
         except BadRequest as exc:
             return http_error(400, str(exc), "invalid_request_error", exc.param)
@@ -412,8 +413,7 @@ class OpenAIApi:
             return http_error(404, str(exc), "not_found_error", "model", "model_not_found")
         except grpc.aio.AioRpcError as exc:
             return rpc_error_response(exc)
-        completion = Completion(chat, model, request_id,
-                                _typed(body, "return_token_ids", bool, False))
+        completion = Completion(chat, model, request_id, token_ids)
         headers = {"X-Request-Id": request_id}
         if not stream:
             try:

@@ -233,6 +233,9 @@ def test_errors_have_the_http_status_of_their_grpc_code():
             assert (code, error["type"], error["code"]) == (400, "invalid_request_error",
                                                             "INVALID_ARGUMENT")
             assert "top_p" in error["message"]
+            code, error = await status("/v1/completions", {"prompt": "a",
+                                                           "return_token_ids": "yes"})
+            assert (code, error["param"]) == (400, "return_token_ids")
             code, error = await status("/v1/completions", "{not json")
             assert code == 400 and "JSON" in error["message"]
             code, error = await status("/v1/completions", {"prompt": "a" * (5 << 20)})
