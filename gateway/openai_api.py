@@ -362,7 +362,7 @@ class OpenAIApi:
             web.post("/v1/completions", self._completions),
             web.post("/v1/chat/completions", self._chat_completions),
             web.get("/v1/models", self._models),
-            web.get("/v1/models/{model}", self._model_card),
+            web.get("/v1/models/{model}", self._models),
             web.post("/tokenize", self._tokenize),
             web.get("/health", self._health_check),
         ])
@@ -453,24 +453,20 @@ class OpenAIApi:
                 call.cancel()  # a no-op once it ended; stops the generation of a gone client
 
     async def _models(self, request: web.Request) -> web.Response:
+        """`GET /v1/models`: the list of the one model served; `/v1/models/{model}`: its
+        card, or 404 for another."""
         try:
             info = await self._stub.GetModelInfo(pb.GetModelInfoRequest(),
                                                  metadata=_metadata(request))
         except grpc.aio.AioRpcError as exc:
             return rpc_error_response(exc)
         self._model = info.model
-        return web.json_response({"object": "list", "data": [_card(info)]})
-
-    async def _model_card(self, request: web.Request) -> web.Response:
-        try:
-            info = await self._stub.GetModelInfo(pb.GetModelInfoRequest(),
-                                                 metadata=_metadata(request))
-        except grpc.aio.AioRpcError as exc:
-            return rpc_error_response(exc)
-        if request.match_info["model"] != info.model:
-            return http_error(404, f"model {json.dumps(request.match_info['model'])} is not "
-                              f"served here (GET /v1/models)", "not_found_error", "model",
-                              "model_not_found")
+        wanted = request.match_info.get("model")
+        if wanted is None:
+            return web.json_response({"object": "list", "data": [_card(info)]})
+        if wanted != info.model:
+            return http_error(404, f"model {json.dumps(wanted)} is not served here (GET "
+                              "/v1/models)", "not_found_error", "model", "model_not_found")
         return web.json_response(_card(info))
 
     async def _tokenize(self, request: web.Request) -> web.Response:
