@@ -152,6 +152,10 @@ class Sim:
         self.p_abort = cfg.get("p_abort", rng.choice([0.0, 0.05, 0.2]))
         self.prefix_caching = cfg.get("prefix_caching", True)
         self.priorities = cfg.get("priorities", rng.choice([(0,), (0, 1), (-1, 0, 0, 2)]))
+        # admitted as the server admits (Engine.make_way) into a queue this long (None: no
+        # limit): displaced requests end with RESOURCE_EXHAUSTED, before any output
+        self.max_waiting = cfg.get("max_waiting", rng.choice([None, 2, 5]))
+        self.displaced: set[str] = set()
         # preempt a running request between steps, batches in flight or not (the engine
         # only preempts inside schedule(); this reaches orders it never produces)
         self.p_preempt = cfg.get("p_preempt", 0.0)
@@ -235,9 +239,19 @@ class Sim:
             repetition_penalty=1.3 if rng.random() < 0.3 else 1.0)
         req = Request(rid, prompt, opts, arrival=time.monotonic(),
                       priority=rng.choice(self.priorities))
+        if self.max_waiting is not None and not self.engine.make_way(req, self.max_waiting,
+                                                                     10**9):
+            return  # refused, as the server would
         self.truth[rid] = list(prompt)
         self.got[rid] = []
         def sink(out, rid=rid):
+            if out.error is not None:
+                if out.error_code != "RESOURCE_EXHAUSTED" or self.got[rid] or \
+                        req.first_scheduled is not None:
+                    raise Bug(f"{rid} ended with {out.error_code} {out.error!r} "
+                              f"after {self.got[rid]}")
+                self.displaced.add(rid)
+                return
             self.got[rid] += out.token_ids
             if out.finish_reason is not None:
                 self.finished[rid] = self.truth[rid][:len(self.got[rid]) + len(req.prompt_ids)]
@@ -255,6 +269,8 @@ class Sim:
                     raise Bug(f"{rid} ({opts}) finished {out.finish_reason} after {got}")
         self.live.append(rid)
         self.engine.add_request(req, sink)
+        if self.max_waiting is not None and self.engine.queued()[0] > self.max_waiting:
+            raise Bug(f"{self.engine.queued()[0]} waiting, over the limit {self.max_waiting}")
 
     def run(self, steps=300):
         eng, rng = self.engine, self.rng
