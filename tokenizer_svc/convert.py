@@ -161,6 +161,10 @@ def _seed(seed: int) -> int:
     return seed - (1 << 64) if seed >= 1 << 63 else seed
 
 
+def _unnamed(token_id: int) -> str:
+    return ""
+
+
 def output_to_pb(out: RequestOutput, request_id: str,
                  msg: pb.GenerateStreamResponse | None = None,
                  token_text: Callable[[int], str] | None = None) -> pb.GenerateStreamResponse:
@@ -170,13 +174,12 @@ def output_to_pb(out: RequestOutput, request_id: str,
         msg = pb.GenerateStreamResponse()
     msg.text, msg.request_id = out.text, request_id
     msg.token_ids.extend(out.token_ids)
+    name = token_text or _unnamed
     for lp in out.logprobs:
-        entry = msg.logprobs.add(token_id=lp.token_id, logprob=lp.logprob)
-        if token_text is not None:
-            entry.token = token_text(lp.token_id)
+        entry = msg.logprobs.add(token_id=lp.token_id, logprob=lp.logprob,
+                                 token=name(lp.token_id))
         for token_id, logprob in lp.top:
-            entry.top.add(token_id=token_id, logprob=logprob,
-                          token=token_text(token_id) if token_text is not None else "")
+            entry.top.add(token_id=token_id, logprob=logprob, token=name(token_id))
     if out.finish_reason is not None:
         msg.finish_reason = _FINISH.get(out.finish_reason, pb.FINISH_REASON_UNSPECIFIED)
         msg.usage.prompt_tokens = out.prompt_tokens

@@ -91,16 +91,18 @@ class Engine:
         with self._queue_lock:
             count = len(self._queued) + 1
             tokens = sum(n for n, _ in self._queued.values()) + len(req.prompt_ids)
-            lower = sorted(((p, -i, rid, n) for i, (rid, (n, p)) in
-                            enumerate(self._queued.items()) if p < req.priority))
+            if count <= max_requests and tokens <= max_tokens:
+                return True  # the common case: room without displacing anyone
+            lower = sorted((p, -i, rid, n) for i, (rid, (n, p)) in
+                           enumerate(self._queued.items()) if p < req.priority)
             victims = []
             for _, _, rid, n in lower:
-                if count <= max_requests and tokens <= max_tokens:
-                    break
                 victims.append(rid)
                 count, tokens = count - 1, tokens - n
-            if count > max_requests or tokens > max_tokens:
-                return False
+                if count <= max_requests and tokens <= max_tokens:
+                    break
+            else:
+                return False  # even all of them would not make room
             for rid in victims:
                 del self._queued[rid]
         for rid in victims:
